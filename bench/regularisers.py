@@ -1,0 +1,201 @@
+"""What does each regulariser cost? Seconds per training epoch on one backbone, and the ratio to none.
+
+Every regulariser (none, mdm, mmim, mird, orthogonal, synergy) at its default config, on the same
+backbone at its default config, through the real :class:`trainables.loop.Trainer` (``train_epoch``:
+forward, the regulariser's ``inner_steps`` estimator updates, penalty, model step). Defaults that
+drive the cost: MDM runs ``unroll`` = 10 critic steps per batch, MIRD 5 CLUB steps, MMIM and
+synergy 1 estimator step; orthogonal and none have no estimator.
+
+Data: ``--size mosi`` is the MOSI-sized synthetic set (1284/229/686 clips), read from
+``data/synthetic-mosi`` when that folder exists (``python -m tuner.data synth --out
+data/synthetic-mosi`` writes it), else generated in memory with the encoder-free ("fast") text
+features; ``--size medium|small`` is generated in memory with fast text. Prints a Markdown table
+with the machine.
+
+    python bench/regularisers.py                                  # ef_lstm tfn lmf, mosi, 1 thread
+    python bench/regularisers.py --backbones tfn --epochs 3 --threads 2
+    python bench/regularisers.py --size small                     # seconds, for a quick look
+
+Times: CPU seconds are the process's (``time.process_time``, all threads), wall seconds beside
+them. The ratio to ``none`` uses CPU seconds, which a second user of the machine disturbs less
+than wall time. A 2-batch warm-up run precedes the timed epochs (not counted). ``--max-batches N``
+times only the first N batches of each epoch and scales the time by the epoch's batch count
+(marked "~").
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MOSI_DIR = REPO / "data" / "synthetic-mosi"
+REGULARISERS = ("none", "mdm", "mmim", "mird", "orthogonal", "synergy")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_data(size: str, data_dir: Path):
+    """(data, description): the MOSI Parquet folder when ``size`` is mosi and it exists, else a
+    synthetic set of that size generated in memory with the fast (encoder-free) text features."""
+    from trainables.data import arrays_from_mmsa, load_dataset
+    from trainables.data.synthetic import make_synthetic
+
+    if size == "mosi" and (data_dir / "train.parquet").exists():
+        return load_dataset(data_dir), str(data_dir.relative_to(REPO) if data_dir.is_relative_to(REPO) else data_dir)
+    return (arrays_from_mmsa(make_synthetic(size, seed=0), f"synthetic:{size}"),
+            f"synthetic:{size} (in memory, fast text)")
+
+
+def inner_steps_of(reg_name: str) -> int:
+    from trainables.config import TrialConfig
+
+    cfg = TrialConfig.from_flat({"regulariser": reg_name})
+    return int(getattr(cfg.regulariser_cfg, "unroll", getattr(cfg.regulariser_cfg, "inner_steps", 0)))
+
+
+def bench_one(backbone: str, reg_name: str, data, args) -> dict:
+    import numpy as np
+
+    from trainables.data import TensorSplit
+    from trainables.config import TrialConfig
+    from trainables.loop import Trainer
+
+    cfg = TrialConfig.from_flat({"backbone": backbone, "regulariser": reg_name, "seed": 0,
+                                 "batch_size": args.batch, "max_epochs": max(args.epochs, 1),
+                                 "patience": 0})
+    trainer = Trainer(cfg, data, device="cpu", num_threads=args.threads)
+    train_arrays = data.splits["train"]
+    n_rows = len(train_arrays)
+    n_batches = math.ceil(n_rows / args.batch)
+
+    def split_of(rows: int):
+        return TensorSplit.from_arrays(trainer.model.prepare_split(train_arrays.subset(np.arange(rows))))
+
+    # warm-up on 2 batches (allocator, lazy initialisation), not counted
+    full = trainer.splits["train"]
+    trainer.splits["train"] = split_of(min(n_rows, 2 * args.batch))
+    trainer.train_epoch()
+    timed_batches = n_batches
+    if args.max_batches and args.max_batches < n_batches:
+        timed_batches = args.max_batches
+        trainer.splits["train"] = split_of(timed_batches * args.batch)
+    else:
+        trainer.splits["train"] = full
+    scale = n_batches / timed_batches
+
+    cpu, wall = [], []
+    for _ in range(max(args.epochs, 1)):
+        c, w = time.process_time(), time.perf_counter()
+        stats = trainer.train_epoch()
+        cpu.append((time.process_time() - c) * scale)
+        wall.append((time.perf_counter() - w) * scale)
+    if not math.isfinite(stats.get("train_loss", math.nan)):
+        raise FloatingPointError(f"non-finite train loss {stats.get('train_loss')}")
+    return {"cpu": sum(cpu) / len(cpu), "wall": sum(wall) / len(wall), "batches": n_batches,
+            "timed_batches": timed_batches, "extrapolated": timed_batches < n_batches,
+            "reg_params": sum(p.numel() for p in trainer.reg.parameters())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from trainables.backbones import known_backbones
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[2:]))
+    p.add_argument("--size", choices=("mosi", "medium", "small"), default="mosi",
+                   help="mosi: data/synthetic-mosi if it exists, else generated (default); "
+                        "medium/small: generated in memory with fast text")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_MOSI_DIR,
+                   help=f"the MOSI-sized Parquet folder (default {DEFAULT_MOSI_DIR})")
+    p.add_argument("--backbones", nargs="+", default=["ef_lstm", "tfn", "lmf"], metavar="NAME",
+                   help="backbones (default ef_lstm tfn lmf)")
+    p.add_argument("--regularisers", nargs="+", default=list(REGULARISERS), metavar="NAME",
+                   help=f"regularisers (default {' '.join(REGULARISERS)}; none is always run)")
+    p.add_argument("--epochs", type=int, default=1, help="timed epochs to average (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
+    p.add_argument("--max-batches", type=int, default=0,
+                   help="time only this many batches per epoch and extrapolate (default 0: full epochs)")
+    p.add_argument("--out", type=Path, default=None, help="also write the table to this file")
+    args = p.parse_args(argv)
+
+    from trainables.regularisers import known_regularisers
+
+    for name in args.backbones:
+        if name not in known_backbones():
+            p.error(f"unknown backbone {name!r}; known: {', '.join(known_backbones())}")
+    regs = ["none"] + [r for r in args.regularisers if r != "none"]
+    for name in regs:
+        if name not in known_regularisers():
+            p.error(f"unknown regulariser {name!r}; known: {', '.join(known_regularisers())}")
+
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    start = time.perf_counter()
+    data, source = load_data(args.size, args.data_dir)
+    results: dict[tuple[str, str], dict | str] = {}
+    for backbone in args.backbones:
+        for reg in regs:
+            print(f"# {backbone} + {reg} ...", file=sys.stderr, flush=True)
+            try:
+                results[backbone, reg] = bench_one(backbone, reg, data, args)
+            except Exception as exc:  # a pair that cannot run is a cell note, not a crash
+                results[backbone, reg] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:120]}"
+                print(f"# {backbone} + {reg}: {results[backbone, reg]}", file=sys.stderr)
+    total_s = time.perf_counter() - start
+
+    dims, n = data.dims, {k: len(v) for k, v in data.splits.items()}
+    lines = [
+        f"Machine: {cpu_model()} ({os.cpu_count()} logical CPUs), torch {torch.__version__}, "
+        f"{args.threads} thread(s), Python {platform.python_version()}",
+        f"Data: {source}, train {n['train']} rows, text {dims.text_len}x{dims.text}, audio "
+        f"{dims.audio_len}x{dims.audio}, vision {dims.vision_len}x{dims.vision}; batch {args.batch}, "
+        f"{args.epochs} timed epoch(s), default configs; total wall {total_s:.0f} s",
+        "",
+        "| backbone | regulariser | inner steps/batch | regulariser params | train CPU s/epoch "
+        "| train wall s/epoch | CPU × none | wall × none |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    notes = []
+    for backbone in args.backbones:
+        base = results.get((backbone, "none"))
+        for reg in regs:
+            r = results[backbone, reg]
+            if isinstance(r, str):
+                lines.append(f"| {backbone} | {reg} | {inner_steps_of(reg)} | - | - | - | - | - |")
+                notes.append(f"{backbone} + {reg}: not timed ({r})")
+                continue
+            mark = "~" if r["extrapolated"] else ""
+            ratio_c = ratio_w = "-"
+            if isinstance(base, dict):
+                ratio_c, ratio_w = f"{r['cpu'] / base['cpu']:.2f}", f"{r['wall'] / base['wall']:.2f}"
+            lines.append(f"| {backbone} | {reg} | {inner_steps_of(reg)} | {r['reg_params']:,} "
+                         f"| {mark}{r['cpu']:.2f} | {mark}{r['wall']:.2f} | {ratio_c} | {ratio_w} |")
+    if any(isinstance(r, dict) and r["extrapolated"] for r in results.values()):
+        notes.append(f"~: {args.max_batches} batches timed per epoch, scaled to the epoch's batch count")
+    lines += [f"\nNote: {note}" for note in notes]
+    text = "\n".join(lines)
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
