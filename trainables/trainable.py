@@ -20,7 +20,7 @@ from trainables.config import TrialConfig
 from trainables.data.batches import MultimodalData
 from trainables.loop import Trainer, load_best
 
-__all__ = ["evaluate_checkpoint", "train_fusion", "trial_num_threads"]
+__all__ = ["evaluate_checkpoint", "train_fusion", "trial_node_id", "trial_num_threads"]
 
 
 def trial_num_threads() -> int | None:
@@ -34,6 +34,16 @@ def trial_num_threads() -> int | None:
     return max(1, int(cpus)) if cpus else 1
 
 
+def trial_node_id() -> str:
+    """The id of the Ray node this trial runs on ("" outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() or ""
+    except Exception:  # not inside a Ray worker
+        return ""
+
+
 def train_fusion(config: dict[str, Any], data: MultimodalData) -> None:
     """Train one backbone + regulariser configuration; ``data`` comes via ``tune.with_parameters``."""
     cfg = TrialConfig.from_flat(config)
@@ -44,11 +54,14 @@ def train_fusion(config: dict[str, Any], data: MultimodalData) -> None:
         with checkpoint.as_directory() as directory:
             trainer.load(directory)
 
+    node_id = trial_node_id()
     while not trainer.finished:
         metrics = trainer.run_epoch()
         with tempfile.TemporaryDirectory(prefix="ckpt-") as directory:
             trainer.save(directory)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+            # the Ray node, so that the driver can record where each epoch ran
+            tune.report({**metrics, "ray_node_id": node_id},
+                        checkpoint=tune.Checkpoint.from_directory(directory))
 
 
 def evaluate_checkpoint(best_file: str | Path, data: MultimodalData, split: str = "test",

@@ -75,12 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-trial", type=float,
                    help="GPUs per trial; fractions such as 0.25 pack trials on one GPU")
     p.add_argument("--max-concurrent", type=int, help="trials running at once (0: no limit)")
-    p.add_argument("--address", help="Ray cluster address (`auto` on a cluster node); "
-                   "default: start a local Ray")
+    p.add_argument("--address", help="Ray cluster address: `auto` on a cluster node, or HOST:PORT "
+                   "(default: $RAY_ADDRESS, which `ray job submit` sets, else a new local Ray)")
     p.add_argument("--mlflow-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.add_argument("--storage", help="where Ray keeps trial checkpoints (a folder or s3://...; "
-                   "default: ./ray_results)")
+                   "default: $TUNER_STORAGE or ./ray_results; shared storage on a cluster)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted search (the one named by --name, else the newest "
                         "of this space in --storage): finished trials are kept, unfinished and "
@@ -166,12 +166,14 @@ def plan(space: SearchSpace) -> dict[str, Any]:
             "backbones": space.backbones, "regularisers": space.regularisers,
             "grid_size": grid, "trials": trials, "max_epochs": space.search.max_epochs,
             "trial_epochs_at_most": trials * space.search.max_epochs,
-            "resources_per_trial": {"cpu": space.resources.cpu, "gpu": space.resources.gpu},
+            "resources_per_trial": space.resources.ray_resources(),
             "metric": f"{space.metric} ({space.mode}), a trial's value is its best epoch"}
 
 
 def study_storage_for(args: argparse.Namespace) -> str:
-    """The Optuna study's RDB storage: SQLite next to the MLflow store by default."""
+    """The Optuna study's RDB storage: $OPTUNA_STORAGE, else SQLite in the working directory.
+    Only the driver opens it (the searcher and the pruning scheduler run there), so a SQLite
+    file on a cluster's head node is enough for a driver on the head."""
     return os.environ.get("OPTUNA_STORAGE") or f"sqlite:///{Path('optuna.db').resolve()}"
 
 
@@ -224,9 +226,7 @@ def run_search(space: SearchSpace, data: MultimodalData, args: argparse.Namespac
                  include_dashboard=False if args.address is None else None)
 
     trainable = tune.with_resources(
-        tune.with_parameters(train_fusion, data=data),
-        {"cpu": space.resources.cpu, "gpu": space.resources.gpu},
-    )
+        tune.with_parameters(train_fusion, data=data), space.resources.ray_resources())
     num_samples = space.grid_size() if settings.sampler == "grid" else settings.num_samples
     experiment = f"{storage.rstrip('/')}/{name}"
     if args.resume:
@@ -280,19 +280,35 @@ def initial_points(space: SearchSpace) -> list[dict[str, Any]]:
 
 
 def storage_for(args: argparse.Namespace) -> str:
-    """Where Ray keeps the experiment: --storage, or ./ray_results."""
-    return args.storage or str(Path("ray_results").resolve())
+    """Where Ray keeps the experiment: --storage, else $TUNER_STORAGE, else ./ray_results."""
+    return args.storage or os.environ.get("TUNER_STORAGE") or str(Path("ray_results").resolve())
 
 
 def find_resumable(space_name: str, storage: str) -> str:
-    """The newest search of a space in a local storage folder (for --resume without --name)."""
-    root = Path(storage)
-    candidates = sorted((p for p in root.glob(f"{space_name}-*") if (p / "tuner.pkl").exists()),
-                        key=lambda p: p.stat().st_mtime)
+    """The newest search of a space in the storage (for --resume without --name): a local
+    folder, or a URI such as s3://bucket/path that pyarrow can list."""
+    if "://" in storage:
+        import fnmatch
+
+        import pyarrow.fs
+
+        fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+        found = []
+        for info in fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True)):
+            if (info.type == pyarrow.fs.FileType.Directory
+                    and fnmatch.fnmatchcase(info.base_name, f"{space_name}-*")):
+                marker = fs.get_file_info(f"{info.path}/tuner.pkl")
+                if marker.is_file:
+                    found.append((marker.mtime_ns or 0, info.base_name))
+        candidates = [name for _, name in sorted(found)]
+    else:
+        candidates = [p.name for p in sorted(
+            (p for p in Path(storage).glob(f"{space_name}-*") if (p / "tuner.pkl").exists()),
+            key=lambda p: p.stat().st_mtime)]
     if not candidates:
-        raise UsageError(f"--resume: no search of space {space_name!r} in {root}; "
+        raise UsageError(f"--resume: no search of space {space_name!r} in {storage}; "
                          "pass --name NAME (and --storage if it was not the default)")
-    return candidates[-1].name
+    return candidates[-1]
 
 
 def _trial_dirname(trial) -> str:

@@ -12,7 +12,7 @@ A space file (``search_spaces/NAME.yaml``)::
     ranges:  {lr: {low: 1.0e-4, high: 5.0e-3, log: true}}   # for the other samplers
     fixed:   {batch_size: 32}
     search:  {sampler: tpe, pruner: median, num_samples: 8, max_epochs: 6, grace_epochs: 2}
-    resources: {cpu: 1, gpu: 0}
+    resources: {cpu: 1, gpu: 0}      # custom: {accel_a10g: 1} for custom Ray resources
     seeds: [0, 1, 2]                   # seeds of the multi-seed report
 
 Keys of ``grid``/``ranges``/``fixed`` are trial-config keys (``lr``, ``batch_size``...) or
@@ -113,12 +113,26 @@ class Resources:
     cpu: float = 1.0
     #: GPUs per trial; fractions (0.25) pack trials on one GPU (accounting only, no isolation)
     gpu: float = 0.0
+    #: custom Ray resources per trial, e.g. ``{accel_a10g: 1}`` for nodes started with
+    #: ``ray start --resources='{"accel_a10g": 1}'`` (or a cluster.yaml node type's resources)
+    custom: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> None:
         if self.cpu <= 0:
             raise ConfigError(f"cpu: expected > 0, got {self.cpu}")
         if self.gpu < 0:
             raise ConfigError(f"gpu: expected >= 0, got {self.gpu}")
+        for name, amount in self.custom.items():
+            if not isinstance(name, str) or not name or name.lower() in ("cpu", "gpu", "memory",
+                                                                        "custom_resources"):
+                raise ConfigError(f"custom: expected custom resource names (cpu and gpu have "
+                                  f"their own keys), got {name!r}")
+            if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
+                raise ConfigError(f"custom.{name}: expected a number > 0, got {amount!r}")
+
+    def ray_resources(self) -> dict[str, float]:
+        """The trial's request for ``tune.with_resources``."""
+        return {"cpu": self.cpu, "gpu": self.gpu, **{k: float(v) for k, v in self.custom.items()}}
 
 
 @dataclass

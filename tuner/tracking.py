@@ -203,6 +203,7 @@ class MlflowTrialCallback(Callback):
         self.client = tracker.client
         self.run_ids: dict[str, str] = {}
         self.finished: set[str] = set()
+        self.nodes: dict[str, str] = {}  # trial id -> the Ray node of its last result
 
     def _run_id(self, trial) -> str:
         trial_id = trial.trial_id
@@ -247,6 +248,21 @@ class MlflowTrialCallback(Callback):
                     if k.startswith("test_")]
         if metrics:
             self.client.log_batch(run_id, metrics=metrics)
+        node = result.get("ray_node_id")
+        if node and self.nodes.get(trial.trial_id) != node:
+            self._record_node(run_id, node, result.get("node_ip"))
+            self.nodes[trial.trial_id] = node
+
+    def _record_node(self, run_id: str, node: str, node_ip: Any) -> None:
+        """Tags ``ray_node_id`` / ``node_ip`` (where the trial runs now) and ``ray_nodes`` (every
+        node it ran on, in order: a trial retried on another node has two)."""
+        seen = [n for n in self.client.get_run(run_id).data.tags.get("ray_nodes", "").split(",")
+                if n]
+        if node not in seen:
+            seen.append(node)
+        self.client.log_batch(run_id, tags=[RunTag("ray_node_id", node),
+                                            RunTag("node_ip", str(node_ip)),
+                                            RunTag("ray_nodes", ",".join(seen))])
 
     def _finish(self, trial, status: str, extra_tags: dict[str, str] | None = None) -> None:
         if trial.trial_id in self.finished:
