@@ -1,0 +1,332 @@
+"""The cluster setup, without a cloud account.
+
+- ``cluster.yaml`` passes Ray's own autoscaler schema validation and config preparation
+  (offline: no AWS call), and every path and version in it exists in the repository.
+- A search through ``tuner.search`` on a local multi-node Ray (``ray.cluster_utils.Cluster``:
+  a head with no CPUs and worker nodes whose custom resource ``fake_gpu`` stands in for a GPU):
+  trials land on both workers, checkpoints go to the shared ``--storage``, and a worker removed
+  mid-search loses no finished trial while its trial resumes from a checkpoint on another node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER_YAML = ROOT / "cluster.yaml"
+REMOTE_REPO = "~/mifusion-search"
+
+
+# --------------------------------------------------------------------------- cluster.yaml
+@pytest.fixture(scope="module")
+def cluster_config() -> dict:
+    return yaml.safe_load(CLUSTER_YAML.read_text())
+
+
+def _all_commands(config: dict) -> list[str]:
+    keys = ("initialization_commands", "setup_commands", "head_setup_commands",
+            "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands")
+    commands = [c for key in keys for c in config.get(key) or []]
+    for node_type in config["available_node_types"].values():
+        for key in ("initialization_commands", "setup_commands", "worker_setup_commands"):
+            commands += node_type.get(key) or []
+    return commands
+
+
+def test_cluster_yaml_passes_rays_validation_and_preparation(cluster_config):
+    import copy
+
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(cluster_config))  # defaults of the aws provider
+    validate_config(prepared)  # ray-schema.json + Ray's own consistency checks
+
+    assert prepared["provider"]["type"] == "aws"
+    types = prepared["available_node_types"]
+    head = types[prepared["head_node_type"]]
+    workers = {n: t for n, t in types.items() if n != prepared["head_node_type"]}
+    assert head["node_config"]["InstanceType"].startswith("m5.")
+    assert head["resources"].get("CPU") == 0  # no trial ever runs on the head
+    gpus = {t["node_config"]["InstanceType"]: t for t in workers.values()}
+    assert set(gpus) == {"g5.xlarge", "g5.12xlarge"}  # 1x and 4x A10G
+    for worker in workers.values():
+        assert worker["min_workers"] == 0 and worker["max_workers"] >= 1  # scales from 0
+        assert worker["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
+    assert prepared["idle_timeout_minutes"] > 0
+    # prepare_config put setup_commands in front of both node kinds' own commands
+    assert prepared["head_setup_commands"][:len(cluster_config["setup_commands"])] == \
+        cluster_config["setup_commands"]
+
+
+def test_every_key_of_cluster_yaml_has_a_comment_above_it():
+    lines = CLUSTER_YAML.read_text().splitlines()
+    key = re.compile(r"^(\s*)(- )?([A-Za-z_][\w.-]*|\"[^\"]+\"|~?/?[\w./~-]+):(\s|$)")
+    in_block = None  # indentation of a `>-` / `|` block scalar we are inside
+    missing = []
+    for i, line in enumerate(lines):
+        indent = len(line) - len(line.lstrip())
+        if in_block is not None:
+            if line.strip() and indent <= in_block:
+                in_block = None
+            else:
+                continue
+        match = key.match(line)
+        if match and not line.lstrip().startswith("#"):
+            above = next((lines[j].strip() for j in range(i - 1, -1, -1) if lines[j].strip()), "")
+            if not above.startswith("#"):
+                missing.append(f"line {i + 1}: {line.strip()}")
+        if re.search(r":\s*[>|][-+]?\s*$", line) or re.search(r"^\s*- [>|][-+]?\s*$", line):
+            in_block = indent
+    assert not missing, "keys without a comment above them:\n" + "\n".join(missing)
+
+
+def test_image_is_rays_gpu_image_of_the_pinned_version(cluster_config):
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    (low, high), = re.findall(r'"ray\[tune\]>=([\d.]+),<([\d.]+)"', pyproject)
+    image = cluster_config["docker"]["image"]
+    match = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-py(\d)(\d+)-gpu", image)
+    assert match, f"{image}: expected rayproject/ray:X.Y.Z-pyXY-gpu"
+    version = tuple(int(p) for p in match.group(1).split("."))
+    as_tuple = lambda text: tuple(int(p) for p in text.split("."))  # noqa: E731
+    assert as_tuple(low) <= version < as_tuple(high), f"{image} outside ray>={low},<{high}"
+    wanted = re.search(r'requires-python = ">=(\d)\.(\d+)"', pyproject).groups()
+    assert (int(match.group(2)), int(match.group(3))) >= (int(wanted[0]), int(wanted[1]))
+
+
+def test_file_mounts_and_setup_commands_refer_to_files_in_the_repo(cluster_config):
+    mounts = cluster_config["file_mounts"]
+    assert mounts.get(REMOTE_REPO) == "."  # the repo, synced from where `ray up` runs
+    for remote, local in mounts.items():
+        assert (ROOT / local).exists(), f"file_mounts {remote}: {local} is not in the repository"
+    assert cluster_config.get("rsync_filter") == [".gitignore"]
+    assert (ROOT / ".gitignore").is_file()
+
+    commands = _all_commands(cluster_config)
+    installs = [c for c in commands if "pip install" in c]
+    assert any(f"pip install -q -e {REMOTE_REPO}" in c for c in installs)
+    for command in installs:
+        assert not re.search(r"\btorch\b", command), f"don't reinstall torch: {command}"
+    referenced = 0
+    for command in commands:
+        for path in re.findall(re.escape(REMOTE_REPO) + r"(/[\w./-]*)?", command):
+            target = ROOT / path.lstrip("/")
+            assert target.exists(), f"{command!r}: {target.relative_to(ROOT)} does not exist"
+            referenced += 1
+        for module in re.findall(r"python -m ([\w.]+)", command):
+            assert (ROOT / (module.replace(".", "/") + ".py")).is_file() or \
+                module in ("pip", "mlflow", "ray"), f"{command!r}: no module {module}"
+    assert referenced >= 1
+    assert (ROOT / "pyproject.toml").is_file()
+
+
+def test_services_bind_private_addresses_and_the_env_is_exported(cluster_config):
+    head = " ; ".join(cluster_config["head_setup_commands"] +
+                      cluster_config["head_start_ray_commands"])
+    for command in _all_commands(cluster_config):
+        assert "0.0.0.0" not in command and "--host=0" not in command, command
+    mlflow = [c for c in cluster_config["head_start_ray_commands"] if "mlflow server" in c]
+    assert len(mlflow) == 1
+    args = shlex.split(mlflow[0].split("mlflow server", 1)[1].split(">", 1)[0])
+    host = args[args.index("--host") + 1]
+    assert host == "$HEAD_IP"  # the head's private address, written by the setup commands
+    assert args[args.index("--port") + 1] == "5000"
+    assert "--allowed-hosts" in args
+    assert any(a.startswith("s3://") or a.startswith("$MIFUSION_S3") for a in
+               (args[args.index("--artifacts-destination") + 1],))
+    ray_start = [c for c in cluster_config["head_start_ray_commands"] if "ray start --head" in c]
+    assert len(ray_start) == 1 and "--dashboard-host=127.0.0.1" in ray_start[0]
+
+    env_lines = "\n".join(_all_commands(cluster_config))
+    for var in ("MLFLOW_TRACKING_URI=http://$HEAD_IP:5000", "OPTUNA_STORAGE=",
+                "TUNER_STORAGE=$MIFUSION_S3/"):
+        assert var in env_lines, f"{var} is not exported"
+    # workers learn the head's address from the autoscaler ($RAY_HEAD_IP)
+    assert "RAY_HEAD_IP" in env_lines
+
+
+# --------------------------------------------------------------------------- driver defaults
+def test_driver_defaults_come_from_the_environment(monkeypatch, tmp_path):
+    from tuner.search import build_parser, find_resumable, storage_for, study_storage_for
+
+    for var in ("MLFLOW_TRACKING_URI", "OPTUNA_STORAGE", "TUNER_STORAGE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["--space", "smoke"])
+    assert args.mlflow_uri is None and args.address is None
+    assert storage_for(args) == str(tmp_path / "ray_results")
+    assert study_storage_for(args) == f"sqlite:///{tmp_path / 'optuna.db'}"
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.5:5000")
+    monkeypatch.setenv("OPTUNA_STORAGE", "sqlite:////home/ray/state/optuna.db")
+    monkeypatch.setenv("TUNER_STORAGE", "s3://bucket/ray_results")
+    args = build_parser().parse_args(["--space", "smoke", "--address", "auto"])
+    assert args.mlflow_uri == "http://10.0.0.5:5000" and args.address == "auto"
+    assert storage_for(args) == "s3://bucket/ray_results"
+    assert study_storage_for(args) == "sqlite:////home/ray/state/optuna.db"
+    # a flag wins over the environment
+    args = build_parser().parse_args(["--space", "smoke", "--mlflow-uri", "sqlite:///x.db",
+                                      "--storage", str(tmp_path / "elsewhere")])
+    assert args.mlflow_uri == "sqlite:///x.db" and storage_for(args) == str(tmp_path / "elsewhere")
+
+    # --resume without --name finds the newest search in a storage given as a URI too
+    for name in ("smoke-1", "smoke-2", "other-3"):
+        (tmp_path / "store" / name).mkdir(parents=True)
+        (tmp_path / "store" / name / "tuner.pkl").write_bytes(b"x")
+        time.sleep(0.02)
+    (tmp_path / "store" / "smoke-9").mkdir()  # not a Tune experiment
+    assert find_resumable("smoke", (tmp_path / "store").as_uri()) == "smoke-2"
+    assert find_resumable("smoke", str(tmp_path / "store")) == "smoke-2"
+
+
+def test_custom_resources_in_a_space(tmp_path):
+    from tuner.spaces import SpaceError, apply_overrides, load_space
+
+    space = apply_overrides(load_space("smoke"), ["resources.custom={accel_a10g: 1}"])
+    assert space.resources.ray_resources() == {"cpu": 1.0, "gpu": 0.0, "accel_a10g": 1.0}
+    for bad in ("resources.custom={GPU: 1}", "resources.custom={accel: 0}",
+                "resources.custom=[a]"):
+        with pytest.raises(SpaceError, match="resources"):
+            apply_overrides(load_space("smoke"), [bad])
+
+
+# --------------------------------------------------------------------------- multi-node search
+@pytest.fixture
+def fake_gpu_cluster(monkeypatch):
+    """A head without CPUs and two worker nodes with one CPU and one ``fake_gpu`` each."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 0, "include_dashboard": False})
+    workers = [cluster.add_node(num_cpus=1, resources={"fake_gpu": 1}) for _ in range(2)]
+    cluster.wait_for_nodes()
+    yield cluster, workers
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def _trial_runs(client, experiment_name: str) -> list:
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return []
+    return [r for r in client.search_runs([experiment.experiment_id])
+            if r.data.tags.get("run_kind") == "trial"]
+
+
+@pytest.mark.slow
+def test_search_on_a_multi_node_cluster_survives_losing_a_node(tmp_path, monkeypatch, small_data,
+                                                               fake_gpu_cluster):
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from trainables.data.parquet import write_parquet
+    from tuner.search import main
+
+    cluster, (worker_a, worker_b) = fake_gpu_cluster
+    epochs, trials = 6, 4
+    data_dir = write_parquet(small_data, tmp_path / "data")
+    space = {
+        "name": "multinode", "backbones": ["tfn"], "regularisers": ["none"],
+        "data": str(data_dir),
+        "ranges": {"lr": {"low": 1e-3, "high": 5e-3, "log": True}},
+        "fixed": {"batch_size": 16, "patience": 0},
+        "search": {"sampler": "random", "pruner": "none", "num_samples": trials,
+                   "max_epochs": epochs, "seed": 0},
+        # a trial needs what only a worker node has: the stand-in for a GPU
+        "resources": {"cpu": 1, "custom": {"fake_gpu": 1}},
+    }
+    (tmp_path / "multinode.yaml").write_text(yaml.safe_dump(space))
+    shared = tmp_path / "shared"  # one folder all nodes see, as s3:// or NFS on a real cluster
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OPTUNA_STORAGE", f"sqlite:///{tmp_path / 'study.db'}")
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    removed: dict = {}
+
+    def remove_a_busy_worker():
+        """Once a trial has finished and another has run 2 epochs, remove the latter's node and
+        add a fresh worker (as the autoscaler would replace a reclaimed spot node)."""
+        client = MlflowClient(mlflow_uri)
+        deadline = time.time() + 300
+        while time.time() < deadline and not removed:
+            try:
+                runs = _trial_runs(client, "multinode")
+                done = {r.data.tags["ray_trial_id"] for r in runs
+                        if r.data.tags.get("status") == "completed"}
+                busy = [r for r in runs if r.data.tags.get("status") == "running"
+                        and r.data.tags.get("ray_node_id")
+                        and len(client.get_metric_history(r.info.run_id, "valid_mae")) >= 2]
+            except Exception:  # the store is being created
+                done, busy = set(), []
+            if done and busy:
+                node_id = busy[0].data.tags["ray_node_id"]
+                node = next(n for n in (worker_a, worker_b) if n.node_id == node_id)
+                removed.update(trial=busy[0].data.tags["ray_trial_id"], node=node_id,
+                               done_before=done,
+                               epochs_before=len(client.get_metric_history(
+                                   busy[0].info.run_id, "valid_mae")))
+                cluster.remove_node(node)
+                removed["new_node"] = cluster.add_node(num_cpus=1,
+                                                       resources={"fake_gpu": 1}).node_id
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=remove_a_busy_worker, daemon=True)
+    thread.start()
+    code = main(["--space", "multinode.yaml", "--name", "mn", "--address", cluster.address,
+                 "--storage", str(shared), "--mlflow-uri", mlflow_uri])
+    thread.join(timeout=10)
+    assert code == 0
+    assert removed.get("new_node"), "no trial was running on a worker with 2 epochs done"
+
+    client = MlflowClient(mlflow_uri)
+    runs = _trial_runs(client, "multinode")
+    by_trial = {r.data.tags["ray_trial_id"]: r for r in runs}
+    assert len(runs) == len(by_trial) == trials  # every trial once: none lost, none duplicated
+    assert all(r.data.tags["status"] == "completed" for r in runs)
+
+    # trials ran on both workers, never on the head (which has no fake_gpu)
+    nodes = {n for r in runs for n in r.data.tags["ray_nodes"].split(",")}
+    assert {worker_a.node_id, worker_b.node_id} <= nodes
+    assert cluster.head_node.node_id not in nodes
+
+    # the trial on the removed node went on elsewhere from its checkpoint, not from epoch 1
+    moved = by_trial[removed["trial"]]
+    moved_nodes = moved.data.tags["ray_nodes"].split(",")
+    assert moved_nodes[0] == removed["node"] and len(moved_nodes) >= 2
+    assert moved.data.tags["ray_node_id"] != removed["node"]
+    assert moved.data.tags.get("retries") == "1"
+    steps = [m.step for m in client.get_metric_history(moved.info.run_id, "valid_mae")]
+    assert set(steps) == set(range(1, epochs + 1))
+    assert len(steps) <= epochs + 1  # at most the epoch in flight ran twice
+
+    # trials finished before the loss were not re-run
+    for trial_id in removed["done_before"]:
+        steps = [m.step for m in client.get_metric_history(by_trial[trial_id].info.run_id,
+                                                           "valid_mae")]
+        assert sorted(steps) == list(range(1, epochs + 1))
+
+    # checkpoints and results are in the shared --storage, one folder per trial
+    experiment = shared / "mn"
+    assert (experiment / "tuner.pkl").is_file()
+    for trial_id in by_trial:
+        (trial_dir,) = experiment.glob(f"{trial_id}-*")
+        checkpoints = sorted(trial_dir.glob("checkpoint_*"))
+        assert checkpoints, f"no checkpoint of {trial_id} in {trial_dir}"
+        assert (checkpoints[-1] / "best.pt").is_file()
+    assert not (tmp_path / "ray_results").exists()
+
+    # the Optuna study (in $OPTUNA_STORAGE, opened by the driver only) has every trial
+    study = optuna.load_study(study_name="mn", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * trials
