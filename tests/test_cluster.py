@@ -200,7 +200,9 @@ def test_custom_resources_in_a_space(tmp_path):
 # --------------------------------------------------------------------------- multi-node search
 @pytest.fixture
 def fake_gpu_cluster(monkeypatch):
-    """A head without CPUs and two worker nodes with one CPU and one ``fake_gpu`` each."""
+    """A head with a CPU but no ``fake_gpu``, and two worker nodes with one CPU and one
+    ``fake_gpu`` each (a CPU-only trial could run on the head; one that asks for the fake GPU
+    cannot)."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -208,7 +210,7 @@ def fake_gpu_cluster(monkeypatch):
     if ray.is_initialized():
         ray.shutdown()
     cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 0, "include_dashboard": False})
+                      head_node_args={"num_cpus": 1, "include_dashboard": False})
     workers = [cluster.add_node(num_cpus=1, resources={"fake_gpu": 1}) for _ in range(2)]
     cluster.wait_for_nodes()
     yield cluster, workers
@@ -234,13 +236,14 @@ def test_search_on_a_multi_node_cluster_survives_losing_a_node(tmp_path, monkeyp
     from tuner.search import main
 
     cluster, (worker_a, worker_b) = fake_gpu_cluster
-    epochs, trials = 6, 4
+    epochs, trials = 4, 3
     data_dir = write_parquet(small_data, tmp_path / "data")
     space = {
-        "name": "multinode", "backbones": ["tfn"], "regularisers": ["none"],
+        "name": "multinode", "backbones": ["ef_lstm"], "regularisers": ["none"],
         "data": str(data_dir),
         "ranges": {"lr": {"low": 1e-3, "high": 5e-3, "log": True}},
-        "fixed": {"batch_size": 16, "patience": 0},
+        "fixed": {"batch_size": 32, "patience": 0, "backbone.hidden": 16,
+                  "backbone.num_layers": 1},
         "search": {"sampler": "random", "pruner": "none", "num_samples": trials,
                    "max_epochs": epochs, "seed": 0},
         # a trial needs what only a worker node has: the stand-in for a GPU
@@ -255,8 +258,9 @@ def test_search_on_a_multi_node_cluster_survives_losing_a_node(tmp_path, monkeyp
     removed: dict = {}
 
     def remove_a_busy_worker():
-        """Once a trial has finished and another has run 2 epochs, remove the latter's node and
-        add a fresh worker (as the autoscaler would replace a reclaimed spot node)."""
+        """Once a trial has finished and another has run 2 epochs, remove the latter's node (a
+        reclaimed spot node); its trial must go on on the other worker. (Nodes cannot be added
+        from this thread: Ray's Node installs signal handlers, main thread only.)"""
         client = MlflowClient(mlflow_uri)
         deadline = time.time() + 300
         while time.time() < deadline and not removed:
@@ -273,12 +277,8 @@ def test_search_on_a_multi_node_cluster_survives_losing_a_node(tmp_path, monkeyp
                 node_id = busy[0].data.tags["ray_node_id"]
                 node = next(n for n in (worker_a, worker_b) if n.node_id == node_id)
                 removed.update(trial=busy[0].data.tags["ray_trial_id"], node=node_id,
-                               done_before=done,
-                               epochs_before=len(client.get_metric_history(
-                                   busy[0].info.run_id, "valid_mae")))
+                               done_before=done)
                 cluster.remove_node(node)
-                removed["new_node"] = cluster.add_node(num_cpus=1,
-                                                       resources={"fake_gpu": 1}).node_id
                 return
             time.sleep(0.2)
 
@@ -288,7 +288,7 @@ def test_search_on_a_multi_node_cluster_survives_losing_a_node(tmp_path, monkeyp
                  "--storage", str(shared), "--mlflow-uri", mlflow_uri])
     thread.join(timeout=10)
     assert code == 0
-    assert removed.get("new_node"), "no trial was running on a worker with 2 epochs done"
+    assert removed, "no trial was running on a worker with 2 epochs done"
 
     client = MlflowClient(mlflow_uri)
     runs = _trial_runs(client, "multinode")
@@ -304,7 +304,8 @@ def test_search_on_a_multi_node_cluster_survives_losing_a_node(tmp_path, monkeyp
     # the trial on the removed node went on elsewhere from its checkpoint, not from epoch 1
     moved = by_trial[removed["trial"]]
     moved_nodes = moved.data.tags["ray_nodes"].split(",")
-    assert moved_nodes[0] == removed["node"] and len(moved_nodes) >= 2
+    (left,) = {worker_a.node_id, worker_b.node_id} - {removed["node"]}
+    assert moved_nodes == [removed["node"], left]
     assert moved.data.tags["ray_node_id"] != removed["node"]
     assert moved.data.tags.get("retries") == "1"
     steps = [m.step for m in client.get_metric_history(moved.info.run_id, "valid_mae")]
