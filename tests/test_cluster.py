@@ -284,7 +284,10 @@ def test_search_on_a_multi_node_cluster_survives_losing_a_node(tmp_path, monkeyp
 
     thread = threading.Thread(target=remove_a_busy_worker, daemon=True)
     thread.start()
-    code = main(["--space", "multinode.yaml", "--name", "mn", "--address", cluster.address,
+    # `--address auto` finds the cluster as on a head node or in a `ray job submit` job (there
+    # through RAY_ADDRESS; here too, so that no other Ray on this machine is picked up)
+    monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+    code = main(["--space", "multinode.yaml", "--name", "mn", "--address", "auto",
                  "--storage", str(shared), "--mlflow-uri", mlflow_uri])
     thread.join(timeout=10)
     assert code == 0
