@@ -10,9 +10,11 @@
 
 from __future__ import annotations
 
-import argparse
+import os
 import re
 import shlex
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -150,6 +152,35 @@ def test_services_bind_private_addresses_and_the_env_is_exported(cluster_config)
         assert var in env_lines, f"{var} is not exported"
     # workers learn the head's address from the autoscaler ($RAY_HEAD_IP)
     assert "RAY_HEAD_IP" in env_lines
+
+
+def test_setup_commands_are_bash_and_write_the_env_the_driver_reads(cluster_config, tmp_path):
+    """Every command parses as bash; the env command, run as on a worker ($RAY_HEAD_IP set) and
+    as on the head (the private IP from Ray), gives the driver the cluster's defaults."""
+    for command in _all_commands(cluster_config):
+        check = subprocess.run(["bash", "-n", "-c", command], capture_output=True, text=True)
+        assert check.returncode == 0, f"{command!r}: {check.stderr}"
+    (env_command,) = [c for c in cluster_config["setup_commands"] if "> ~/mifusion.env" in c]
+    (bashrc_command,) = [c for c in cluster_config["setup_commands"] if ".bashrc" in c]
+    probe = ("source ~/mifusion.env && python -c 'from tuner.search import build_parser, "
+             "storage_for, study_storage_for; a = build_parser().parse_args([\"--space\", "
+             "\"smoke\"]); print(a.mlflow_uri, storage_for(a), study_storage_for(a))'")
+    base = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+            "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    for head_ip in ("10.1.2.3", None):  # a worker, then the head
+        home = tmp_path / f"home-{head_ip}"
+        home.mkdir()
+        env = {**base, "HOME": str(home), **({"RAY_HEAD_IP": head_ip} if head_ip else {})}
+        for command in (env_command, bashrc_command, bashrc_command):
+            subprocess.run(["bash", "-c", command], env=env, check=True, timeout=120)
+        assert (home / ".bashrc").read_text() == "source ~/mifusion.env\n"  # once
+        out = subprocess.run(["bash", "-c", probe], env=env, capture_output=True, text=True,
+                             timeout=120, check=True).stdout.split()
+        mlflow_uri, storage, study = out
+        ip = re.fullmatch(r"http://([\d.]+):5000", mlflow_uri).group(1)
+        assert ip == head_ip if head_ip else ip not in ("0.0.0.0", "")
+        assert storage == "s3://my-mifusion-bucket/mifusion/ray_results"
+        assert study == "sqlite:////home/ray/state/optuna.db"
 
 
 # --------------------------------------------------------------------------- driver defaults
