@@ -183,6 +183,66 @@ def test_setup_commands_are_bash_and_write_the_env_the_driver_reads(cluster_conf
         assert study == "sqlite:////home/ray/state/optuna.db"
 
 
+@pytest.mark.slow
+def test_the_head_starts_an_mlflow_server_that_answers_its_allowed_hosts_only(cluster_config,
+                                                                              tmp_path):
+    """The head's MLflow command as written (paths and port moved into tmp), on 127.0.0.1."""
+    import signal
+    import socket
+    import urllib.error
+    import urllib.request
+
+    home, state = tmp_path / "home", tmp_path / "state"
+    (home / "state").mkdir(parents=True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HOME": str(home),
+           "RAY_HEAD_IP": "127.0.0.1"}
+    (env_command,) = [c for c in cluster_config["setup_commands"] if "> ~/mifusion.env" in c]
+    subprocess.run(["bash", "-c", env_command], env=env, check=True, timeout=120)
+    (command,) = [c for c in cluster_config["head_start_ray_commands"] if "mlflow server" in c]
+    command = command.replace("/home/ray/state", str(state)).replace(":5000", f":{port}") \
+        .replace("--port 5000", f"--port {port}")
+    state.mkdir()
+    subprocess.run(["bash", "-c", command], env=env, check=True, timeout=60)
+    pid = int((home / "state" / "mlflow.pid").read_text())
+
+    def get(host: str, path: str = "/api/2.0/mlflow/experiments/search?max_results=1") -> int:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers={"Host": host})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                status = get(f"127.0.0.1:{port}", "/health")
+                break
+            except OSError:
+                log = (home / "state" / "mlflow.log")
+                assert time.time() < deadline, log.read_text()[-2000:] if log.exists() else ""
+                time.sleep(0.5)
+        assert status == 200
+        assert get(f"127.0.0.1:{port}") == 200
+        assert get(f"localhost:{port}") == 200  # what an SSH tunnel sends
+        assert get("attacker.example.com") in (400, 403)  # DNS rebinding refused
+        assert (state / "mlflow.db").is_file()
+    finally:
+        os.killpg(pid, signal.SIGTERM)  # setsid: the server and its workers are one group
+        for _ in range(40):
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.5)
+        else:
+            os.killpg(pid, signal.SIGKILL)
+
+
 # --------------------------------------------------------------------------- driver defaults
 def test_driver_defaults_come_from_the_environment(monkeypatch, tmp_path):
     from tuner.search import build_parser, find_resumable, storage_for, study_storage_for
