@@ -1,9 +1,11 @@
 """The cluster setup, without a cloud account.
 
 - ``cluster.yaml`` passes Ray's own autoscaler schema validation and config preparation
-  (offline: no AWS call), and every path and version in it exists in the repository.
+  (offline: no AWS call), and every path and version in it exists in the repository; its
+  commands are valid bash, the env they write gives the driver the cluster's defaults, and the
+  head's MLflow command starts a server that answers its allowed hosts only.
 - A search through ``tuner.search`` on a local multi-node Ray (``ray.cluster_utils.Cluster``:
-  a head with no CPUs and worker nodes whose custom resource ``fake_gpu`` stands in for a GPU):
+  a head without and two workers with a custom resource ``fake_gpu`` standing in for a GPU):
   trials land on both workers, checkpoints go to the shared ``--storage``, and a worker removed
   mid-search loses no finished trial while its trial resumes from a checkpoint on another node.
 """
@@ -38,7 +40,7 @@ def _all_commands(config: dict) -> list[str]:
             "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands")
     commands = [c for key in keys for c in config.get(key) or []]
     for node_type in config["available_node_types"].values():
-        for key in ("initialization_commands", "setup_commands", "worker_setup_commands"):
+        for key in ("initialization_commands", "worker_setup_commands"):
             commands += node_type.get(key) or []
     return commands
 
@@ -130,8 +132,6 @@ def test_file_mounts_and_setup_commands_refer_to_files_in_the_repo(cluster_confi
 
 
 def test_services_bind_private_addresses_and_the_env_is_exported(cluster_config):
-    head = " ; ".join(cluster_config["head_setup_commands"] +
-                      cluster_config["head_start_ray_commands"])
     for command in _all_commands(cluster_config):
         assert "0.0.0.0" not in command and "--host=0" not in command, command
     mlflow = [c for c in cluster_config["head_start_ray_commands"] if "mlflow server" in c]
