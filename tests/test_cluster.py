@@ -401,7 +401,9 @@ def test_search_on_a_multi_node_cluster_survives_losing_a_node(tmp_path, monkeyp
     (left,) = {worker_a.node_id, worker_b.node_id} - {removed["node"]}
     assert moved_nodes == [removed["node"], left]
     assert moved.data.tags["ray_node_id"] != removed["node"]
-    assert moved.data.tags.get("retries") == "1"
+    # retried from its checkpoint: once, or twice when a retry was placed before Ray declared
+    # the node dead or its new worker died too (seen once under heavy load); never from scratch
+    assert moved.data.tags.get("retries") in ("1", "2")
     steps = [m.step for m in client.get_metric_history(moved.info.run_id, "valid_mae")]
     assert set(steps) == set(range(1, epochs + 1))
     assert len(steps) <= epochs + 1  # at most the epoch in flight ran twice
