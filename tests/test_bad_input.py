@@ -37,6 +37,25 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
+_HTTP = []
+
+
+def http_port() -> int:
+    """A localhost port where an HTTP/1 server (not Ray) listens, for this test session."""
+    if not _HTTP:
+        import http.server
+        import threading
+
+        class Quiet(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):  # not on the test's stderr
+                pass
+
+        server = http.server.HTTPServer(("127.0.0.1", 0), Quiet)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        _HTTP.append(server)
+    return _HTTP[0].server_address[1]
+
+
 def tiny_space(data: Path | str, **changes) -> dict:
     """A valid one-trial space; ``changes`` replace (or, when None, remove) top-level keys."""
     space = {
@@ -203,6 +222,8 @@ FLAG_ROWS = {
     "unreachable-address": (lambda: ["--address", f"127.0.0.1:{closed_port()}"],
                             ["--address 127.0.0.1:", "no Ray head answers there",
                              "ray start --head"]),
+    "address-not-ray": (lambda: ["--address", f"127.0.0.1:{http_port()}"],
+                        ["--address 127.0.0.1:", "something listens there, but not a Ray head"]),
     "address-not-host-port": (["--address", "my-cluster"],
                               ["--address my-cluster: expected HOST:PORT"]),
 }
@@ -244,6 +265,9 @@ def test_resources_the_cluster_lacks(parquet_dir, tmp_path, monkeypatch, capsys,
     any MLflow run or trial."""
     import ray
 
+    from tuner.search import check_address
+
+    check_address(ray.get_runtime_context().gcs_address)  # a real head passes the --address check
     path = write_space(tmp_path, tiny_space(parquet_dir))
     code, err = run_main(["--space", str(path), "--cpus-per-trial", "64"],
                          tmp_path, monkeypatch, capsys)

@@ -247,9 +247,14 @@ def check_tracking_uri(uri: str | None) -> None:
             raise UsageError(f"--mlflow-uri {uri}: the folder {folder} does not exist")
 
 
+#: what an HTTP/2 (gRPC) client sends first (RFC 9113, section 3.4)
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
 def check_address(address: str | None) -> None:
-    """A Ray address ``[ray://]HOST:PORT`` must accept a TCP connection within
-    CONNECT_TIMEOUT_S (``ray.init`` would wait much longer). ``auto``/``local`` are left to Ray."""
+    """A Ray address ``[ray://]HOST:PORT`` must accept a connection and answer as a gRPC server
+    within CONNECT_TIMEOUT_S (``ray.init`` would retry for minutes). ``auto``/``local`` are left
+    to Ray."""
     import socket
     from urllib.parse import urlsplit
 
@@ -263,12 +268,30 @@ def check_address(address: str | None) -> None:
     if not host or port is None:
         raise UsageError(f"--address {address}: expected HOST:PORT (the Ray head's GCS port, "
                          "e.g. 10.0.0.1:6379), ray://HOST:PORT or auto")
+    hint = "start one (ray start --head) or leave --address out for a local Ray"
     try:
-        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+        conn = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
     except OSError as exc:
         raise UsageError(f"--address {address}: no Ray head answers there "
-                         f"({exc.strerror or type(exc).__name__}); start one (ray start --head) "
-                         "or leave --address out for a local Ray") from None
+                         f"({exc.strerror or exc or type(exc).__name__}); {hint}") from None
+    header = b""
+    with conn:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            return  # a TLS head: leave the handshake to Ray
+        # Ray's head (GCS, Ray Client) is a gRPC server: it answers HTTP/2's connection preface
+        # with a SETTINGS frame; another service there would make ray.init retry for minutes
+        try:
+            conn.sendall(_HTTP2_PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            while len(header) < 9:
+                chunk = conn.recv(9 - len(header))
+                if not chunk:
+                    break
+                header += chunk
+        except OSError:  # reset or timed out: not a gRPC server
+            pass
+    if len(header) < 9 or header[3] != 0x04:  # frame type 4: SETTINGS
+        raise UsageError(f"--address {address}: something listens there, but not a Ray head "
+                         f"(no gRPC answer within {CONNECT_TIMEOUT_S:g} s); {hint}")
 
 
 def check_cluster_resources(space: SearchSpace) -> None:
