@@ -224,6 +224,11 @@ FLAG_ROWS = {
                              "ray start --head"]),
     "address-not-ray": (lambda: ["--address", f"127.0.0.1:{http_port()}"],
                         ["--address 127.0.0.1:", "something listens there, but not a Ray head"]),
+    "storage-not-writable": (["--storage", "/proc/ray_results"],
+                             ["--storage /proc/ray_results: cannot write there (/proc is not a "
+                              "writable folder)"]),
+    "resume-unknown-name": (["--resume", "--name", "nope"],
+                            ["--resume --name nope: no such search in", "ray_results (found: none)"]),
     "address-not-host-port": (["--address", "my-cluster"],
                               ["--address my-cluster: expected HOST:PORT"]),
 }

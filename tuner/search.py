@@ -19,6 +19,7 @@ import math
 import os
 import shlex
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -294,6 +295,29 @@ def check_address(address: str | None) -> None:
                          f"(no gRPC answer within {CONNECT_TIMEOUT_S:g} s); {hint}")
 
 
+def check_storage(args: argparse.Namespace) -> None:
+    """A local --storage must be a folder we can create or write; --resume --name must name a
+    search that is there (else Ray fails after an MLflow parent run was already made)."""
+    storage = storage_for(args)
+    if "://" in storage:
+        return  # s3://, gs://...: Ray and pyarrow check those
+    root = Path(storage).expanduser()
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(existing)
+        tempfile.TemporaryDirectory(dir=existing).cleanup()  # root passes os.access anywhere
+    except OSError:
+        raise UsageError(f"--storage {storage}: cannot write there ({existing} is not a writable "
+                         "folder)") from None
+    if args.resume and args.name and not (root / args.name / "tuner.pkl").is_file():
+        found = sorted(p.parent.name for p in root.glob("*/tuner.pkl")) if root.is_dir() else []
+        raise UsageError(f"--resume --name {args.name}: no such search in {root} (found: "
+                         f"{', '.join(found) or 'none'}); pass --storage if it was elsewhere")
+
+
 def check_cluster_resources(space: SearchSpace) -> None:
     """After ``ray.init``: a trial must fit on one node of the cluster, or Tune waits forever."""
     import ray
@@ -557,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
             check_tracking_uri(args.mlflow_uri)
             check_address(args.address)
             check_text_models(space)
+            check_storage(args)
     except (SpaceError, UsageError, ConfigError, DataError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
