@@ -55,6 +55,7 @@ def ray_local():
     """A local 2-CPU Ray for one test module (the search reuses an initialised Ray)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # "local": our own Ray, even where `ray start` left a cluster that ray.init() would join
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()

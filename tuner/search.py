@@ -19,6 +19,7 @@ import math
 import os
 import shlex
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -39,8 +40,21 @@ class UsageError(ValueError):
     """A command-line value that cannot be used."""
 
 
+#: Ray's smallest unit of a resource: smaller requests break Tune's trial start
+RAY_RESOURCE_UNIT = 1e-4
+#: seconds to wait for an MLflow server or a Ray head before calling it unreachable
+CONNECT_TIMEOUT_S = 5.0
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one ``error:`` line (exit code 2), like every other."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog="python -m tuner.search",
         description="Hyperparameter search for MI-regularised multimodal fusion "
                     "(Ray Tune + Optuna sampling/pruning + MLflow tracking).",
@@ -103,9 +117,13 @@ def prepare_space(args: argparse.Namespace) -> SearchSpace:
     _positive("--num-samples", args.num_samples)
     _positive("--max-epochs", args.max_epochs)
     _positive("--max-concurrent", args.max_concurrent, 0)
-    if args.cpus_per_trial is not None and args.cpus_per_trial <= 0:
-        raise UsageError(f"--cpus-per-trial: expected a value > 0, got {args.cpus_per_trial:g}")
+    if args.cpus_per_trial is not None and args.cpus_per_trial < RAY_RESOURCE_UNIT:
+        raise UsageError(f"--cpus-per-trial: expected a value >= {RAY_RESOURCE_UNIT:g} (Ray's "
+                         f"smallest CPU fraction), got {args.cpus_per_trial:g}")
     _positive("--gpus-per-trial", args.gpus_per_trial, 0)
+    if args.gpus_per_trial and args.gpus_per_trial < RAY_RESOURCE_UNIT:
+        raise UsageError(f"--gpus-per-trial: expected 0 or a value >= {RAY_RESOURCE_UNIT:g} "
+                         f"(Ray's smallest GPU fraction), got {args.gpus_per_trial:g}")
     for flag, key in (("num_samples", "search.num_samples"), ("max_epochs", "search.max_epochs"),
                       ("sampler", "search.sampler"), ("pruner", "search.pruner"),
                       ("seed", "search.seed"), ("max_concurrent", "search.max_concurrent"),
@@ -148,12 +166,178 @@ def resolve_data(spec: str, nonfinite: str = "error") -> MultimodalData:
     return load_dataset(Path(spec).expanduser(), nonfinite=nonfinite)
 
 
+def _load_data(spec: str, nonfinite: str) -> MultimodalData:
+    """:func:`resolve_data`, with the pickle warning as one ``warning:`` line on stderr."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            return resolve_data(spec, nonfinite)
+        finally:
+            for w in caught:
+                print(f"warning: {w.message}", file=sys.stderr)
+
+
 def check_models(space: SearchSpace, data: MultimodalData) -> None:
     """Every backbone of the space must be able to read this data (before any trial)."""
     from trainables.backbones import get_backbone
 
     for name in space.backbones:
         get_backbone(name).check_inputs(data.dims)
+
+
+def text_models(space: SearchSpace) -> dict[str, list[str]]:
+    """The text encoders the space's trials can load: name -> the backbones that would load it
+    (``backbone.text_model`` from fixed/grid/ranges, else each backbone's default)."""
+    import dataclasses
+
+    from trainables.backbones import get_backbone
+
+    key = "backbone.text_model"
+    used: dict[str, list[str]] = {}
+    for backbone in space.backbones:
+        fields = {f.name: f for f in dataclasses.fields(get_backbone(backbone).config_class)}
+        if "text_model" not in fields:
+            continue
+        if key in space.fixed:
+            names = [space.fixed[key]]
+        else:
+            names = list(space.grid.get(key, []))
+            spec = space.ranges.get(key)
+            names += list(spec.choices or []) if spec is not None else []
+            names = names or [fields["text_model"].default]
+        for name in names:
+            used.setdefault(str(name), []).append(backbone)
+    return used
+
+
+def check_text_models(space: SearchSpace) -> None:
+    """Load every text encoder a trial could ask for once, in the driver, before Ray starts: a
+    name that cannot be loaded (not cached with HF_HUB_OFFLINE=1, no such folder) fails here
+    with one line instead of failing every trial."""
+    from trainables.text import TextModelError, load_text_model
+
+    for name, backbones in text_models(space).items():
+        try:
+            load_text_model(name)
+        except TextModelError as exc:
+            raise UsageError(f"backbone.text_model of {', '.join(backbones)}: {exc}") from None
+
+
+def check_tracking_uri(uri: str | None) -> None:
+    """An MLflow server must answer (any HTTP status) within CONNECT_TIMEOUT_S; a SQLite store
+    needs an existing folder. MLflow's own client would retry for minutes instead."""
+    import urllib.error
+    import urllib.request
+
+    if not uri:
+        return
+    if uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=CONNECT_TIMEOUT_S).close()
+        except urllib.error.HTTPError:
+            return  # it answered (a proxy's 401/404 included): reachable
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise UsageError(
+                f"--mlflow-uri {uri}: no MLflow server answers there ({reason}); start one "
+                "(mlflow server --host 127.0.0.1 --port PORT) or use a local store, e.g. "
+                "--mlflow-uri sqlite:///mlflow.db") from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).expanduser().resolve().parent
+        if not folder.is_dir():
+            raise UsageError(f"--mlflow-uri {uri}: the folder {folder} does not exist")
+
+
+#: what an HTTP/2 (gRPC) client sends first (RFC 9113, section 3.4)
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def check_address(address: str | None) -> None:
+    """A Ray address ``[ray://]HOST:PORT`` must accept a connection and answer as a gRPC server
+    within CONNECT_TIMEOUT_S (``ray.init`` would retry for minutes). ``auto``/``local`` are left
+    to Ray."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if not address or address in ("auto", "local"):
+        return
+    parts = urlsplit(address if "://" in address else f"ray://{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host, port = None, None
+    if not host or port is None:
+        raise UsageError(f"--address {address}: expected HOST:PORT (the Ray head's GCS port, "
+                         "e.g. 10.0.0.1:6379), ray://HOST:PORT or auto")
+    hint = "start one (ray start --head) or leave --address out for a local Ray"
+    try:
+        conn = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
+    except OSError as exc:
+        raise UsageError(f"--address {address}: no Ray head answers there "
+                         f"({exc.strerror or exc or type(exc).__name__}); {hint}") from None
+    header = b""
+    with conn:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            return  # a TLS head: leave the handshake to Ray
+        # Ray's head (GCS, Ray Client) is a gRPC server: it answers HTTP/2's connection preface
+        # with a SETTINGS frame; another service there would make ray.init retry for minutes
+        try:
+            conn.sendall(_HTTP2_PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            while len(header) < 9:
+                chunk = conn.recv(9 - len(header))
+                if not chunk:
+                    break
+                header += chunk
+        except OSError:  # reset or timed out: not a gRPC server
+            pass
+    if len(header) < 9 or header[3] != 0x04:  # frame type 4: SETTINGS
+        raise UsageError(f"--address {address}: something listens there, but not a Ray head "
+                         f"(no gRPC answer within {CONNECT_TIMEOUT_S:g} s); {hint}")
+
+
+def check_storage(args: argparse.Namespace) -> None:
+    """A local --storage must be a folder we can create or write; --resume --name must name a
+    search that is there (else Ray fails after an MLflow parent run was already made)."""
+    storage = storage_for(args)
+    if "://" in storage:
+        return  # s3://, gs://...: Ray and pyarrow check those
+    root = Path(storage).expanduser()
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(existing)
+        tempfile.TemporaryDirectory(dir=existing).cleanup()  # root passes os.access anywhere
+    except OSError:
+        raise UsageError(f"--storage {storage}: cannot write there ({existing} is not a writable "
+                         "folder)") from None
+    if args.resume and args.name and not (root / args.name / "tuner.pkl").is_file():
+        found = sorted(p.parent.name for p in root.glob("*/tuner.pkl")) if root.is_dir() else []
+        raise UsageError(f"--resume --name {args.name}: no such search in {root} (found: "
+                         f"{', '.join(found) or 'none'}); pass --storage if it was elsewhere")
+
+
+def check_cluster_resources(space: SearchSpace) -> None:
+    """After ``ray.init``: a trial must fit on one node of the cluster, or Tune waits forever."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    cpu, gpu = space.resources.cpu, space.resources.gpu
+    most_cpu = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
+    most_gpu = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
+    if cpu > most_cpu:
+        raise UsageError(f"--cpus-per-trial / resources.cpu {cpu:g}: no node of the Ray cluster "
+                         f"has that many CPUs (the largest has {most_cpu:g}); a trial runs on "
+                         "one node")
+    if gpu > 0 and most_gpu == 0:
+        raise UsageError(f"--gpus-per-trial / resources.gpu {gpu:g}: the Ray cluster has no GPU "
+                         f"({len(nodes)} node{'s' if len(nodes) != 1 else ''}); use "
+                         "--gpus-per-trial 0 or a cluster with GPUs")
+    if gpu > most_gpu:
+        raise UsageError(f"--gpus-per-trial / resources.gpu {gpu:g}: no node of the Ray cluster "
+                         f"has that many GPUs (the largest has {most_gpu:g}); a trial runs on "
+                         "one node")
 
 
 def plan(space: SearchSpace) -> dict[str, Any]:
@@ -194,7 +378,32 @@ def run_search(space: SearchSpace, data: MultimodalData, args: argparse.Namespac
     storage = storage_for(args)
     study_storage = study_storage_for(args)
 
-    tracker = Tracker(tracking_uri, experiment_name=space.name)
+    # a snapshot per checkpoint is what makes --resume exact; it costs ~10 ms, so don't warn
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if not ray.is_initialized():
+        # a local Ray starts no dashboard; a cluster's dashboard is whatever `ray start` chose
+        # (127.0.0.1 unless --dashboard-host says otherwise)
+        # "local": a new Ray of our own, even where `ray start` left a cluster running that a
+        # plain ray.init() would join
+        address = args.address or os.environ.get("RAY_ADDRESS") or "local"
+        try:
+            ray.init(address=address, log_to_driver=args.verbose > 0,
+                     logging_level=logging.INFO if args.verbose else logging.WARNING,
+                     include_dashboard=False if address == "local" else None)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = "local Ray" if address == "local" else f"--address {address}"
+            raise UsageError(f"{where}: Ray did not start ({type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())[:200]})") from None
+    check_cluster_resources(space)  # before any MLflow run or trial exists
+
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tracker = Tracker(tracking_uri, experiment_name=space.name)
+    except MlflowException as exc:
+        raise UsageError(f"--mlflow-uri {tracking_uri}: {' '.join(exc.message.split())[:300]}") \
+            from None
     if args.resume:
         parent = tracker.find_parent(name)
         if parent is not None:
@@ -217,13 +426,6 @@ def run_search(space: SearchSpace, data: MultimodalData, args: argparse.Namespac
                else "", "effective_space.yaml": yaml.safe_dump(_space_dict(space))},
     )
 
-    # a snapshot per checkpoint is what makes --resume exact; it costs ~10 ms, so don't warn
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    if not ray.is_initialized():
-        ray.init(address=args.address, log_to_driver=args.verbose > 0,
-                 logging_level=logging.INFO if args.verbose else logging.WARNING,
-                 include_dashboard=False if args.address is None else None)
 
     trainable = tune.with_resources(
         tune.with_parameters(train_fusion, data=data), space.resources.ray_resources())
@@ -380,14 +582,22 @@ def summarise(results, space: SearchSpace, tracker, data: MultimodalData) -> int
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, one line already printed)
+        return int(exc.code or 0)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         space = prepare_space(args)
         data = None
         if not (args.dry_run and space.data.startswith("synthetic:")):
-            data = resolve_data(space.data, args.nonfinite)  # a user's file is checked even then
+            data = _load_data(space.data, args.nonfinite)  # a user's file is checked even then
             check_models(space, data)
+        if not args.dry_run:
+            check_tracking_uri(args.mlflow_uri)
+            check_address(args.address)
+            check_text_models(space)
+            check_storage(args)
     except (SpaceError, UsageError, ConfigError, DataError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

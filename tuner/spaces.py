@@ -210,8 +210,13 @@ class SearchSpace:
                 get_regulariser(name)
             except ValueError as exc:
                 raise SpaceError(f"{where}: regularisers: {exc}") from None
+        trial_keys = sorted(f.name for f in dataclasses.fields(TrialConfig)
+                            if f.name not in ("backbone_cfg", "regulariser_cfg"))
         for section in ("grid", "ranges", "fixed"):
             for key in getattr(self, section):
+                if "." not in key and key not in trial_keys:
+                    raise SpaceError(f"{where}: {section}.{key}: unknown key; known: "
+                                     f"{', '.join(trial_keys)}, backbone.X, regulariser.X")
                 if not any(self.applies(key, b, r) for b, r in self.model_pairs()):
                     raise SpaceError(
                         f"{where}: {section}.{key}: no backbone ({', '.join(self.backbones)}) or "

@@ -192,7 +192,8 @@ class Tracker:
     def ui_command(self, port: int = 5000) -> str:
         if self.tracking_uri.startswith(("http://", "https://")):
             return f"open {self.tracking_uri}"
-        return f"mlflow ui --backend-store-uri {self.tracking_uri} --port {port}"
+        # explicit, although it is MLflow's default: the UI must not listen beyond this machine
+        return f"mlflow ui --backend-store-uri {self.tracking_uri} --port {port} --host 127.0.0.1"
 
 
 class MlflowTrialCallback(Callback):
