@@ -14,13 +14,18 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import dataclasses
+
+import numpy as np
+import torch
 from ray import tune
 
 from trainables.config import TrialConfig
-from trainables.data.batches import MultimodalData
+from trainables.data.batches import MultimodalData, drop_modality, iterate_batches
 from trainables.loop import Trainer, load_best
 
-__all__ = ["evaluate_checkpoint", "train_fusion", "trial_node_id", "trial_num_threads"]
+__all__ = ["critic_scores", "evaluate_checkpoint", "train_fusion", "trial_node_id",
+           "trial_num_threads", "with_modality_dropped"]
 
 
 def trial_num_threads() -> int | None:
@@ -64,9 +69,42 @@ def train_fusion(config: dict[str, Any], data: MultimodalData) -> None:
                         checkpoint=tune.Checkpoint.from_directory(directory))
 
 
+def with_modality_dropped(data: MultimodalData, modality: str,
+                          split: str = "test") -> MultimodalData:
+    """``data`` with ``modality`` removed from one split (see
+    :func:`trainables.data.batches.drop_modality`); the other splits are shared, not copied."""
+    splits = dict(data.splits)
+    splits[split] = drop_modality(splits[split], modality)
+    return dataclasses.replace(data, splits=splits)
+
+
 def evaluate_checkpoint(best_file: str | Path, data: MultimodalData, split: str = "test",
-                        device: str | None = None) -> dict[str, float]:
-    """Metrics of the weights in a ``best.pt`` on one split (``{split}_mae``, ...)."""
+                        device: str | None = None, drop: str | None = None) -> dict[str, float]:
+    """Metrics of the weights in a ``best.pt`` on one split (``{split}_mae``, ...); ``drop``
+    names a modality removed from that split first (the robustness evaluation)."""
     best = load_best(best_file)
+    if drop is not None:
+        data = with_modality_dropped(data, drop, split)
     trainer = Trainer(TrialConfig.from_flat(best["config"]), data, device=device)
     return trainer.evaluate(split, best["weights"])
+
+
+@torch.inference_mode()
+def critic_scores(best_file: str | Path, data: MultimodalData, split: str = "test",
+                  device: str | None = None) -> np.ndarray | None:
+    """Per-example scores of the regulariser's critic on ``split`` (rows in split order), for
+    regularisers with a ``scores(out)`` method (MDM's statistic network T_θ on the joint
+    sample); None for the others."""
+    best = load_best(best_file)
+    trainer = Trainer(TrialConfig.from_flat(best["config"]), data, device=device)
+    scores = getattr(trainer.reg, "scores", None)
+    if scores is None:
+        return None
+    trainer._load_weights(best["weights"])
+    trainer.model.eval()
+    trainer.reg.eval()
+    out = []
+    for batch in iterate_batches(trainer.splits[split], 256, shuffle=False):
+        features = trainer.model(batch.to(trainer.device))
+        out.append(scores(features).float().cpu())
+    return torch.cat(out).numpy()

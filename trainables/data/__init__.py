@@ -13,12 +13,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from trainables.data.batches import (
+    DROPPABLE,
     SPLITS,
     Batch,
     ModalityDims,
     MultimodalData,
     SplitArrays,
     TensorSplit,
+    drop_modality,
     iterate_batches,
     resample_to_length,
 )
@@ -32,6 +34,7 @@ from trainables.data.mmsa import (
 from trainables.data.parquet import has_parquet_splits, read_parquet, write_parquet
 
 __all__ = [
+    "DROPPABLE",
     "NONFINITE_CHOICES",
     "SPLITS",
     "Batch",
@@ -42,6 +45,7 @@ __all__ = [
     "TensorSplit",
     "arrays_from_mmsa",
     "data_digest",
+    "drop_modality",
     "iterate_batches",
     "load_dataset",
     "read_mmsa_pickle",

@@ -16,12 +16,14 @@ import numpy as np
 import torch
 
 __all__ = [
+    "DROPPABLE",
     "SPLITS",
     "Batch",
     "ModalityDims",
     "MultimodalData",
     "SplitArrays",
     "TensorSplit",
+    "drop_modality",
     "iterate_batches",
     "resample_to_length",
 ]
@@ -230,3 +232,49 @@ def resample_to_length(
     valid = steps[None, :-1] < targets[:, None]  # (B, out_len)
     # where, not a product: non-finite padding must not turn the zero steps into NaN
     return torch.where(valid.unsqueeze(-1), mean, mean.new_zeros(()))
+
+
+#: the modalities :func:`drop_modality` can remove
+DROPPABLE = ("text", "audio", "vision")
+
+
+def drop_modality(arrays: SplitArrays, modality: str) -> SplitArrays:
+    """A copy of ``arrays`` with one modality removed, for the robustness evaluation.
+
+    What "removed" means, per input (lengths are kept, so sequence models still run over the
+    same number of steps, only of zeros):
+
+    - ``audio`` / ``vision``: every feature value is 0.
+    - ``text``: the text features (``text``, GloVe/BERT vectors) are 0; the token input
+      ``text_bert`` (ids, attention mask, segment ids) keeps only the first and the last attended
+      position of each row ([CLS] and [SEP] in MMSA's right-padded BERT ids), all other ids become
+      0 ([PAD] in the BERT vocabulary) with attention mask 0, and segment ids are 0, so a
+      transformer sees the empty sentence ``[CLS] [SEP]``; ``raw_text`` becomes ``""``, so a
+      backbone that re-tokenises the raw text (MAG with a non-BERT vocabulary) sees the same
+      empty sentence.
+
+    The input arrays are not modified.
+    """
+    if modality not in DROPPABLE:
+        raise ValueError(f"modality: expected one of {', '.join(DROPPABLE)}, got {modality!r}")
+    if modality in ("audio", "vision"):
+        return dataclasses.replace(arrays, **{modality: np.zeros_like(getattr(arrays, modality))})
+    tokens = arrays.text_bert
+    if tokens is not None:
+        ids, mask = tokens[:, 0], tokens[:, 1]  # (N, L) each
+        attended = mask > 0
+        n, length = ids.shape
+        rows = np.arange(n)
+        first = np.where(attended.any(axis=1), attended.argmax(axis=1), 0)  # (N,)
+        last = np.where(attended.any(axis=1), length - 1 - attended[:, ::-1].argmax(axis=1), 0)
+        new = np.zeros_like(tokens)
+        for pos in (first, last):
+            new[rows, 0, pos] = ids[rows, pos]
+            new[rows, 1, pos] = 1
+        tokens = new
+    return dataclasses.replace(
+        arrays,
+        text=np.zeros_like(arrays.text),
+        text_bert=tokens,
+        raw_text=np.full(arrays.raw_text.shape, "", dtype=arrays.raw_text.dtype),
+    )
