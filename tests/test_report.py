@@ -84,3 +84,157 @@ def test_drop_changes_a_real_backbone_only_through_that_modality(small_data):
 def test_drop_rejects_an_unknown_modality(small_data):
     with pytest.raises(ValueError, match="modality: expected one of text, audio, vision"):
         drop_modality(small_data.splits["test"], "video")
+
+
+# ------------------------------------------------------------------ a tiny search, then the report
+@pytest.fixture
+def tiny_search_space(tmp_path, small_data):
+    import yaml
+
+    from trainables.data.parquet import write_parquet
+
+    data_dir = write_parquet(small_data, tmp_path / "data")
+    space = {
+        "name": "tinyreport",
+        "backbones": ["ef_lstm"],
+        "regularisers": ["none", "mdm"],
+        "data": str(data_dir),
+        "ranges": {"lr": {"low": 1.0e-3, "high": 1.0e-2, "log": True},
+                   "regulariser.weight": {"low": 0.01, "high": 0.3, "log": True}},
+        "fixed": {"batch_size": 32, "patience": 0, "regulariser.unroll": 1,
+                  "backbone.hidden": 8},
+        "start_points": [{"regulariser": "mdm", "lr": 0.005, "regulariser.weight": 0.1},
+                         {"regulariser": "none", "lr": 0.005}],
+        "search": {"sampler": "random", "pruner": "none", "num_samples": 3, "max_epochs": 2,
+                   "seed": 0, "max_concurrent": 2},
+        "resources": {"cpu": 1},
+    }
+    path = tmp_path / "tinyreport.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_report_after_a_tiny_search(tmp_path, monkeypatch, tiny_search_space, small_data,
+                                    ray_local, capsys):
+    import csv
+
+    from mlflow.tracking import MlflowClient
+    from scipy.stats import mannwhitneyu
+
+    from tuner import report, search
+
+    monkeypatch.chdir(tmp_path)
+    assert search.main(["--space", str(tiny_search_space), "--name", "s1"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert report.main(["--experiment", "tinyreport", "--seeds", "3", "--top-k", "3",
+                        "--name", "r1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Test metrics over seeds 0, 1, 2" in printed and "Robustness" in printed
+
+    client = MlflowClient("sqlite:///mlflow.db")
+    exp = client.get_experiment_by_name("tinyreport")
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("run_kind") == "search"]
+    (rep,) = [r for r in runs if r.data.tags.get("run_kind") == "report"]
+    trials = [r for r in runs if r.data.tags.get("run_kind") == "trial"]
+    reruns = [r for r in runs if r.data.tags.get("run_kind") == "rerun"]
+    assert rep.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert all(r.data.tags["mlflow.parentRunId"] == rep.info.run_id for r in reruns)
+
+    # the chosen trial is the best regularised one by validation
+    chosen = client.get_run(rep.data.tags["chosen_run_id"])
+    mdm_trials = [t for t in trials if t.data.params["regulariser"] == "mdm"]
+    assert chosen.info.run_id == min(mdm_trials, key=lambda t: t.data.metrics["best_valid_mae"]
+                                     ).info.run_id
+    # 3 seeds x {mdm, none}; the twin has the chosen trial's hyper-parameters but no regulariser
+    by_variant = {v: sorted((r for r in reruns if r.data.tags["variant"] == v),
+                            key=lambda r: int(r.data.params["seed"])) for v in ("mdm", "none")}
+    assert [int(r.data.params["seed"]) for r in by_variant["mdm"]] == [0, 1, 2]
+    assert [int(r.data.params["seed"]) for r in by_variant["none"]] == [0, 1, 2]
+    shared = {k: v for k, v in chosen.data.params.items()
+              if k != "seed" and not k.startswith("regulariser")}
+    for r in reruns:
+        assert {k: r.data.params[k] for k in shared} == shared
+        assert r.data.params["regulariser"] == r.data.tags["variant"]
+    assert all(r.data.params[k] == chosen.data.params[k] for r in by_variant["mdm"]
+               for k in chosen.data.params if k.startswith("regulariser."))
+
+    # the table: its rows and columns, and the numbers of the runs stored in MLflow
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["metric"] for r in rows] == list(report.REPORT_METRICS)
+    assert list(rows[0]) == ["metric", "mdm_mean", "mdm_std", "mdm_n", "none_mean", "none_std",
+                             "none_n", "p_value"]
+    for row in rows:
+        key = f"test_{row['metric']}"
+        samples = {v: [r.data.metrics[key] for r in by_variant[v]] for v in by_variant}
+        for v, values in samples.items():
+            assert int(row[f"{v}_n"]) == 3
+            assert float(row[f"{v}_mean"]) == pytest.approx(np.mean(values), abs=1e-9)
+            assert float(row[f"{v}_std"]) == pytest.approx(np.std(values, ddof=1), abs=1e-9)
+            assert rep.data.metrics[f"{key}_mean_{v}"] == pytest.approx(np.mean(values))
+        p = float(row["p_value"])
+        assert 0.0 <= p <= 1.0
+        if len(set(samples["mdm"]) | set(samples["none"])) > 1:
+            assert p == pytest.approx(mannwhitneyu(samples["mdm"], samples["none"],
+                                                   alternative="two-sided").pvalue)
+
+    # robustness: one row per modality x Acc-2 variant, each run's ratio logged to its run
+    with open(out / "robustness.csv") as f:
+        robust = list(csv.DictReader(f))
+    assert [(r["dropped"], r["metric"]) for r in robust] == [
+        (m, k) for m in ("text", "audio", "vision") for k in ("acc2_has0", "acc2_non0")]
+    assert all(0.0 <= float(r["p_value"]) <= 1.0 for r in robust)
+    for r in reruns:
+        ratio = r.data.metrics["robustness_text_acc2_has0"]
+        assert ratio == pytest.approx(r.data.metrics["test_drop_text_acc2_has0"]
+                                      / r.data.metrics["test_acc2_has0"])
+    for row in robust:
+        values = [r.data.metrics[f"robustness_{row['dropped']}_{row['metric']}"]
+                  for r in by_variant["mdm"]]
+        assert float(row["mdm_mean"]) == pytest.approx(np.mean(values))
+
+    # MDM's critic: the k most and k least dependent test examples, with their labels
+    with open(out / "critic_scores.csv") as f:
+        scores = list(csv.DictReader(f))
+    test = small_data.splits["test"]
+    assert [r["group"] for r in scores] == ["most dependent"] * 3 + ["least dependent"] * 3
+    for r in scores:
+        assert float(r["label"]) == pytest.approx(float(test.labels[int(r["row"])]))
+    assert float(scores[0]["score_mean"]) >= float(scores[-1]["score_mean"])
+
+    # plots: valid PNG files, in the output folder and in MLflow
+    pngs = ["search_valid_curves.png", "search_best_so_far.png", "optuna_param_importances.png",
+            "optuna_parallel_coordinate.png", "robustness.png"]
+    for name in pngs:
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report/r1")}
+    assert {f"report/r1/{n}" for n in pngs + ["report.md", "metrics.csv"]} <= logged
+    assert {a.path for a in client.list_artifacts(rep.info.run_id)} >= set(pngs)
+
+    # report.md: seeds, data hash, command line, links
+    md = (out / "report.md").read_text()
+    assert "Seeds: 0, 1, 2" in md
+    assert small_data.digest in md and parent.data.tags["data_digest"] == small_data.digest
+    assert "tuner.report --experiment tinyreport --seeds 3" in md
+    for name in pngs + ["metrics.csv", "robustness.csv", "critic_scores.csv"]:
+        assert f"({name})" in md, name
+
+
+def test_report_errors_name_the_problem(tmp_path, monkeypatch, capsys):
+    from tuner import report
+
+    monkeypatch.chdir(tmp_path)
+    assert report.main(["--experiment", "x", "--seeds", "1"]) == 2
+    assert "--seeds 1: expected at least 2 distinct seeds" in capsys.readouterr().err
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    assert report.main(["--experiment", "nope", "--mlflow-uri", uri]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after MLflow's own INFO lines
+    assert err.startswith("error: --experiment nope: no such MLflow experiment (known: Default)")
+    assert report.main(["--run-id", "0123abc", "--mlflow-uri", uri]) == 2
+    assert "--run-id 0123abc: no such MLflow run" in capsys.readouterr().err
