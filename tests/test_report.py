@@ -106,8 +106,9 @@ def tiny_search_space(tmp_path, small_data):
         "start_points": [{"regulariser": "mdm", "lr": 0.005, "regulariser.weight": 0.1},
                          {"regulariser": "none", "lr": 0.005}],
         "search": {"sampler": "random", "pruner": "none", "num_samples": 3, "max_epochs": 2,
-                   "seed": 0, "max_concurrent": 2},
-        "resources": {"cpu": 1},
+                   "seed": 0, "max_concurrent": 3},
+        "resources": {"cpu": 0.5},  # the three trials at once on the 2-CPU test Ray
+        "seeds": [0, 1, 2],  # the report's default seeds
     }
     path = tmp_path / "tinyreport.yaml"
     path.write_text(yaml.safe_dump(space))
@@ -131,7 +132,7 @@ def test_report_after_a_tiny_search(tmp_path, monkeypatch, tiny_search_space, sm
     assert search.main(["--space", str(tiny_search_space), "--name", "s1"]) == 0
     capsys.readouterr()
     out = tmp_path / "out"
-    assert report.main(["--experiment", "tinyreport", "--seeds", "3", "--top-k", "3",
+    assert report.main(["--experiment", "tinyreport", "--top-k", "3",
                         "--name", "r1", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "Test metrics over seeds 0, 1, 2" in printed and "Robustness" in printed
@@ -221,7 +222,7 @@ def test_report_after_a_tiny_search(tmp_path, monkeypatch, tiny_search_space, sm
     md = (out / "report.md").read_text()
     assert "Seeds: 0, 1, 2" in md
     assert small_data.digest in md and parent.data.tags["data_digest"] == small_data.digest
-    assert "tuner.report --experiment tinyreport --seeds 3" in md
+    assert "tuner.report --experiment tinyreport --top-k 3" in md
     for name in pngs + ["metrics.csv", "robustness.csv", "critic_scores.csv"]:
         assert f"({name})" in md, name
 

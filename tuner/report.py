@@ -89,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_TRACKING_URI})")
     p.add_argument("--optuna-storage", help="the search's Optuna study storage (default: "
                    "$OPTUNA_STORAGE or sqlite:///optuna.db, as tuner.search)")
-    p.add_argument("--seeds", default="10",
-                   help="N (seeds 0..N-1) or a comma list such as 0,1,2 (default: 10)")
+    p.add_argument("--seeds", help="N (seeds 0..N-1) or a comma list such as 0,1,2 (default: "
+                   "the search space's `seeds`, whose own default is 0..9)")
     p.add_argument("--regulariser", help="report the best trial of this regulariser (default: "
                    "the best trial; if that is unregularised, the best regularised one)")
     p.add_argument("--max-epochs", type=int, help="epochs per re-run at most (default: the "
@@ -114,17 +114,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_seeds(text: str) -> list[int]:
-    """``"N"`` -> ``[0, ..., N-1]``; ``"a,b,c"`` -> ``[a, b, c]``; at least two distinct seeds."""
+def parse_seeds(text: str | list[int], where: str = "--seeds") -> list[int]:
+    """``"N"`` -> ``[0, ..., N-1]``; ``"a,b,c"`` (or a list) -> ``[a, b, c]``; at least two
+    distinct seeds."""
     try:
-        if "," in text:
+        if isinstance(text, list):
+            seeds = [int(s) for s in text]
+        elif "," in text:
             seeds = [int(s) for s in text.split(",") if s.strip()]
         else:
             seeds = list(range(int(text)))
     except ValueError:
-        raise UsageError(f"--seeds {text}: expected a count N or a comma list of integers") from None
+        raise UsageError(f"{where} {text}: expected a count N or a comma list of integers") from None
     if len(set(seeds)) != len(seeds) or len(seeds) < 2:
-        raise UsageError(f"--seeds {text}: expected at least 2 distinct seeds (a p-value needs "
+        raise UsageError(f"{where} {text}: expected at least 2 distinct seeds (a p-value needs "
                          f"several runs per variant)")
     return seeds
 
@@ -149,6 +152,14 @@ class SearchInfo:
     @property
     def data_digest(self) -> str:
         return self.parent.data.tags.get("data_digest", "")
+
+    def space(self, client) -> dict[str, Any]:
+        """The space as the search ran it (its ``effective_space.yaml`` artifact; {} if none)."""
+        try:
+            text = client.download_artifacts(self.parent.info.run_id, "effective_space.yaml")
+            return yaml.safe_load(Path(text).read_text()) or {}
+        except Exception:  # an older search without the artifact
+            return {}
 
 
 def _all_runs(client, experiment_id: str, filter_string: str, order_by=None) -> list[Any]:
@@ -260,12 +271,7 @@ def load_search_data(client, info: SearchInfo, spec: str | None, nonfinite: str)
     from tuner.search import resolve_data
 
     if spec is None:
-        try:
-            text = client.download_artifacts(info.parent.info.run_id, "effective_space.yaml")
-            spec = (yaml.safe_load(Path(text).read_text()) or {}).get("data")
-        except Exception:  # an older search without the artifact
-            spec = None
-        spec = spec or info.parent.data.tags.get("data_source")
+        spec = info.space(client).get("data") or info.parent.data.tags.get("data_source")
         if not spec:
             raise UsageError(f"search {info.name!r}: records no data source; pass --data")
     data = resolve_data(spec, nonfinite)
@@ -350,6 +356,8 @@ def run_reruns(variants: dict[str, dict[str, Any]], seeds: list[int], data: Mult
                      "seed": tune.grid_search(seeds)},
         tune_config=TuneConfig(
             max_concurrent_trials=args.max_concurrent or None,
+            # every re-run asks for the same resources: reuse the worker processes
+            reuse_actors=True,
             trial_dirname_creator=lambda t: f"{t.trial_id}-{t.config['variant']}-s{t.config['seed']}"),
         run_config=RunConfig(name=report_name, storage_path=storage, callbacks=[callback],
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
@@ -533,6 +541,23 @@ def _pyplot():
     return plt
 
 
+def _default_style():
+    """Our plots in matplotlib's default style (Optuna's plots switch pyplot to ggplot)."""
+    return _pyplot().style.context("default")
+
+
+def _in_default_style(func):
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        with _default_style():
+            return func(*args, **kwargs)
+
+    return wrapper
+
+
+@_in_default_style
 def plot_search_curves(client, info: SearchInfo, out: Path) -> list[Path]:
     """Validation curves of every trial (pruned ones dashed and marked x) and the best-so-far
     validation value over cumulative trial-epochs."""
@@ -621,6 +646,7 @@ def plot_optuna(info: SearchInfo, storage: str, out: Path) -> tuple[list[Path], 
     return paths, notes
 
 
+@_in_default_style
 def plot_robustness(rows: list[dict[str, Any]], variants: list[str], out: Path) -> Path:
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(ROBUSTNESS_METRICS), figsize=(10, 4), sharey=True)
@@ -663,8 +689,9 @@ def write_markdown(out: Path, *, info: SearchInfo, chosen, choice_note: str, con
         "",
         "## Configuration",
         "",
-        f"Chosen on validation only: {choice_note}, trial run `{chosen.info.run_id}` "
-        f"({info.objective} = {_fmt(chosen.data.metrics[info.objective])}). "
+        f"Trial run `{chosen.info.run_id}` ({info.objective} = "
+        f"{_fmt(chosen.data.metrics[info.objective])}), chosen on validation only: "
+        f"{choice_note}. "
         f"Re-trained as `{reg}` and as its twin `{BASELINE}` (same hyper-parameters, "
         "`regulariser: none`), once per seed; every re-run picks its epoch on validation and is "
         "evaluated on test once, with that epoch's weights.",
@@ -729,7 +756,8 @@ def run_report(args: argparse.Namespace, command: str) -> int:
     from tuner.search import study_storage_for
     from tuner.tracking import DEFAULT_TRACKING_URI, Tracker, git_commit
 
-    seeds = parse_seeds(args.seeds)
+    if args.seeds is not None:
+        seeds = parse_seeds(args.seeds)
     if args.max_epochs is not None and args.max_epochs < 1:
         raise UsageError(f"--max-epochs: expected a value >= 1, got {args.max_epochs}")
     if args.top_k < 1:
@@ -741,6 +769,9 @@ def run_report(args: argparse.Namespace, command: str) -> int:
     tracking_uri = args.mlflow_uri or DEFAULT_TRACKING_URI
     client = MlflowClient(tracking_uri=tracking_uri)
     info = find_search(client, args.experiment, args.run_id, args.search)
+    if args.seeds is None:
+        seeds = parse_seeds(info.space(client).get("seeds") or list(range(10)),
+                            f"search {info.name!r}: its space's seeds")
     chosen, choice_note = choose_trial(info, args.regulariser)
     config = trial_config(chosen)
     if args.max_epochs is not None:
