@@ -32,4 +32,4 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 clean-results:
-	rm -rf mlflow.db mlartifacts optuna.db ray_results
+	rm -rf mlflow.db mlartifacts optuna.db ray_results reports
