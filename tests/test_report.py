@@ -81,6 +81,33 @@ def test_drop_changes_a_real_backbone_only_through_that_modality(small_data):
         assert np.abs(full - dropped).max() > 1e-5, modality
 
 
+def test_probe_checkpoint_matches_evaluate_checkpoint(small_data, tmp_path):
+    """The report's one-build probe gives the same drop metrics as evaluating each drop alone,
+    and MDM's critic scores one value per test row (none for an unregularised model)."""
+    from trainables.loop import BEST_FILE, Trainer
+    from trainables.trainable import critic_scores, evaluate_checkpoint, probe_checkpoint
+
+    for reg, extra in (("mdm", {"regulariser.unroll": 1}), ("none", {})):
+        cfg = TrialConfig.from_flat({"backbone": "ef_lstm", "backbone.hidden": 8, "lr": 0.01,
+                                     "max_epochs": 1, "regulariser": reg, **extra})
+        trainer = Trainer(cfg, small_data, device="cpu")
+        trainer.fit()
+        trainer.save(tmp_path / reg)
+        best = tmp_path / reg / BEST_FILE
+        dropped, scores = probe_checkpoint(best, small_data, DROPPABLE, "test", device="cpu")
+        assert set(dropped) == set(DROPPABLE)
+        for modality in DROPPABLE:
+            assert dropped[modality] == evaluate_checkpoint(best, small_data, "test", "cpu",
+                                                            drop=modality)
+        assert evaluate_checkpoint(best, small_data, "test", "cpu") == trainer.test_metrics
+        if reg == "mdm":
+            assert scores.shape == (len(small_data.splits["test"]),)
+            assert np.all((scores > 0) & (scores < 1))  # the paper's sigmoid critic
+            np.testing.assert_array_equal(scores, critic_scores(best, small_data, "test", "cpu"))
+        else:
+            assert scores is None
+
+
 def test_drop_rejects_an_unknown_modality(small_data):
     with pytest.raises(ValueError, match="modality: expected one of text, audio, vision"):
         drop_modality(small_data.splits["test"], "video")

@@ -10,21 +10,27 @@ the retry machinery does not re-run a deterministic divergence.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 from typing import Any
-
-import dataclasses
 
 import numpy as np
 import torch
 from ray import tune
 
 from trainables.config import TrialConfig
-from trainables.data.batches import MultimodalData, drop_modality, iterate_batches
+from trainables.data.batches import (
+    DROPPABLE,
+    MultimodalData,
+    TensorSplit,
+    drop_modality,
+    iterate_batches,
+)
 from trainables.loop import Trainer, load_best
 
-__all__ = ["critic_scores", "evaluate_checkpoint", "train_fusion", "trial_node_id",
+__all__ = ["critic_scores", "evaluate_checkpoint", "probe_checkpoint", "train_fusion",
+           "trial_node_id",
            "trial_num_threads", "with_modality_dropped"]
 
 
@@ -89,17 +95,35 @@ def evaluate_checkpoint(best_file: str | Path, data: MultimodalData, split: str 
     return trainer.evaluate(split, best["weights"])
 
 
-@torch.inference_mode()
 def critic_scores(best_file: str | Path, data: MultimodalData, split: str = "test",
                   device: str | None = None) -> np.ndarray | None:
     """Per-example scores of the regulariser's critic on ``split`` (rows in split order), for
     regularisers with a ``scores(out)`` method (MDM's statistic network T_θ on the joint
     sample); None for the others."""
+    return probe_checkpoint(best_file, data, (), split, device)[1]
+
+
+@torch.inference_mode()
+def probe_checkpoint(best_file: str | Path, data: MultimodalData,
+                     drops: tuple[str, ...] = DROPPABLE, split: str = "test",
+                     device: str | None = None) -> tuple[dict[str, dict[str, float]],
+                                                         np.ndarray | None]:
+    """What the report asks of one ``best.pt``, with one model build: the metrics on ``split``
+    with each modality of ``drops`` removed (``{modality: {f"{split}_mae": ...}}``), and the
+    critic's per-example scores on the full split (None when the regulariser has no ``scores``).
+    """
     best = load_best(best_file)
     trainer = Trainer(TrialConfig.from_flat(best["config"]), data, device=device)
+    full = trainer.splits[split]
+    dropped = {}
+    for modality in drops:
+        arrays = trainer.model.prepare_split(drop_modality(data.splits[split], modality))
+        trainer.splits[split] = TensorSplit.from_arrays(arrays)
+        dropped[modality] = trainer.evaluate(split, best["weights"])
+    trainer.splits[split] = full
     scores = getattr(trainer.reg, "scores", None)
     if scores is None:
-        return None
+        return dropped, None
     trainer._load_weights(best["weights"])
     trainer.model.eval()
     trainer.reg.eval()
@@ -107,4 +131,4 @@ def critic_scores(best_file: str | Path, data: MultimodalData, split: str = "tes
     for batch in iterate_batches(trainer.splits[split], 256, shuffle=False):
         features = trainer.model(batch.to(trainer.device))
         out.append(scores(features).float().cpu())
-    return torch.cat(out).numpy()
+    return dropped, torch.cat(out).numpy()

@@ -389,15 +389,14 @@ def probe_reruns(reruns: list[Rerun], data: MultimodalData, client) -> None:
     its MLflow run)."""
     from mlflow.entities import Metric
 
-    from trainables.trainable import critic_scores, evaluate_checkpoint
+    from trainables.trainable import probe_checkpoint
 
     for rerun in reruns:
         if rerun.best_file is None:
             continue
-        for modality in DROPPABLE:
-            metrics = evaluate_checkpoint(rerun.best_file, data, "test", drop=modality)
-            rerun.drop[modality] = {k[len("test_"):]: v for k, v in metrics.items()}
-        rerun.scores = critic_scores(rerun.best_file, data, "test")
+        dropped, rerun.scores = probe_checkpoint(rerun.best_file, data, DROPPABLE, "test")
+        rerun.drop = {m: {k[len("test_"):]: v for k, v in metrics.items()}
+                      for m, metrics in dropped.items()}
         if rerun.run_id:
             now = int(time.time() * 1000)
             batch = [Metric(f"test_drop_{m}_{k}", v, now, 0)
