@@ -253,6 +253,19 @@ def test_report_after_a_tiny_search(tmp_path, monkeypatch, tiny_search_space, sm
     for name in pngs + ["metrics.csv", "robustness.csv", "critic_scores.csv"]:
         assert f"({name})" in md, name
 
+    # other data than the search's is refused before anything trains
+    import dataclasses
+
+    from trainables.data.mmsa import data_digest
+    from trainables.data.parquet import write_parquet
+
+    splits = dict(small_data.splits)
+    splits["test"] = splits["test"].subset(np.arange(len(splits["test"]) - 1))
+    other = write_parquet(dataclasses.replace(small_data, splits=splits,
+                                              digest=data_digest(splits)), tmp_path / "other")
+    assert report.main(["--experiment", "tinyreport", "--data", str(other)]) == 2
+    assert "not the search's data" in capsys.readouterr().err
+
 
 def test_report_errors_name_the_problem(tmp_path, monkeypatch, capsys):
     from tuner import report
