@@ -49,6 +49,7 @@ import yaml
 
 from trainables.config import ConfigError, TrialConfig
 from trainables.data import DROPPABLE, DataError, MultimodalData
+from tuner.search import UsageError  # one error type (one line, exit 2) for the project's CLIs
 
 __all__ = ["REPORT_METRICS", "build_parser", "main", "mann_whitney", "train_rerun"]
 
@@ -62,15 +63,13 @@ ROBUSTNESS_METRICS = ("acc2_has0", "acc2_non0")
 BASELINE = "none"
 
 
-class UsageError(ValueError):
-    """A command-line value or a stored run that cannot be used."""
-
 
 # ---------------------------------------------------------------------------------- the CLI
 def build_parser() -> argparse.ArgumentParser:
+    from tuner.search import _OneLineParser
     from tuner.tracking import DEFAULT_TRACKING_URI
 
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog="python -m tuner.report",
         description="Multi-seed re-runs of a search's best configuration against its "
                     "unregularised twin: test metrics with Mann-Whitney U p-values, modality-drop "
@@ -268,13 +267,13 @@ def twin_config(flat: dict[str, Any]) -> dict[str, Any]:
 
 def load_search_data(client, info: SearchInfo, spec: str | None, nonfinite: str) -> MultimodalData:
     """The search's data (or ``spec``), checked against the search's data hash."""
-    from tuner.search import resolve_data
+    from tuner.search import _load_data
 
     if spec is None:
         spec = info.space(client).get("data") or info.parent.data.tags.get("data_source")
         if not spec:
             raise UsageError(f"search {info.name!r}: records no data source; pass --data")
-    data = resolve_data(spec, nonfinite)
+    data = _load_data(spec, nonfinite)
     if info.data_digest and data.digest != info.data_digest:
         raise UsageError(f"{spec}: not the search's data (sha256 {data.digest[:12]}... here, "
                          f"{info.data_digest[:12]}... recorded by search {info.name!r})")
@@ -341,9 +340,16 @@ def run_reruns(variants: dict[str, dict[str, Any]], seeds: list[int], data: Mult
     from tuner.tracking import final_status
 
     if not ray.is_initialized():
-        ray.init(address=args.address, log_to_driver=args.verbose > 0,
-                 logging_level=logging.INFO if args.verbose else logging.WARNING,
-                 include_dashboard=False if args.address is None else None)
+        # as tuner.search: "local" is a new Ray of our own, even where `ray start` left one
+        address = args.address or os.environ.get("RAY_ADDRESS") or "local"
+        try:
+            ray.init(address=address, log_to_driver=args.verbose > 0,
+                     logging_level=logging.INFO if args.verbose else logging.WARNING,
+                     include_dashboard=False if address == "local" else None)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = "local Ray" if address == "local" else f"--address {address}"
+            raise UsageError(f"{where}: Ray did not start ({type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())[:200]})") from None
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     trainable = tune.with_resources(
         tune.with_parameters(train_rerun, data=data, variants=variants),
@@ -752,7 +758,7 @@ def run_report(args: argparse.Namespace, command: str) -> int:
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
-    from tuner.search import study_storage_for
+    from tuner.search import check_address, check_tracking_uri, study_storage_for
     from tuner.tracking import DEFAULT_TRACKING_URI, Tracker, git_commit
 
     if args.seeds is not None:
@@ -765,6 +771,8 @@ def run_report(args: argparse.Namespace, command: str) -> int:
         raise UsageError("--cpus-per-trial must be > 0, --gpus-per-trial and --max-concurrent >= 0")
     if args.search and not args.experiment:
         raise UsageError("--search: use it with --experiment (--run-id names the search already)")
+    check_tracking_uri(args.mlflow_uri)
+    check_address(args.address)
     tracking_uri = args.mlflow_uri or DEFAULT_TRACKING_URI
     client = MlflowClient(tracking_uri=tracking_uri)
     info = find_search(client, args.experiment, args.run_id, args.search)
@@ -868,7 +876,10 @@ def run_report(args: argparse.Namespace, command: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, one line already printed)
+        return int(exc.code or 0)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     command = shlex.join([sys.executable, "-m", "tuner.report",
                           *(sys.argv[1:] if argv is None else argv)])
