@@ -277,6 +277,43 @@ def test_driver_defaults_come_from_the_environment(monkeypatch, tmp_path):
     assert find_resumable("smoke", str(tmp_path / "store")) == "smoke-2"
 
 
+def test_a_cluster_that_scales_from_zero_accepts_trials_its_autoscaler_can_place(
+        cluster_config, tmp_path):
+    """At `ray up` the head (0 CPUs) is the only node: a GPU trial must still be accepted,
+    because the autoscaler can start a node type that fits it; one that fits no type is not."""
+    import copy
+    import json
+
+    from ray.autoscaler._private.util import prepare_config
+
+    from tuner.search import UsageError, autoscaler_node_resources, check_trial_fits
+    from tuner.spaces import apply_overrides, load_space
+
+    # what `ray up` leaves on the head: the prepared config, as JSON
+    bootstrap = tmp_path / "ray_bootstrap_config.yaml"
+    bootstrap.write_text(json.dumps(prepare_config(copy.deepcopy(cluster_config))))
+    types = autoscaler_node_resources(bootstrap)
+    assert sorted(types, key=lambda t: t["GPU"]) == [{"CPU": 4.0, "GPU": 1.0},
+                                                     {"CPU": 48.0, "GPU": 4.0}]
+    assert autoscaler_node_resources(tmp_path / "missing.yaml") == []
+
+    head_only = [{"CPU": 0.0, "memory": 1e10, "object_store_memory": 1e9}]
+    space = lambda *sets: apply_overrides(load_space("smoke"), list(sets))  # noqa: E731
+    gpu_trial = space("resources.gpu=1", "resources.cpu=4")
+    with pytest.raises(UsageError, match="resources.cpu 4: no node"):
+        check_trial_fits(gpu_trial, head_only)  # a cluster that cannot grow
+    with pytest.raises(UsageError, match="has no GPU"):
+        check_trial_fits(gpu_trial, [{"CPU": 8.0}])
+    check_trial_fits(gpu_trial, head_only + types)
+    check_trial_fits(space("resources.gpu=4", "resources.cpu=16"), head_only + types)
+    with pytest.raises(UsageError, match="many GPUs"):
+        check_trial_fits(space("resources.gpu=8"), head_only + types)
+    fake = space("resources.custom={fake_gpu: 1}")
+    with pytest.raises(UsageError, match="resources.custom.fake_gpu 1: no node"):
+        check_trial_fits(fake, head_only + types)
+    check_trial_fits(fake, head_only + [{"CPU": 1.0, "fake_gpu": 1.0}])
+
+
 def test_custom_resources_in_a_space(tmp_path):
     from tuner.spaces import SpaceError, apply_overrides, load_space
 

@@ -318,11 +318,40 @@ def check_storage(args: argparse.Namespace) -> None:
                          f"{', '.join(found) or 'none'}); pass --storage if it was elsewhere")
 
 
+def autoscaler_node_resources(config_file: str | Path = "~/ray_bootstrap_config.yaml"
+                              ) -> list[dict[str, float]]:
+    """The resources of the node types a ``ray up`` cluster's autoscaler can still start (its
+    head keeps the prepared cluster config in ``~/ray_bootstrap_config.yaml``); [] elsewhere."""
+    path = Path(config_file).expanduser()
+    try:
+        config = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return []
+    types = (config or {}).get("available_node_types") if isinstance(config, dict) else None
+    if not isinstance(types, dict):
+        return []
+    return [{k: float(v) for k, v in (t.get("resources") or {}).items()}
+            for t in types.values() if isinstance(t, dict) and (t.get("max_workers") or 0) > 0]
+
+
 def check_cluster_resources(space: SearchSpace) -> None:
-    """After ``ray.init``: a trial must fit on one node of the cluster, or Tune waits forever."""
+    """After ``ray.init``: a trial must fit on one node of the cluster (a running one, or one
+    the autoscaler can start: a cluster that scales from 0 GPUs has none yet), or Tune waits
+    forever."""
     import ray
 
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    check_trial_fits(space, nodes + autoscaler_node_resources())
+
+
+def check_trial_fits(space: SearchSpace, nodes: list[dict[str, float]]) -> None:
+    """A trial's resources must fit on one of ``nodes`` (Ray's resource dicts)."""
+    for name, amount in space.resources.custom.items():
+        most = max((n.get(name, 0.0) for n in nodes), default=0.0)
+        if amount > most:
+            raise UsageError(f"resources.custom.{name} {amount:g}: no node of the Ray cluster "
+                             f"has that much {name} (the most is {most:g}); start nodes with "
+                             f"`ray start --resources` or a cluster.yaml node type that has it")
     cpu, gpu = space.resources.cpu, space.resources.gpu
     most_cpu = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
     most_gpu = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
