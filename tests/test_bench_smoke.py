@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 def load_bench(name: str):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -52,3 +54,41 @@ def test_regularisers_prints_a_table(capsys, monkeypatch, small_data):
     assert [r[1] for r in rows] == list(bench.REGULARISERS)
     assert all(r[0] == "lmf" and r[4].startswith("~") for r in rows), rows  # all timed, extrapolated
     assert rows[0][6] == "1.00" and "Note:" in printed
+
+
+@pytest.fixture
+def tiny_grid(tmp_path, small_data):
+    """Flags for a 3-point MDM grid (none + two estimators) of 1 epoch on the small set."""
+    from trainables.data.parquet import write_parquet
+
+    data_dir = write_parquet(small_data, tmp_path / "data")
+    return ["--data", str(data_dir), "--max-epochs", "1", "--workdir", str(tmp_path / "out"),
+            "--set", "grid.lr=[0.005]", "--set", "grid.regulariser.weight=[0.1]",
+            "--set", "grid.regulariser.estimator=[kl,w]", "--set", "fixed.batch_size=16",
+            "--set", "fixed.backbone.hidden=16", "--set", "fixed.regulariser.unroll=1"]
+
+
+def newest_table(folder: Path) -> tuple[str, list[list[str]]]:
+    text = sorted(folder.glob("result-*.md"))[-1].read_text()
+    return text, table_rows(text)
+
+
+def test_search_efficiency_stores_and_reuses_the_searches(tiny_grid, tmp_path, ray_local):
+    bench = load_bench("search_efficiency")
+    out = tmp_path / "out"
+    assert bench.main(tiny_grid + ["--budget", "1", "--seeds", "0", "--noise-seeds", "1"]) == 0
+    text, rows = newest_table(out)
+    assert rows[0][:5] == ["grid (exhaustive)", "0", "3", "3", "3"]
+    assert rows[1][1] == "0" and int(rows[1][3]) <= 3 + 1  # the budget, + a trial beside it
+    assert rows[1][4] == "not reached" or int(rows[1][4]) <= int(rows[1][3])
+    assert "Noise: the grid's best configuration" in text and "seeds 1:" in text
+    grid, smart = sorted(out.glob("grid-*.json")), sorted(out.glob("smart-*.json"))
+    assert len(grid) == 1 and len(smart) == 1
+
+    # both reused: nothing trained, the same rows
+    assert bench.main(tiny_grid + ["--grid-from", str(grid[0]), "--smart-from", str(smart[0]),
+                                   "--noise-seeds"]) == 0
+    assert newest_table(out)[1] == rows
+    assert len(list(out.glob("*.json"))) == 2
+    with pytest.raises(SystemExit, match="max_epochs is 1 there, 2 here"):
+        bench.main(tiny_grid + ["--max-epochs", "2", "--grid-from", str(grid[0])])
