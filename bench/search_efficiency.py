@@ -137,16 +137,19 @@ def search_args(common: list[str], extra: list[str], name: str) -> argparse.Name
 def read_search(name: str, experiment: str = "mdm", metric: str = "best_valid_mae") -> SearchResult:
     """A finished search of the working folder's MLflow store: its start and wall time from the
     parent run (which starts before Ray does), its trials from the child runs."""
-    client = MlflowClient("sqlite:///mlflow.db")
+    client = MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
     found = client.get_experiment_by_name(experiment)
     runs = [] if found is None else client.search_runs(
         [found.experiment_id], filter_string=f"tags.search = '{name}' and tags.run_kind = 'search'")
     if not runs:
         raise SystemExit(f"no search named {name!r} in {Path('mlflow.db').resolve()}")
     parent = runs[0].info
-    return SearchResult(name, parent.start_time / 1000,
-                        ((parent.end_time or parent.start_time) - parent.start_time) / 1000,
-                        trial_curves(client, parent.experiment_id, name, metric))
+    trials = trial_curves(client, parent.experiment_id, name, metric)
+    started = parent.start_time / 1000
+    # a search that was stopped (killed) has no end: it ran until its last report
+    end = parent.end_time / 1000 if parent.end_time else max(
+        (ts for t in trials for ts, _, _ in t.history), default=started)
+    return SearchResult(name, started, end - started, trials)
 
 
 def run_search(common: list[str], extra: list[str], name: str, stop_at: float | None = None,

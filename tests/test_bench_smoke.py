@@ -92,3 +92,20 @@ def test_search_efficiency_stores_and_reuses_the_searches(tiny_grid, tmp_path, r
     assert len(list(out.glob("*.json"))) == 2
     with pytest.raises(SystemExit, match="max_epochs is 1 there, 2 here"):
         bench.main(tiny_grid + ["--max-epochs", "2", "--grid-from", str(grid[0])])
+
+
+def test_search_speed_times_ours_and_a_serial_random_search(tiny_grid, tmp_path, ray_local):
+    bench = load_bench("search_speed")
+    out = tmp_path / "out"
+    tiny_grid[tiny_grid.index("--max-epochs") + 1] = "2"  # 2 epochs: pruning can save some
+    assert bench.main(tiny_grid + ["--seeds", "0", "--budget", "1"]) == 0
+    text = sorted(out.glob("speed-*.md"))[-1].read_text()
+    ours, random = table_rows(text)
+    assert ours[0].startswith("ours: tpe + asha") and random[0].startswith("serial random")
+    budget = 6  # the grid's 3 trials x 2 epochs
+    assert int(ours[3]) <= budget + 1 and int(random[3]) <= budget
+    assert int(random[3]) == 2 * int(random[2])  # no pruning: every trial runs both epochs
+    for row in (ours, random):  # reached: no more than it ran; else the budget is said
+        assert row[4] == "> budget" or int(row[4]) <= int(row[3])
+        assert row[5].startswith("> ") == (row[4] == "> budget")
+    assert "Median wall to target" in text or "no speed-up is claimed" in text
