@@ -56,6 +56,25 @@ def test_regularisers_prints_a_table(capsys, monkeypatch, small_data):
     assert rows[0][6] == "1.00" and "Note:" in printed
 
 
+def test_search_accounting_charges_every_epoch_up_to_the_first_hit(tmp_path):
+    bench = load_bench("search_efficiency")
+    Trial = bench.Trial
+    # two trials side by side: b's second epoch (t=105) is the first within the target, after
+    # a's first (t=101) and b's first (t=103); a's later epochs are not charged
+    search = bench.SearchResult("smart-x-s4", 100.0, 20.0, [
+        Trial({"lr": "0.001"}, "completed", [(101, 1, 0.9), (107, 2, 0.7), (109, 3, 0.6)]),
+        Trial({"lr": "0.002"}, "pruned", [(103, 1, 0.85), (105, 2, 0.75)]),
+    ])
+    assert search.reach(0.8) == (3, 5.0) and search.reach(0.5) == (None, None)
+    assert (search.trial_epochs, search.pruned, search.best) == (5, 1, 0.6)
+    assert bench.seed_of(search) == "4"
+    meta = {"version": bench.STORE_VERSION, "backbone": "ef_lstm", "max_epochs": 3}
+    path = bench.save_search(tmp_path / "s.json", meta, search)
+    assert bench.load_search(path, meta) == search
+    with pytest.raises(SystemExit, match="backbone is 'ef_lstm' there, 'tfn' here"):
+        bench.load_search(path, {**meta, "backbone": "tfn"})
+
+
 @pytest.fixture
 def tiny_grid(tmp_path, small_data):
     """Flags for a 3-point MDM grid (none + two estimators) of 1 epoch on the small set."""
