@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -75,55 +77,72 @@ def test_search_accounting_charges_every_epoch_up_to_the_first_hit(tmp_path):
         bench.load_search(path, {**meta, "backbone": "tfn"})
 
 
-@pytest.fixture
-def tiny_grid(tmp_path, small_data):
-    """Flags for a 3-point MDM grid (none + two estimators) of 1 epoch on the small set."""
+@pytest.fixture(scope="module")
+def tiny_grid(tmp_path_factory, small_data):
+    """Flags for a 3-point MDM grid (none + two estimators) of 2 epochs on the small set."""
     from trainables.data.parquet import write_parquet
 
-    data_dir = write_parquet(small_data, tmp_path / "data")
-    return ["--data", str(data_dir), "--max-epochs", "1", "--workdir", str(tmp_path / "out"),
+    root = tmp_path_factory.mktemp("search_bench")
+    data_dir = write_parquet(small_data, root / "data")
+    return ("--data", str(data_dir), "--max-epochs", "2", "--workdir", str(root / "out"),
             "--set", "grid.lr=[0.005]", "--set", "grid.regulariser.weight=[0.1]",
             "--set", "grid.regulariser.estimator=[kl,w]", "--set", "fixed.batch_size=16",
-            "--set", "fixed.backbone.hidden=16", "--set", "fixed.regulariser.unroll=1"]
+            "--set", "fixed.backbone.hidden=16", "--set", "fixed.regulariser.unroll=1")
 
 
-def newest_table(folder: Path) -> tuple[str, list[list[str]]]:
-    text = sorted(folder.glob("result-*.md"))[-1].read_text()
+@pytest.fixture(scope="module")
+def efficiency_run(tiny_grid, ray_local):
+    """search_efficiency.py once: the grid, one smart search, one re-seeding; its work folder."""
+    bench = load_bench("search_efficiency")
+    assert bench.main([*tiny_grid, "--budget", "1", "--seeds", "0", "--noise-seeds", "1"]) == 0
+    return Path(tiny_grid[tiny_grid.index("--workdir") + 1])
+
+
+def newest(folder: Path, pattern: str) -> tuple[str, list[list[str]]]:
+    text = sorted(folder.glob(pattern))[-1].read_text()
     return text, table_rows(text)
 
 
-def test_search_efficiency_stores_and_reuses_the_searches(tiny_grid, tmp_path, ray_local):
+def test_search_efficiency_stores_and_reuses_the_searches(tiny_grid, efficiency_run):
     bench = load_bench("search_efficiency")
-    out = tmp_path / "out"
-    assert bench.main(tiny_grid + ["--budget", "1", "--seeds", "0", "--noise-seeds", "1"]) == 0
-    text, rows = newest_table(out)
-    assert rows[0][:5] == ["grid (exhaustive)", "0", "3", "3", "3"]
-    assert rows[1][1] == "0" and int(rows[1][3]) <= 3 + 1  # the budget, + a trial beside it
+    out = efficiency_run
+    text, rows = newest(out, "result-*.md")
+    assert rows[0][:5] == ["grid (exhaustive)", "0", "3", "6", "6"]
+    assert rows[1][1] == "0" and int(rows[1][3]) <= 6 + 1  # the budget, + a trial beside it
     assert rows[1][4] == "not reached" or int(rows[1][4]) <= int(rows[1][3])
     assert "Noise: the grid's best configuration" in text and "seeds 1:" in text
     grid, smart = sorted(out.glob("grid-*.json")), sorted(out.glob("smart-*.json"))
     assert len(grid) == 1 and len(smart) == 1
 
     # both reused: nothing trained, the same rows
-    assert bench.main(tiny_grid + ["--grid-from", str(grid[0]), "--smart-from", str(smart[0]),
-                                   "--noise-seeds"]) == 0
-    assert newest_table(out)[1] == rows
+    time.sleep(1)  # a new result-<stamp>.md
+    assert bench.main([*tiny_grid, "--grid-from", str(grid[0]), "--smart-from", str(smart[0]),
+                       "--noise-seeds"]) == 0
+    assert newest(out, "result-*.md")[1] == rows
     assert len(list(out.glob("*.json"))) == 2
-    with pytest.raises(SystemExit, match="max_epochs is 1 there, 2 here"):
-        bench.main(tiny_grid + ["--max-epochs", "2", "--grid-from", str(grid[0])])
+    with pytest.raises(SystemExit, match="max_epochs is 2 there, 3 here"):
+        bench.main([*tiny_grid, "--max-epochs", "3", "--grid-from", str(grid[0])])
 
 
-def test_search_speed_times_ours_and_a_serial_random_search(tiny_grid, tmp_path, ray_local):
+def test_search_speed_times_ours_and_a_serial_random_search(tiny_grid, efficiency_run):
+    """The grid and our search come from search_efficiency's run; the random search runs."""
     bench = load_bench("search_speed")
-    out = tmp_path / "out"
-    tiny_grid[tiny_grid.index("--max-epochs") + 1] = "2"  # 2 epochs: pruning can save some
-    assert bench.main(tiny_grid + ["--seeds", "0", "--budget", "1"]) == 0
-    text = sorted(out.glob("speed-*.md"))[-1].read_text()
-    ours, random = table_rows(text)
+    out = efficiency_run
+    grid, smart = sorted(out.glob("grid-*.json"))[0], sorted(out.glob("smart-*.json"))[0]
+    assert bench.main([*tiny_grid, "--grid-from", str(grid), "--ours-from", str(smart),
+                       "--seeds", "0", "--budget", "1"]) == 0
+    text, (ours, random) = newest(out, "speed-*.md")
     assert ours[0].startswith("ours: tpe + asha") and random[0].startswith("serial random")
     budget = 6  # the grid's 3 trials x 2 epochs
     assert int(ours[3]) <= budget + 1 and int(random[3]) <= budget
-    assert int(random[3]) == 2 * int(random[2])  # no pruning: every trial runs both epochs
+    stored = sorted(out.glob("random-*.json"))
+    assert len(stored) == 1
+    trials = sorted(json.loads(stored[0].read_text())["search"]["trials"],
+                    key=lambda t: t["history"][0][0])
+    # one at a time, no pruning: each trial ran both epochs, but the last may be cut short by
+    # the target or the budget
+    assert all(len(t["history"]) == 2 for t in trials[:-1]) and int(random[2]) == len(trials)
+    assert all(a["history"][-1][0] <= b["history"][0][0] for a, b in zip(trials, trials[1:]))
     for row in (ours, random):  # reached: no more than it ran; else the budget is said
         assert row[4] == "> budget" or int(row[4]) <= int(row[3])
         assert row[5].startswith("> ") == (row[4] == "> budget")
