@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 def load_bench(name: str):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -52,3 +56,94 @@ def test_regularisers_prints_a_table(capsys, monkeypatch, small_data):
     assert [r[1] for r in rows] == list(bench.REGULARISERS)
     assert all(r[0] == "lmf" and r[4].startswith("~") for r in rows), rows  # all timed, extrapolated
     assert rows[0][6] == "1.00" and "Note:" in printed
+
+
+def test_search_accounting_charges_every_epoch_up_to_the_first_hit(tmp_path):
+    bench = load_bench("search_efficiency")
+    Trial = bench.Trial
+    # two trials side by side: b's second epoch (t=105) is the first within the target, after
+    # a's first (t=101) and b's first (t=103); a's later epochs are not charged
+    search = bench.SearchResult("smart-x-s4", 100.0, 20.0, [
+        Trial({"lr": "0.001"}, "completed", [(101, 1, 0.9), (107, 2, 0.7), (109, 3, 0.6)]),
+        Trial({"lr": "0.002"}, "pruned", [(103, 1, 0.85), (105, 2, 0.75)]),
+    ])
+    assert search.reach(0.8) == (3, 5.0) and search.reach(0.5) == (None, None)
+    assert (search.trial_epochs, search.pruned, search.best) == (5, 1, 0.6)
+    assert bench.seed_of(search) == "4"
+    meta = {"version": bench.STORE_VERSION, "backbone": "ef_lstm", "max_epochs": 3}
+    path = bench.save_search(tmp_path / "s.json", meta, search)
+    assert bench.load_search(path, meta) == search
+    with pytest.raises(SystemExit, match="backbone is 'ef_lstm' there, 'tfn' here"):
+        bench.load_search(path, {**meta, "backbone": "tfn"})
+
+
+@pytest.fixture(scope="module")
+def tiny_grid(tmp_path_factory, small_data):
+    """Flags for a 3-point MDM grid (none + two estimators) of 2 epochs on the small set."""
+    from trainables.data.parquet import write_parquet
+
+    root = tmp_path_factory.mktemp("search_bench")
+    data_dir = write_parquet(small_data, root / "data")
+    return ("--data", str(data_dir), "--max-epochs", "2", "--workdir", str(root / "out"),
+            "--set", "grid.lr=[0.005]", "--set", "grid.regulariser.weight=[0.1]",
+            "--set", "grid.regulariser.estimator=[kl,w]", "--set", "fixed.batch_size=16",
+            "--set", "fixed.backbone.hidden=16", "--set", "fixed.regulariser.unroll=1")
+
+
+@pytest.fixture(scope="module")
+def efficiency_run(tiny_grid, ray_local):
+    """search_efficiency.py once: the grid, one smart search, one re-seeding; its work folder."""
+    bench = load_bench("search_efficiency")
+    assert bench.main([*tiny_grid, "--budget", "1", "--seeds", "0", "--noise-seeds", "1"]) == 0
+    return Path(tiny_grid[tiny_grid.index("--workdir") + 1])
+
+
+def newest(folder: Path, pattern: str) -> tuple[str, list[list[str]]]:
+    text = sorted(folder.glob(pattern))[-1].read_text()
+    return text, table_rows(text)
+
+
+def test_search_efficiency_stores_and_reuses_the_searches(tiny_grid, efficiency_run):
+    bench = load_bench("search_efficiency")
+    out = efficiency_run
+    text, rows = newest(out, "result-*.md")
+    assert rows[0][:5] == ["grid (exhaustive)", "0", "3", "6", "6"]
+    assert rows[1][1] == "0" and int(rows[1][3]) <= 6 + 1  # the budget, + a trial beside it
+    assert rows[1][4] == "not reached" or int(rows[1][4]) <= int(rows[1][3])
+    assert "Noise: the grid's best configuration" in text and "seeds 1:" in text
+    grid, smart = sorted(out.glob("grid-*.json")), sorted(out.glob("smart-*.json"))
+    assert len(grid) == 1 and len(smart) == 1
+
+    # both reused: nothing trained, the same rows
+    time.sleep(1)  # a new result-<stamp>.md
+    assert bench.main([*tiny_grid, "--grid-from", str(grid[0]), "--smart-from", str(smart[0]),
+                       "--noise-seeds"]) == 0
+    assert newest(out, "result-*.md")[1] == rows
+    assert len(list(out.glob("*.json"))) == 2
+    with pytest.raises(SystemExit, match="max_epochs is 2 there, 3 here"):
+        bench.main([*tiny_grid, "--max-epochs", "3", "--grid-from", str(grid[0])])
+
+
+def test_search_speed_times_ours_and_a_serial_random_search(tiny_grid, efficiency_run):
+    """The grid and our search come from search_efficiency's run; the random search runs."""
+    bench = load_bench("search_speed")
+    out = efficiency_run
+    grid, smart = sorted(out.glob("grid-*.json"))[0], sorted(out.glob("smart-*.json"))[0]
+    assert bench.main([*tiny_grid, "--grid-from", str(grid), "--ours-from", str(smart),
+                       "--seeds", "0", "--budget", "1"]) == 0
+    text, (ours, random) = newest(out, "speed-*.md")
+    assert ours[0].startswith("ours: tpe + asha") and random[0].startswith("serial random")
+    budget = 6  # the grid's 3 trials x 2 epochs
+    assert int(ours[3]) <= budget + 1 and int(random[3]) <= budget
+    stored = sorted(out.glob("random-*.json"))
+    assert len(stored) == 1
+    trials = sorted(json.loads(stored[0].read_text())["search"]["trials"],
+                    key=lambda t: t["history"][0][0])
+    # one at a time, no pruning: each trial ran both epochs, but the last may be cut short by
+    # the target or the budget
+    assert all(len(t["history"]) == 2 for t in trials[:-1]) and int(random[2]) == len(trials)
+    assert all(a["history"][-1][0] <= b["history"][0][0] for a, b in zip(trials, trials[1:]))
+    for row in (ours, random):  # reached: no more than it ran; else the budget is said
+        assert row[4] == "> budget" or int(row[4]) <= int(row[3])
+        assert row[5].startswith("> ") == (row[4] == "> budget")
+    assert "Median wall to target" in text or "no speed-up is claimed" in text

@@ -6,7 +6,8 @@ import math
 import optuna
 import pytest
 
-from tuner.pruning import OptunaPruningScheduler, StudySearch, make_pruner, make_sampler
+from tuner.pruning import (OptunaPruningScheduler, SearchBudget, StudySearch, make_pruner,
+                           make_sampler)
 from tuner.search import initial_points
 from tuner.spaces import space_from_dict
 
@@ -90,3 +91,22 @@ def test_every_pruner_builds(name):
 @pytest.mark.parametrize("name", ["grid", "tpe", "random", "cmaes", "qmc"])
 def test_every_sampler_builds(name):
     assert isinstance(make_sampler(name, seed=0), optuna.samplers.BaseSampler)
+
+
+def test_search_budget_counts_trial_epochs_and_stops_at_a_reached_value():
+    budget = SearchBudget(trial_epochs=3)
+    for trial_id in ("a", "b", "a"):
+        assert not budget.stop_all()
+        assert budget(trial_id, {"best_valid_mae": 1.0}) is False  # never stops one trial
+    assert budget.stop_all() and budget.spent == 3
+
+    reach = SearchBudget(metric="best_valid_mae", reach=0.5)
+    reach("a", {"best_valid_mae": float("nan")})
+    reach("a", {"best_valid_mae": 0.6})
+    assert not reach.stop_all()
+    reach("b", {"best_valid_mae": 0.5})
+    assert reach.stop_all() and reach.spent == 3
+    with pytest.raises(ValueError, match="go together"):
+        SearchBudget(reach=0.5)
+    with pytest.raises(ValueError, match="trial_epochs"):
+        SearchBudget(trial_epochs=0)

@@ -9,6 +9,9 @@ tells Optuna COMPLETE for a trial that a Tune scheduler stopped. Two small piece
   ``OptunaSearch``'s private attributes (``_ot_study``, ``_ot_trials``).
 - :class:`OptunaPruningScheduler` — a FIFO Tune scheduler that forwards every reported value to
   the Optuna trial and asks the Optuna pruner whether to stop it.
+
+:class:`SearchBudget` ends a whole search after a number of trial-epochs (epochs summed over
+trials, the cost that pruning saves), or once a trial reaches a given value.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.stopper import Stopper
 
-__all__ = ["StudySearch", "OptunaPruningScheduler", "make_pruner", "make_sampler"]
+__all__ = ["StudySearch", "OptunaPruningScheduler", "SearchBudget", "make_pruner", "make_sampler"]
 
 log = logging.getLogger(__name__)
 
@@ -162,3 +166,35 @@ class OptunaPruningScheduler(FIFOScheduler):
 
     def debug_string(self) -> str:
         return f"Using Optuna pruner {type(self.searcher.pruner).__name__}."
+
+
+class SearchBudget(Stopper):
+    """Ends the search after ``trial_epochs`` reported epochs over all trials, or (with
+    ``metric`` and ``reach``) as soon as one report's ``metric`` is at or below ``reach``.
+
+    A budget in trial-epochs rather than in trials is what lets a pruned search run more
+    trials: a trial stopped after one epoch costs one. Trials still running when the budget is
+    spent are stopped, like pruned ones (their MLflow status reads ``pruned``).
+    """
+
+    def __init__(self, trial_epochs: int | None = None, metric: str | None = None,
+                 reach: float | None = None) -> None:
+        if trial_epochs is not None and trial_epochs < 1:
+            raise ValueError(f"trial_epochs: expected >= 1, got {trial_epochs}")
+        if (metric is None) != (reach is None):
+            raise ValueError("metric and reach go together")
+        self.trial_epochs = trial_epochs
+        self.metric = metric
+        self.reach = reach
+        self.spent = 0
+        self.reached = False
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        self.spent += 1
+        value = result.get(self.metric) if self.metric else None
+        if self.reach is not None and _finite(value) and value <= self.reach:
+            self.reached = True
+        return False
+
+    def stop_all(self) -> bool:
+        return self.reached or (self.trial_epochs is not None and self.spent >= self.trial_epochs)

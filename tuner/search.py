@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-trial", type=float,
                    help="GPUs per trial; fractions such as 0.25 pack trials on one GPU")
     p.add_argument("--max-concurrent", type=int, help="trials running at once (0: no limit)")
+    p.add_argument("--budget-trial-epochs", type=int, metavar="N",
+                   help="end the search after N epochs summed over all trials (pruned trials "
+                        "cost only the epochs they ran); pair it with a large --num-samples")
     p.add_argument("--address", help="Ray cluster address: `auto` on a cluster node, or HOST:PORT "
                    "(default: $RAY_ADDRESS, which `ray job submit` sets, else a new local Ray)")
     p.add_argument("--mlflow-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
@@ -117,6 +120,7 @@ def prepare_space(args: argparse.Namespace) -> SearchSpace:
     _positive("--num-samples", args.num_samples)
     _positive("--max-epochs", args.max_epochs)
     _positive("--max-concurrent", args.max_concurrent, 0)
+    _positive("--budget-trial-epochs", getattr(args, "budget_trial_epochs", None))
     if args.cpus_per_trial is not None and args.cpus_per_trial < RAY_RESOURCE_UNIT:
         raise UsageError(f"--cpus-per-trial: expected a value >= {RAY_RESOURCE_UNIT:g} (Ray's "
                          f"smallest CPU fraction), got {args.cpus_per_trial:g}")
@@ -390,7 +394,9 @@ def study_storage_for(args: argparse.Namespace) -> str:
     return os.environ.get("OPTUNA_STORAGE") or f"sqlite:///{Path('optuna.db').resolve()}"
 
 
-def run_search(space: SearchSpace, data: MultimodalData, args: argparse.Namespace) -> int:
+def run_search(space: SearchSpace, data: MultimodalData, args: argparse.Namespace,
+               stop=None) -> int:
+    """Run (or resume) the search; ``stop``: a Ray Tune stopper (default: --budget-trial-epochs)."""
     import optuna
     import ray
     from ray import tune
@@ -398,7 +404,8 @@ def run_search(space: SearchSpace, data: MultimodalData, args: argparse.Namespac
     from ray.tune.search import ConcurrencyLimiter
 
     from trainables.trainable import train_fusion
-    from tuner.pruning import OptunaPruningScheduler, StudySearch, make_pruner, make_sampler
+    from tuner.pruning import (OptunaPruningScheduler, SearchBudget, StudySearch, make_pruner,
+                               make_sampler)
     from tuner.tracking import DEFAULT_TRACKING_URI, MlflowTrialCallback, Tracker, git_commit
 
     settings = space.search
@@ -459,6 +466,8 @@ def run_search(space: SearchSpace, data: MultimodalData, args: argparse.Namespac
     trainable = tune.with_resources(
         tune.with_parameters(train_fusion, data=data), space.resources.ray_resources())
     num_samples = space.grid_size() if settings.sampler == "grid" else settings.num_samples
+    if stop is None and getattr(args, "budget_trial_epochs", None):
+        stop = SearchBudget(trial_epochs=args.budget_trial_epochs)
     experiment = f"{storage.rstrip('/')}/{name}"
     if args.resume:
         # searcher (with its Optuna study in the RDB storage), scheduler and callbacks come back
@@ -487,6 +496,7 @@ def run_search(space: SearchSpace, data: MultimodalData, args: argparse.Namespac
                                    trial_dirname_creator=_trial_dirname),
             run_config=RunConfig(
                 name=name, storage_path=storage, callbacks=[MlflowTrialCallback(tracker)],
+                stop=stop,
                 checkpoint_config=CheckpointConfig(num_to_keep=1),
                 failure_config=FailureConfig(max_failures=2),
                 verbose=1 if args.verbose == 0 else 2,
