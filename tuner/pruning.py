@@ -125,10 +125,13 @@ class StudySearch(OptunaSearch):
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         value = (result or {}).get(self.metric)
+        diverged = (result or {}).get("trial_status") == "diverged"
         if trial_id in self.pruned and not error:
             state, value = TrialState.PRUNED, None
-        elif error or not _finite(value):
-            state, value = TrialState.FAIL, None  # errored for good, or diverged
+        elif error or diverged or not _finite(value):
+            # errored for good, or diverged (its best value from before the divergence is not
+            # a result the sampler should learn from)
+            state, value = TrialState.FAIL, None
         else:
             state = TrialState.COMPLETE
         try:

@@ -406,7 +406,8 @@ def run_search(space: SearchSpace, data: MultimodalData, args: argparse.Namespac
     from trainables.trainable import train_fusion
     from tuner.pruning import (OptunaPruningScheduler, SearchBudget, StudySearch, make_pruner,
                                make_sampler)
-    from tuner.tracking import DEFAULT_TRACKING_URI, MlflowTrialCallback, Tracker, git_commit
+    from tuner.tracking import (DEFAULT_TRACKING_URI, MlflowTrialCallback, Tracker, git_commit,
+                                rebind_callbacks)
 
     settings = space.search
     name = args.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -474,6 +475,7 @@ def run_search(space: SearchSpace, data: MultimodalData, args: argparse.Namespac
         # from Ray's experiment checkpoint; finished trials stay finished, unfinished and
         # errored ones continue from their last checkpoint
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
+        rebind_callbacks(tuner, tracker)  # write where --mlflow-uri says now
         print(f"Resuming search {name!r} from {experiment}; MLflow parent run {parent}.",
               flush=True)
     else:
@@ -505,12 +507,15 @@ def run_search(space: SearchSpace, data: MultimodalData, args: argparse.Namespac
         print(f"Search {name!r}: {num_samples} trials of up to {settings.max_epochs} epochs "
               f"({settings.sampler} sampler, {settings.pruner} pruner); MLflow parent run "
               f"{parent}.", flush=True)
+    if args.verbose == 0:
+        # a failing trial is one line from MlflowTrialCallback; its traceback is in error.txt
+        logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
     try:
         results = tuner.fit()
     except BaseException:
         tracker.finish_search("KILLED", None, None, None)
         raise
-    return summarise(results, space, tracker, data)
+    return summarise(results, space, tracker, data, experiment)
 
 
 def initial_points(space: SearchSpace) -> list[dict[str, Any]]:
@@ -566,27 +571,50 @@ def _space_dict(space: SearchSpace) -> dict[str, Any]:
     return raw
 
 
-def summarise(results, space: SearchSpace, tracker, data: MultimodalData) -> int:
+def summarise(results, space: SearchSpace, tracker, data: MultimodalData,
+              experiment: str = "") -> int:
+    """Sync MLflow with Ray's results, close the parent run, print the summary.
+
+    Exit codes: 0 all is well; 1 no trial finished with a finite metric; 3 some trials errored
+    (the others finished, the best is chosen among them); 4 MLflow missed records it could not
+    be given now (``--resume`` writes them once the store is back)."""
     from trainables.loop import BEST_FILE
     from trainables.trainable import evaluate_checkpoint
     from tuner.tracking import final_status
 
     objective = space.objective
     counts: dict[str, int] = {}
+    candidates = []
+    errored = []
     for result in results:
         status = "errored" if result.error else final_status(result.metrics or {})
         counts[status] = counts.get(status, 0) + 1
-    try:
-        best = results.get_best_result(metric=objective, mode=space.mode, scope="last",
-                                       filter_nan_and_inf=True)
-    except RuntimeError:
-        best = None
-    if best is None or best.metrics is None or not math.isfinite(best.metrics.get(objective, math.nan)):
+        value = (result.metrics or {}).get(objective)
+        if status == "errored":
+            errored.append(result)
+        elif status != "diverged" and isinstance(value, (int, float)) and math.isfinite(value):
+            candidates.append(result)  # a diverged trial is never the best, whatever came before
+    synced = tracker.sync_results(results)
+    if synced:
+        print(f"MLflow: wrote the records of {synced} trials that it had missed "
+              f"(from Ray's results in {experiment})", flush=True)
+    for result in errored:
+        trial_id = (result.metrics or {}).get("trial_id") or Path(str(result.path)).name
+        lines = str(result.error).strip().splitlines()
+        print(f"Trial {trial_id} errored: {lines[-1][:300] if lines else 'unknown error'} "
+              f"(traceback: {result.path}/error.txt)", file=sys.stderr)
+    sign = 1 if space.mode == "min" else -1
+    best = min(candidates, key=lambda r: sign * r.metrics[objective], default=None)
+    if best is None:
         tracker.finish_search("FAILED", None, None, None)
         print(f"No trial finished with a finite {space.metric}: {counts}", file=sys.stderr)
         return 1
     metrics = dict(best.metrics)
-    best_run = tracker.find_child(metrics.get("trial_id", ""))
+    best_run = None
+    try:
+        best_run = tracker.find_child(metrics.get("trial_id", ""))
+    except Exception as exc:  # noqa: BLE001 - the store is down: warned about below
+        tracker.record_failure("best run", exc)
     checkpoint_note = "none"
     if best.checkpoint is None:
         tracker.finish_search("FINISHED", metrics, None, best_run)
@@ -616,7 +644,17 @@ def summarise(results, space: SearchSpace, tracker, data: MultimodalData) -> int
     print("  (also the artifact best_checkpoint/best.pt of the search's and the trial's MLflow runs)")
     print(f"Browse the runs:  {tracker.ui_command()}")
     print(f"             then {tracker.runs_url()}")
-    return 0
+    if errored:
+        print(f"{len(errored)} trials errored (see above); `--resume` retries them",
+              file=sys.stderr)
+    if tracker.incomplete:
+        kinds = ", ".join(f"{kind} x{n}" for kind, n in tracker.failures.items())
+        print(f"warning: MLflow missed records during this search ({kinds}); Ray's results in "
+              f"{experiment} are complete. When the store is back, run the same command with "
+              f"--resume --name {tracker.search_name} to write what MLflow missed",
+              file=sys.stderr)
+        return 4
+    return 3 if errored else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,12 +5,22 @@ Everything is logged by the driver (a Tune callback), so trials need no access t
 store and a cluster's workers need no MLflow credentials. Runs are found again by tags
 (``search``, ``ray_trial_id``), so a resumed search writes into the same runs instead of
 duplicating them.
+
+The store is a record, not a dependency: a failed MLflow call (server gone, disk full, database
+locked) never stops the search. It prints one warning per kind of failure, the tracker pauses
+MLflow for ``RETRY_AFTER_S`` seconds, and :meth:`Tracker.sync_results` (run at the end of every
+search and of every ``--resume``) writes what MLflow missed from Ray's results on disk: each
+finished trial ends up in MLflow once, with every epoch once.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import math
+import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,13 +31,20 @@ from ray.tune import Callback
 
 from trainables.config import TrialConfig
 
-__all__ = ["DEFAULT_TRACKING_URI", "Tracker", "MlflowTrialCallback", "final_status", "git_commit"]
+__all__ = ["DEFAULT_TRACKING_URI", "Tracker", "MlflowTrialCallback", "final_status", "git_commit",
+           "rebind_callbacks"]
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 METRIC_PREFIXES = ("valid_", "train_", "best_", "test_")
 METRIC_KEYS = ("epoch", "epoch_seconds", "best_epoch")
 TERMINAL = {"completed": "FINISHED", "early_stopped": "FINISHED", "pruned": "KILLED",
             "diverged": "FAILED", "errored": "FAILED"}
+#: after a failed MLflow call, MLflow is left alone this long (the search does not wait for it)
+RETRY_AFTER_S = 30.0
+#: an HTTP tracking server that does not answer costs the driver seconds, not MLflow's default
+#: minutes of retries (7 retries with exponential backoff) per call; the user's env vars win
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 def git_commit(cwd: str | Path | None = None) -> str:
@@ -83,7 +100,16 @@ class Tracker:
     def __init__(self, tracking_uri: str, experiment_name: str,
                  artifact_root: str | Path | None = None) -> None:
         self.tracking_uri = tracking_uri
+        if tracking_uri.startswith(("http://", "https://")):
+            for key, value in HTTP_DEFAULTS.items():
+                os.environ.setdefault(key, value)
         self.client = MlflowClient(tracking_uri=tracking_uri)
+        #: failed MLflow calls during this search: kind -> count (one warning line per kind)
+        self.failures: dict[str, int] = {}
+        #: trials whose MLflow record missed something (synced by :meth:`sync_results`)
+        self.missed: set[str] = set()
+        self._paused_until = 0.0
+        self._failures_since_sync = 0
         experiment = self.client.get_experiment_by_name(experiment_name)
         if experiment is None:
             location = None
@@ -101,6 +127,42 @@ class Tracker:
         self.experiment_name = experiment_name
         self.parent_run_id: str | None = None
         self.search_name: str | None = None
+
+    # ------------------------------------------------------------------ failures
+    @property
+    def available(self) -> bool:
+        """False for a while after a failed call: the search does not wait for MLflow."""
+        return time.monotonic() >= self._paused_until
+
+    def safely(self, what: str, fn, *args, **kwargs) -> bool:
+        """Run ``fn``; a failure is a warning (one line per kind), never an exception.
+
+        Returns whether ``fn`` ran and succeeded (False while MLflow is paused)."""
+        if not self.available:
+            return False
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds; none may stop a search
+            self.record_failure(what, exc)
+            return False
+        return True
+
+    def record_failure(self, what: str, exc: BaseException) -> None:
+        kind = failure_kind(exc)
+        self._paused_until = time.monotonic() + RETRY_AFTER_S
+        first = kind not in self.failures
+        self.failures[kind] = self.failures.get(kind, 0) + 1
+        self._failures_since_sync += 1
+        if first:
+            print(f"warning: MLflow {self.tracking_uri}: {kind} ({what}: {short_error(exc)}); "
+                  f"the search goes on, Ray keeps every result on disk, MLflow is retried every "
+                  f"{RETRY_AFTER_S:.0f} s and what it missed is written at the end (or by --resume)",
+                  file=sys.stderr, flush=True)
+
+    @property
+    def incomplete(self) -> bool:
+        """Whether MLflow lacks something of this search that the last sync could not write."""
+        return bool(self.missed) or self._failures_since_sync > 0
 
     # ------------------------------------------------------------------ parent run
     def find_parent(self, search_name: str) -> str | None:
@@ -133,22 +195,31 @@ class Tracker:
 
     def finish_search(self, status: str, best: dict[str, Any] | None,
                       best_checkpoint: Path | None, best_run_id: str | None) -> None:
+        """Close the parent run with the best trial's metrics, checkpoint and model version.
+
+        Never raises: each step that fails is a warning (see :meth:`safely`)."""
         run_id = self.parent_run_id
         if run_id is None:
             return
+        self._paused_until = 0.0  # the end of a search is worth one more try
         if best:
-            self.client.log_batch(run_id, metrics=[
-                Metric(k, v, _now_ms(), 0) for k, v in trial_metrics(best).items()
-                if k.startswith(("best_", "test_"))
-            ])
+            self.safely("best metrics", self._log_best, run_id, best)
         if best_run_id:
-            self.client.set_tag(run_id, "best_run_id", best_run_id)
+            self.safely("best run tag", self.client.set_tag, run_id, "best_run_id", best_run_id)
         if best_checkpoint is not None and best_checkpoint.exists():
-            self.client.log_artifact(run_id, str(best_checkpoint), "best_checkpoint")
-            if best_run_id:
-                self.client.log_artifact(best_run_id, str(best_checkpoint), "best_checkpoint")
-                self.register_best(best_run_id, best or {})
-        self.client.set_terminated(run_id, status=status)
+            self.safely("best checkpoint artifact", self.client.log_artifact, run_id,
+                        str(best_checkpoint), "best_checkpoint")
+            if best_run_id and self.safely("best checkpoint artifact", self.client.log_artifact,
+                                           best_run_id, str(best_checkpoint), "best_checkpoint"):
+                self.safely("model registry", self.register_best, best_run_id, best or {})
+        self.safely("parent run status", self.client.set_terminated, run_id, status=status)
+
+    def _log_best(self, run_id: str, best: dict[str, Any]) -> None:
+        logged = self.client.get_run(run_id).data.metrics  # a resumed search logs changes only
+        metrics = [Metric(k, v, _now_ms(), 0) for k, v in trial_metrics(best).items()
+                   if k.startswith(("best_", "test_")) and logged.get(k) != v]
+        if metrics:
+            self.client.log_batch(run_id, metrics=metrics)
 
     @property
     def registered_model_name(self) -> str:
@@ -163,6 +234,8 @@ class Tracker:
             self.client.create_registered_model(
                 name, description=f"Best checkpoints of searches over the space "
                                   f"{self.experiment_name!r} (best.pt: weights, config, metrics)")
+        for version in self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+            return version.version  # already registered (a resumed search)
         tags = {k: f"{v:.6g}" for k, v in trial_metrics(metrics).items()
                 if k.startswith(("best_valid_", "test_"))}
         tags["search"] = str(self.search_name)
@@ -186,6 +259,124 @@ class Tracker:
         for start in range(0, len(items), 100):  # MLflow's batch limit
             self.client.log_batch(run_id, params=items[start:start + 100])
 
+    def trial_runs(self) -> dict[str, Any]:
+        """The child runs of this search by Ray trial id (the first one if a trial had two)."""
+        runs: dict[str, Any] = {}
+        token = None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id], max_results=1000, page_token=token,
+                filter_string=f"tags.search = '{self.search_name}' and tags.run_kind = 'trial'",
+                order_by=["attributes.start_time ASC"])
+            for run in page:
+                runs.setdefault(run.data.tags.get("ray_trial_id", ""), run)
+            token = page.token
+            if not token:
+                return runs
+
+    def create_child(self, trial_id: str, config: dict[str, Any]) -> str:
+        """A new child run for a trial: its tags and every effective parameter."""
+        try:
+            params = TrialConfig.from_flat(dict(config)).to_flat()
+        except (ValueError, TypeError):
+            params = dict(config)
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"{trial_id}-{config.get('backbone')}-{config.get('regulariser')}",
+            tags={
+                "mlflow.parentRunId": self.parent_run_id,
+                "search": self.search_name,
+                "run_kind": "trial",
+                "ray_trial_id": trial_id,
+                "backbone": str(config.get("backbone")),
+                "regulariser": str(config.get("regulariser")),
+                "seed": str(config.get("seed")),
+                "status": "running",
+            },
+        )
+        self._log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def finish_child(self, run_id: str, status: str, tags: dict[str, str] | None = None) -> None:
+        tags = {"status": status, **(tags or {})}
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.client.set_terminated(run_id, status=TERMINAL.get(status, "FINISHED"))
+
+    def sync_results(self, results) -> int:
+        """Write into MLflow what it missed of the finished trials in a Tune ``ResultGrid``.
+
+        Ray's results on disk are the truth: per trial, its ``progress.csv`` (every report), its
+        last result, its error. A trial without a child run gets one; a child run gets the
+        epochs it lacks (by ``epoch`` step, so nothing is logged twice), its test metrics, its
+        status tag and terminal state. Returns how many trials needed writing; raises nothing
+        (a failure is a warning and the rest waits for the next ``--resume``).
+        """
+        if self.parent_run_id is None:
+            return 0
+        self._paused_until = 0.0
+        self._failures_since_sync = 0
+        synced: list[int] = []
+
+        def run() -> None:
+            existing = self.trial_runs()
+            for result in results:
+                if self._sync_one(result, existing):
+                    synced.append(1)
+
+        if self.safely("sync of finished trials", run):
+            self.missed.clear()
+            self._failures_since_sync = 0
+        return len(synced)
+
+    def _sync_one(self, result, existing: dict[str, Any]) -> bool:
+        last = dict(result.metrics or {})
+        trial_dir = Path(str(result.path)) if result.path else None
+        trial_id = str(last.get("trial_id") or "")
+        if not trial_id and trial_dir is not None:
+            trial_id = trial_dir.name.split("-")[0]  # tuner.search names trial folders ID-...
+        if not trial_id:
+            return False
+        status = "errored" if result.error is not None else final_status(last)
+        run = existing.get(trial_id)
+        changed = False
+        if run is None:
+            config = dict(last.get("config") or {})
+            if not config and trial_dir is not None and (trial_dir / "params.json").exists():
+                config = json.loads((trial_dir / "params.json").read_text())
+            run_id = self.create_child(trial_id, config)
+            logged_steps: set[int] = set()
+            logged_metrics: set[str] = set()
+            changed = True
+        else:
+            run_id = run.info.run_id
+            logged_metrics = set(run.data.metrics)
+            logged_steps = ({int(m.step) for m in self.client.get_metric_history(run_id, "epoch")}
+                            if "epoch" in logged_metrics else set())
+        reports = _reports(result)
+        metrics: list[Metric] = []
+        ts = _now_ms()
+        for report in reports:
+            step = int(report.get("epoch", report.get("training_iteration", 0)))
+            if step in logged_steps:
+                continue
+            logged_steps.add(step)
+            metrics += [Metric(k, v, ts, step) for k, v in trial_metrics(report).items()
+                        if not k.startswith("test_")]
+        metrics += [Metric(k, v, ts, 0) for k, v in trial_metrics(last).items()
+                    if k.startswith("test_") and k not in logged_metrics]
+        for start in range(0, len(metrics), 1000):  # MLflow's batch limit
+            self.client.log_batch(run_id, metrics=metrics[start:start + 1000])
+        changed = changed or bool(metrics)
+        if run is None or run.info.status == "RUNNING" or run.data.tags.get("status") != status:
+            tags = {}
+            if last.get("best_epoch") is not None:
+                tags["best_epoch"] = str(last["best_epoch"])
+            if status == "errored":
+                tags["error"] = _last_line(str(result.error)) or "see the Ray trial log"
+            self.finish_child(run_id, status, tags)
+            changed = True
+        return changed
+
     def runs_url(self, host: str = "127.0.0.1", port: int = 5000) -> str:
         return f"http://{host}:{port}/#/experiments/{self.experiment_id}/runs"
 
@@ -197,14 +388,25 @@ class Tracker:
 
 
 class MlflowTrialCallback(Callback):
-    """A Tune callback that mirrors each trial into a child run of the search's parent run."""
+    """A Tune callback that mirrors each trial into a child run of the search's parent run.
+
+    Every hook goes through :meth:`Tracker.safely`: when MLflow fails, the trial is remembered
+    in ``tracker.missed`` and :meth:`Tracker.sync_results` writes it later.
+    """
 
     def __init__(self, tracker: Tracker) -> None:
         self.tracker = tracker
-        self.client = tracker.client
         self.run_ids: dict[str, str] = {}
         self.finished: set[str] = set()
         self.nodes: dict[str, str] = {}  # trial id -> the Ray node of its last result
+
+    @property
+    def client(self) -> MlflowClient:
+        return self.tracker.client
+
+    def _guard(self, what: str, trial, fn, *args) -> None:
+        if not self.tracker.safely(what, fn, *args):
+            self.tracker.missed.add(trial.trial_id)
 
     def _run_id(self, trial) -> str:
         trial_id = trial.trial_id
@@ -212,34 +414,17 @@ class MlflowTrialCallback(Callback):
             return self.run_ids[trial_id]
         run_id = self.tracker.find_child(trial_id)
         if run_id is None:
-            config = dict(trial.config)
-            try:
-                params = TrialConfig.from_flat(config).to_flat()
-            except ValueError:
-                params = config
-            run = self.client.create_run(
-                self.tracker.experiment_id,
-                run_name=f"{trial_id}-{config.get('backbone')}-{config.get('regulariser')}",
-                tags={
-                    "mlflow.parentRunId": self.tracker.parent_run_id,
-                    "search": self.tracker.search_name,
-                    "run_kind": "trial",
-                    "ray_trial_id": trial_id,
-                    "backbone": str(config.get("backbone")),
-                    "regulariser": str(config.get("regulariser")),
-                    "seed": str(config.get("seed")),
-                    "status": "running",
-                },
-            )
-            run_id = run.info.run_id
-            self.tracker._log_params(run_id, params)
+            run_id = self.tracker.create_child(trial_id, dict(trial.config))
         self.run_ids[trial_id] = run_id
         return run_id
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self._run_id(trial)
+        self._guard("child run", trial, self._run_id, trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self._guard("per-epoch metrics", trial, self._log_result, trial, result)
+
+    def _log_result(self, trial, result: dict[str, Any]) -> None:
         run_id = self._run_id(trial)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         ts = _now_ms()
@@ -268,29 +453,101 @@ class MlflowTrialCallback(Callback):
     def _finish(self, trial, status: str, extra_tags: dict[str, str] | None = None) -> None:
         if trial.trial_id in self.finished:
             return
-        run_id = self._run_id(trial)
-        tags = {"status": status, **(extra_tags or {})}
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-        self.client.set_terminated(run_id, status=TERMINAL.get(status, "FINISHED"))
+        self.tracker.finish_child(self._run_id(trial), status, extra_tags)
         self.finished.add(trial.trial_id)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         last = trial.last_result or {}
-        status = final_status(last)
         best = last.get("best_epoch")
-        self._finish(trial, status, {"best_epoch": str(best)} if best is not None else None)
+        self._guard("trial status", trial, self._finish, trial, final_status(last),
+                    {"best_epoch": str(best)} if best is not None else None)
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
-        run_id = self._run_id(trial)
-        self.client.set_tag(run_id, "retries", str(getattr(trial, "num_failures", "?")))
+        attempts = getattr(trial, "num_failures", 0)
+        print(f"Trial {trial.trial_id} failed ({trial_error(trial)}); retrying it from its last "
+              f"checkpoint (failure {attempts})", file=sys.stderr, flush=True)
+        self._guard("retries tag", trial, self._set_retries, trial, attempts)
+
+    def _set_retries(self, trial, attempts) -> None:
+        self.client.set_tag(self._run_id(trial), "retries", str(attempts))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        message = ""
-        error_file = getattr(trial, "error_file", None)
-        if error_file and Path(error_file).exists():
-            lines = Path(error_file).read_text(errors="replace").strip().splitlines()
-            message = lines[-1][:500] if lines else ""
-        self._finish(trial, "errored", {"error": message or "see the Ray trial log"})
+        message = trial_error(trial)
+        print(f"Trial {trial.trial_id} errored for good after {getattr(trial, 'num_failures', '?')} "
+              f"failures ({message}); the search goes on", file=sys.stderr, flush=True)
+        self._guard("trial status", trial, self._finish, trial, "errored",
+                    {"error": message or "see the Ray trial log"})
+
+
+def rebind_callbacks(tuner, tracker: Tracker) -> None:
+    """Point the MLflow callback of a restored Tuner at this run's tracker.
+
+    ``Tuner.restore`` unpickles the callbacks saved when the search started, with the tracking
+    URI of that time; a resumed search must write where the user says now (a server that came
+    back on another address). The only access to the Tuner's private run config is here.
+    """
+    run_config = tuner._local_tuner.get_run_config()  # noqa: SLF001 - no public accessor
+    for callback in run_config.callbacks or []:
+        if isinstance(callback, MlflowTrialCallback):
+            callback.tracker = tracker
+            callback.run_ids.clear()
+            callback.finished.clear()
+
+
+def trial_error(trial) -> str:
+    """The last line of a Tune trial's error (the exception and its message)."""
+    error_file = getattr(trial, "error_file", None)
+    if error_file and Path(error_file).exists():
+        return _last_line(Path(error_file).read_text(errors="replace"))
+    return ""
+
+
+def failure_kind(exc: BaseException) -> str:
+    """A short name for why an MLflow call failed (one warning is printed per kind)."""
+    text = f"{type(exc).__name__} {exc}".lower()
+    if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "no space left" in text \
+            or "disk is full" in text:
+        return "no space left on device"
+    if isinstance(exc, PermissionError) or "readonly" in text or "read-only" in text \
+            or "permission denied" in text:
+        return "store not writable"
+    if any(k in text for k in ("connection", "max retries", "timed out", "unreachable",
+                               "name or service not known", "temporarily unavailable")):
+        return "store unreachable"
+    if "database is locked" in text:
+        return "database locked"
+    return f"call failed ({type(exc).__name__})"
+
+
+def short_error(exc: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip()[:500] if lines else ""
+
+
+def _reports(result) -> list[dict[str, Any]]:
+    """Every report of a trial, from Ray's progress.csv; the last one exactly as reported."""
+    rows: list[dict[str, Any]] = []
+    frame = getattr(result, "metrics_dataframe", None)
+    if frame is not None and len(frame):
+        for record in frame.to_dict("records"):
+            row = {}
+            for key, value in record.items():
+                value = value.item() if hasattr(value, "item") else value
+                if isinstance(value, float) and math.isnan(value):
+                    continue  # a column this report did not have
+                row[key] = value
+            rows.append(row)
+    if result.metrics:
+        if rows and rows[-1].get("training_iteration") == result.metrics.get("training_iteration"):
+            rows[-1] = dict(result.metrics)
+        elif "epoch" in result.metrics or "training_iteration" in result.metrics:
+            rows.append(dict(result.metrics))
+    return rows
 
 
 def finite(value: Any) -> bool:
