@@ -6,6 +6,15 @@ mid-search, and the disk filling up. Failing trials come from test-only backbone
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
 
 import optuna
 import pytest
@@ -100,3 +109,144 @@ def test_raising_and_diverging_trials(tmp_path, monkeypatch, small_data, ray_fau
     study = optuna.load_study(study_name="r1", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     states = sorted(t.state.name for t in study.trials)
     assert states == ["COMPLETE", "COMPLETE", "FAIL", "FAIL"]  # errored and diverged: FAIL
+
+
+# ---------------------------------------------------------------- the MLflow server goes away
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
+    """A real ``mlflow server`` on localhost over a SQLite store in ``root``."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+         "--artifacts-destination", str(root / "server-artifacts")],
+        cwd=root, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            pass
+        assert proc.poll() is None, "mlflow server did not start"
+        assert time.time() < deadline, "mlflow server did not answer in time"
+        time.sleep(0.5)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def completed_in(db: Path) -> int:
+    try:
+        with sqlite3.connect(db, timeout=1) as con:
+            return con.execute("select count(*) from tags where key='status' "
+                               "and value='completed'").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def tiny_space(tmp_path: Path, small_data, name: str, num_samples: int) -> Path:
+    data_dir = write_parquet(small_data, tmp_path / "data")
+    space = {
+        "name": name, "backbones": ["ef_lstm"], "regularisers": ["none"], "data": str(data_dir),
+        "ranges": {"lr": {"low": 1e-3, "high": 5e-3, "log": True}},
+        "fixed": {"batch_size": 16, "patience": 0, "backbone.hidden": 16,
+                  "backbone.num_layers": 1},
+        "search": {"sampler": "random", "pruner": "none", "num_samples": num_samples,
+                   "max_epochs": 2, "seed": 0, "max_concurrent": 1},
+        "resources": {"cpu": 1},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def assert_each_trial_once(client: MlflowClient, experiment: str, trials: int, epochs: int):
+    runs = children(client, experiment)
+    ids = [r.data.tags["ray_trial_id"] for r in runs]
+    assert len(ids) == len(set(ids)) == trials, ids  # none lost, none twice
+    for run in runs:
+        assert run.data.tags["status"] == "completed" and run.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "valid_mae")]
+        assert sorted(steps) == list(range(1, epochs + 1)), steps  # every epoch once
+        assert "test_mae" in run.data.metrics and "lr" in run.data.params
+    return runs
+
+
+def ray_trials_on_disk(experiment_dir: Path) -> dict[str, int]:
+    """Trial folder -> number of reports in its progress.csv."""
+    return {p.parent.name: len(p.read_text().strip().splitlines()) - 1
+            for p in experiment_dir.glob("*/progress.csv")}
+
+
+def test_mlflow_server_down_mid_search_then_resume_syncs(tmp_path, monkeypatch, small_data,
+                                                         ray_faulty, capsys):
+    tiny_space(tmp_path, small_data, "offline", num_samples=3)
+    monkeypatch.chdir(tmp_path)
+    port = free_port()
+    server = start_mlflow_server(tmp_path, port)
+    killed = []
+
+    def killer():  # the server dies once the first trial is recorded as completed
+        deadline = time.time() + 400
+        while time.time() < deadline and server.poll() is None:
+            if completed_in(tmp_path / "server.db") >= 1:
+                stop(server)
+                killed.append(time.time())
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        code = main(["--space", "offline.yaml", "--name", "o1",
+                     "--mlflow-uri", f"http://127.0.0.1:{port}"])
+    finally:
+        thread.join(timeout=5)
+        stop(server)
+    out, err = capsys.readouterr()
+    assert killed, "the server was not killed mid-search"
+    assert code == 4, err[-2000:]  # finished, MLflow incomplete
+    assert "Traceback" not in err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: MLflow http")]
+    assert len(warnings) == 1 and "store unreachable" in warnings[0], err[-2000:]
+    assert "--resume --name o1" in err
+    assert "Search 'o1' finished: 3 completed" in out
+    # Ray's results on disk are complete
+    reports = ray_trials_on_disk(tmp_path / "ray_results" / "o1")
+    assert len(reports) == 3 and set(reports.values()) == {2}
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'server.db'}")
+    before = children(client, "offline")
+    assert 1 <= sum(r.data.tags["status"] == "completed" for r in before) < 3
+
+    # the server comes back (another port, the same store): --resume writes what it missed
+    port = free_port()
+    server = start_mlflow_server(tmp_path, port)
+    try:
+        code = main(["--space", "offline.yaml", "--name", "o1", "--resume",
+                     "--mlflow-uri", f"http://127.0.0.1:{port}"])
+        out, err = capsys.readouterr()
+        assert code == 0, err[-2000:]
+        assert "MLflow: wrote the records of" in out
+        assert_each_trial_once(client, "offline", trials=3, epochs=2)
+        (parent,) = [r for r in client.search_runs([before[0].info.experiment_id])
+                     if r.data.tags.get("run_kind") == "search"]
+        assert parent.info.status == "FINISHED" and "best_valid_mae" in parent.data.metrics
+        assert len(client.search_model_versions("name = 'offline-best'")) == 1
+        # a second resume finds nothing to write and records nothing twice
+        assert main(["--space", "offline.yaml", "--name", "o1", "--resume",
+                     "--mlflow-uri", f"http://127.0.0.1:{port}"]) == 0
+        assert "MLflow: wrote" not in capsys.readouterr().out
+        assert_each_trial_once(client, "offline", trials=3, epochs=2)
+        assert len(client.search_model_versions("name = 'offline-best'")) == 1
+    finally:
+        stop(server)

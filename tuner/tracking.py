@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import math
 import os
 import subprocess
@@ -103,6 +104,9 @@ class Tracker:
         if tracking_uri.startswith(("http://", "https://")):
             for key, value in HTTP_DEFAULTS.items():
                 os.environ.setdefault(key, value)
+            # each retry is a urllib3 warning; the tracker prints one line per kind instead
+            logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+        _forget_artifact_repos()
         self.client = MlflowClient(tracking_uri=tracking_uri)
         #: failed MLflow calls during this search: kind -> count (one warning line per kind)
         self.failures: dict[str, int] = {}
@@ -492,6 +496,20 @@ def rebind_callbacks(tuner, tracker: Tracker) -> None:
             callback.tracker = tracker
             callback.run_ids.clear()
             callback.finished.clear()
+
+
+def _forget_artifact_repos() -> None:
+    """Drop MLflow's process-wide cache of artifact repositories.
+
+    MLflow caches a run's artifact repository by run id alone, with the address of the server
+    it first talked to; a search resumed in the same process against a server that came back
+    on another address would upload to the dead one."""
+    try:
+        from mlflow.tracking._tracking_service import utils as service_utils
+
+        service_utils._artifact_repos_cache.clear()  # noqa: SLF001 - see the docstring
+    except (ImportError, AttributeError):
+        pass
 
 
 def trial_error(trial) -> str:
