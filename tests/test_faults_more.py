@@ -6,6 +6,7 @@ mid-search, and the disk filling up. Failing trials come from test-only backbone
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -250,3 +251,77 @@ def test_mlflow_server_down_mid_search_then_resume_syncs(tmp_path, monkeypatch, 
         assert len(client.search_model_versions("name = 'offline-best'")) == 1
     finally:
         stop(server)
+
+
+# ---------------------------------------------------------------- the disk fills up
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 32 MiB tmpfs (needs root or CAP_SYS_ADMIN; skipped otherwise)."""
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path, leave: int = 0) -> Path:
+    """Fill ``disk`` until ``leave`` bytes are free (to the last byte by default)."""
+    filler = disk / "filler.bin"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        for size in (1 << 20, 65536, 4096, 512, 1):  # down to the last partial block
+            try:
+                while shutil.disk_usage(disk).free - size >= leave:
+                    os.write(fd, b"\0" * size)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_disk_full_mid_search_then_resume(tmp_path, monkeypatch, small_data, ray_faulty, capsys,
+                                         small_disk):
+    tiny_space(tmp_path, small_data, "fulldisk", num_samples=3)
+    monkeypatch.chdir(tmp_path)  # MLflow (sqlite) in tmp_path; Ray's storage on the small disk
+    filled = []
+
+    def filler():  # the disk fills once the first trial is recorded as completed
+        deadline = time.time() + 400
+        while time.time() < deadline:
+            if completed_in(tmp_path / "mlflow.db") >= 1:
+                # less room than a step may write: the search stops before Ray's uploads fail
+                filled.append(fill(small_disk, leave=256 * 1024))
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=filler, daemon=True)
+    thread.start()
+    cmd = ["--space", "fulldisk.yaml", "--name", "d1", "--storage", str(small_disk)]
+    code = main(cmd)
+    thread.join(timeout=5)
+    out, err = capsys.readouterr()
+    assert filled, "the disk was not filled mid-search"
+    assert code == 5, err[-3000:]
+    assert "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if x.startswith("error: no space left on device")]
+    assert str(small_disk) in line and "MiB free" in line and "--resume --name d1" in line
+
+    client = MlflowClient("sqlite:///mlflow.db")
+    done = [r for r in children(client, "fulldisk") if r.data.tags["status"] == "completed"]
+    assert 1 <= len(done) < 3  # what finished before the disk filled is in MLflow ...
+    reports = ray_trials_on_disk(small_disk / "d1")  # ... and intact on disk
+    for run in done:
+        (folder,) = [f for f in reports if f.startswith(run.data.tags["ray_trial_id"])]
+        assert reports[folder] == 2
+        assert list((small_disk / "d1" / folder).glob("checkpoint_*/best.pt"))
+
+    filled[0].unlink()  # space again: --resume continues
+    code = main(cmd + ["--resume"])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
+    assert "Search 'd1' finished: 3 completed" in out, out
+    assert_each_trial_once(client, "fulldisk", trials=3, epochs=2)

@@ -406,8 +406,8 @@ def run_search(space: SearchSpace, data: MultimodalData, args: argparse.Namespac
     from trainables.trainable import train_fusion
     from tuner.pruning import (OptunaPruningScheduler, SearchBudget, StudySearch, make_pruner,
                                make_sampler)
-    from tuner.tracking import (DEFAULT_TRACKING_URI, MlflowTrialCallback, Tracker, git_commit,
-                                rebind_callbacks)
+    from tuner.tracking import (DEFAULT_TRACKING_URI, DiskSpaceGuard, MlflowTrialCallback, Tracker,
+                                git_commit, rebind_callbacks)
 
     settings = space.search
     name = args.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -497,8 +497,8 @@ def run_search(space: SearchSpace, data: MultimodalData, args: argparse.Namespac
                                    num_samples=num_samples,
                                    trial_dirname_creator=_trial_dirname),
             run_config=RunConfig(
-                name=name, storage_path=storage, callbacks=[MlflowTrialCallback(tracker)],
-                stop=stop,
+                name=name, storage_path=storage, stop=stop,
+                callbacks=[MlflowTrialCallback(tracker), DiskSpaceGuard(storage)],
                 checkpoint_config=CheckpointConfig(num_to_keep=1),
                 failure_config=FailureConfig(max_failures=2),
                 verbose=1 if args.verbose == 0 else 2,
@@ -512,10 +512,28 @@ def run_search(space: SearchSpace, data: MultimodalData, args: argparse.Namespac
         logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
     try:
         results = tuner.fit()
-    except BaseException:
+    except BaseException as exc:
         tracker.finish_search("KILLED", None, None, None)
-        raise
+        full = _disk_full(exc)
+        if full is None:
+            raise
+        print(f"error: no space left on device: {full or storage}; the search stopped. "
+              f"Finished trials are kept (Ray: {experiment}, MLflow: {tracking_uri}). Free some "
+              f"space, then continue with the same command plus --resume --name {name}",
+              file=sys.stderr)
+        return 5
     return summarise(results, space, tracker, data, experiment)
+
+
+def _disk_full(exc: BaseException) -> str | None:
+    """The path a full disk refused (or "") if ``exc`` or its causes say so, else None.
+
+    Tune wraps errors of callbacks and trials into TuneErrors that carry the traceback text."""
+    import traceback
+
+    from tuner.tracking import disk_full
+
+    return disk_full("".join(traceback.format_exception(exc)))
 
 
 def initial_points(space: SearchSpace) -> list[dict[str, Any]]:

@@ -20,6 +20,8 @@ import json
 import logging
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -32,8 +34,8 @@ from ray.tune import Callback
 
 from trainables.config import TrialConfig
 
-__all__ = ["DEFAULT_TRACKING_URI", "Tracker", "MlflowTrialCallback", "final_status", "git_commit",
-           "rebind_callbacks"]
+__all__ = ["DEFAULT_TRACKING_URI", "DiskFull", "DiskSpaceGuard", "Tracker", "MlflowTrialCallback", "disk_full",
+           "final_status", "git_commit", "rebind_callbacks"]
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 METRIC_PREFIXES = ("valid_", "train_", "best_", "test_")
@@ -46,6 +48,66 @@ RETRY_AFTER_S = 30.0
 #: minutes of retries (7 retries with exponential backoff) per call; the user's env vars win
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+class DiskFull(RuntimeError):
+    """A trial (or the driver) could not write because its disk is full: the search stops, as
+    if interrupted, so that ``--resume`` continues it once there is space."""
+
+
+def disk_full(text: str) -> str | None:
+    """If ``text`` (an error, a traceback) says the disk is full: what it names (a path, and
+    for :class:`DiskFull` the free space), or ""; None otherwise."""
+    if "no space left on device" not in text.lower() and "[errno 28]" not in text.lower():
+        return None
+    for line in text.splitlines():  # our own DiskFull says it best (the exception line)
+        if "DiskFull: " in line and "No space left on device: " in line:
+            return line.split("No space left on device: ", 1)[1].strip()
+    for match in re.finditer(r"No space left on device: '([^'{}]+)'", text):
+        return match.group(1)
+    return ""
+
+
+class DiskSpaceGuard(Callback):
+    """Stops the search while the storage still has room for what one step writes.
+
+    Ray uploads its experiment state and trial files into the storage folder in place: on a
+    disk that runs full mid-copy they are cut short, and a cut experiment state cannot be
+    resumed. This callback checks the free space of a local storage before every step of the
+    Tune loop and raises :class:`DiskFull` when it is below ``FACTOR`` times the largest
+    checkpoint seen (at least ``MIN_FREE`` bytes), so the search stops like an interrupted one
+    and ``--resume`` continues it once there is space.
+    """
+
+    MIN_FREE = 1 << 20
+    FACTOR = 3
+
+    def __init__(self, storage: str) -> None:
+        self.storage = storage
+        self.largest = 0
+
+    def _local(self) -> Path | None:
+        path = Path(self.storage)
+        return path if "://" not in self.storage and path.exists() else None
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
+        try:
+            path = Path(checkpoint.path)
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        except (OSError, AttributeError):
+            return
+        self.largest = max(self.largest, size)
+
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        path = self._local()
+        if path is None:
+            return
+        free = shutil.disk_usage(path).free
+        needed = max(self.MIN_FREE, self.FACTOR * self.largest)
+        if free < needed:
+            raise DiskFull(f"[Errno 28] No space left on device: '{path}' (only "
+                           f"{free / 2**20:.1f} MiB free, one step may write "
+                           f"{needed / 2**20:.1f} MiB)")
 
 
 def git_commit(cwd: str | Path | None = None) -> str:
@@ -403,6 +465,9 @@ class MlflowTrialCallback(Callback):
         self.run_ids: dict[str, str] = {}
         self.finished: set[str] = set()
         self.nodes: dict[str, str] = {}  # trial id -> the Ray node of its last result
+        #: epochs already in each trial's run: a trial retried from a checkpoint, or resumed,
+        #: re-runs (deterministically) epochs it had reported; they are logged once
+        self.logged_steps: dict[str, set[int]] = {}
 
     @property
     def client(self) -> MlflowClient:
@@ -419,6 +484,10 @@ class MlflowTrialCallback(Callback):
         run_id = self.tracker.find_child(trial_id)
         if run_id is None:
             run_id = self.tracker.create_child(trial_id, dict(trial.config))
+            steps: set[int] = set()
+        else:
+            steps = {int(m.step) for m in self.client.get_metric_history(run_id, "epoch")}
+        self.logged_steps[trial_id] = steps
         self.run_ids[trial_id] = run_id
         return run_id
 
@@ -431,6 +500,13 @@ class MlflowTrialCallback(Callback):
     def _log_result(self, trial, result: dict[str, Any]) -> None:
         run_id = self._run_id(trial)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
+        node = result.get("ray_node_id")
+        if node and self.nodes.get(trial.trial_id) != node:
+            self._record_node(run_id, node, result.get("node_ip"))
+            self.nodes[trial.trial_id] = node
+        logged = self.logged_steps.setdefault(trial.trial_id, set())
+        if step in logged:
+            return  # re-run after a retry or resume: already in MLflow
         ts = _now_ms()
         metrics = [Metric(k, v, ts, step) for k, v in trial_metrics(result).items()
                    if not k.startswith("test_")]
@@ -438,10 +514,7 @@ class MlflowTrialCallback(Callback):
                     if k.startswith("test_")]
         if metrics:
             self.client.log_batch(run_id, metrics=metrics)
-        node = result.get("ray_node_id")
-        if node and self.nodes.get(trial.trial_id) != node:
-            self._record_node(run_id, node, result.get("node_ip"))
-            self.nodes[trial.trial_id] = node
+        logged.add(step)
 
     def _record_node(self, run_id: str, node: str, node_ip: Any) -> None:
         """Tags ``ray_node_id`` / ``node_ip`` (where the trial runs now) and ``ray_nodes`` (every
@@ -466,8 +539,16 @@ class MlflowTrialCallback(Callback):
         self._guard("trial status", trial, self._finish, trial, final_status(last),
                     {"best_epoch": str(best)} if best is not None else None)
 
+    def _stop_if_disk_full(self, trial, message: str) -> None:
+        path = disk_full(message)
+        if path is not None:
+            # every further attempt would fail the same way: stop as if interrupted
+            raise DiskFull(f"trial {trial.trial_id}: [Errno 28] No space left on device: "
+                           f"'{path or trial.path}'")
+
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
         attempts = getattr(trial, "num_failures", 0)
+        self._stop_if_disk_full(trial, trial_error(trial))
         print(f"Trial {trial.trial_id} failed ({trial_error(trial)}); retrying it from its last "
               f"checkpoint (failure {attempts})", file=sys.stderr, flush=True)
         self._guard("retries tag", trial, self._set_retries, trial, attempts)
@@ -477,6 +558,7 @@ class MlflowTrialCallback(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         message = trial_error(trial)
+        self._stop_if_disk_full(trial, message)
         print(f"Trial {trial.trial_id} errored for good after {getattr(trial, 'num_failures', '?')} "
               f"failures ({message}); the search goes on", file=sys.stderr, flush=True)
         self._guard("trial status", trial, self._finish, trial, "errored",
@@ -496,6 +578,7 @@ def rebind_callbacks(tuner, tracker: Tracker) -> None:
             callback.tracker = tracker
             callback.run_ids.clear()
             callback.finished.clear()
+            callback.logged_steps.clear()
 
 
 def _forget_artifact_repos() -> None:
