@@ -78,7 +78,7 @@ def test_raising_and_diverging_trials(tmp_path, monkeypatch, small_data, ray_fau
     assert "Traceback" not in err  # one line per failure; the traceback is in error.txt
     assert err.count("raise_always: a deterministic bug in forward") >= 3  # 2 retries + final
 
-    client = MlflowClient("sqlite:///mlflow.db")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = {r.data.tags["backbone"]: r for r in children(client, "raising")}
     trial_ids = [r.data.tags["ray_trial_id"] for r in runs.values()]
     assert len(runs) == 4 and len(set(trial_ids)) == 4  # every trial once, the retried too
@@ -310,7 +310,7 @@ def test_disk_full_mid_search_then_resume(tmp_path, monkeypatch, small_data, ray
     (line,) = [x for x in err.splitlines() if x.startswith("error: no space left on device")]
     assert str(small_disk) in line and "MiB free" in line and "--resume --name d1" in line
 
-    client = MlflowClient("sqlite:///mlflow.db")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     done = [r for r in children(client, "fulldisk") if r.data.tags["status"] == "completed"]
     assert 1 <= len(done) < 3  # what finished before the disk filled is in MLflow ...
     reports = ray_trials_on_disk(small_disk / "d1")  # ... and intact on disk

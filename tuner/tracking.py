@@ -169,7 +169,7 @@ class Tracker:
             # each retry is a urllib3 warning; the tracker prints one line per kind instead
             logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
         _forget_artifact_repos()
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.client = MlflowClient(tracking_uri=_absolute_sqlite(tracking_uri))
         #: failed MLflow calls during this search: kind -> count (one warning line per kind)
         self.failures: dict[str, int] = {}
         #: trials whose MLflow record missed something (synced by :meth:`sync_results`)
@@ -579,6 +579,17 @@ def rebind_callbacks(tuner, tracker: Tracker) -> None:
             callback.run_ids.clear()
             callback.finished.clear()
             callback.logged_steps.clear()
+
+
+def _absolute_sqlite(uri: str) -> str:
+    """``sqlite:///mlflow.db`` with its path made absolute.
+
+    MLflow caches one store per URI string for the whole process: a relative path would keep
+    pointing at the folder of the first search run in this process (tests, notebooks)."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return prefix + str(Path(uri[len(prefix):]).expanduser().resolve())
+    return uri
 
 
 def _forget_artifact_repos() -> None:
