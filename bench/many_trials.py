@@ -9,9 +9,10 @@ sampler, no pruner. While the search runs, a thread samples the driver's residen
   every child run is terminated with a status tag;
 - ``PRAGMA integrity_check`` is ``ok`` for ``mlflow.db`` and ``optuna.db``;
 - the Optuna study holds N trials, all finished;
-- the driver's memory is flat: the growth over the second half of the search, per trial run in
-  that half, stays under ``--max-kb-per-trial`` (a driver that kept, say, each trial's data or
-  results around would grow by far more); judged from 40 trials on.
+- the driver's memory is flat: over the second half of the search its resident memory grows by
+  less than ``--max-kb-per-trial`` per trial started (the least-squares slope of RSS against
+  trials started; a driver that kept, say, each trial's data or results around would grow by
+  far more); judged from 40 trials on.
 
     python bench/many_trials.py                          # 200 trials, 8 at a time, 2 CPUs
     python bench/many_trials.py --trials 6 --concurrent 3 --workdir /tmp/mt   # a smoke run
@@ -90,7 +91,8 @@ def memory_summary(samples: list[tuple[float, int, int, int]], fit_end: float | 
                    trials: int) -> dict[str, float]:
     """RSS (MB) at the start, at the end of the trials (``fit_end``), after the search's summary,
     its peak; and over the second half of the trials (from the sample where half of them had
-    started to ``fit_end``): the growth, per trial started in it, and the least-squares slope."""
+    started to ``fit_end``): the growth, the growth per trial started (least-squares slope of
+    RSS against trials started) and the slope in time."""
     t = np.array([s[0] for s in samples])
     mb = np.array([s[1] for s in samples]) / 2**20
     blocks = np.array([s[2] for s in samples])
@@ -104,9 +106,15 @@ def memory_summary(samples: list[tuple[float, int, int, int]], fit_end: float | 
     trials_in_half = max(1, trials - int(started[first]) + 1)
     growth = float(mb[last] - mb[first])
     slope = float(np.polyfit(t[half], mb[half], 1)[0]) * 60 if half.sum() >= 2 else 0.0
+    # growth per trial: the least-squares slope of RSS against trials started (robust to the
+    # noise of single samples); the end points when too few trials started in the half
+    if np.unique(started[half]).size >= 3:
+        kb_per_trial = float(np.polyfit(started[half], mb[half], 1)[0]) * 1024
+    else:
+        kb_per_trial = growth * 1024 / trials_in_half
     return {"start": float(mb[0]), "peak": float(mb.max()), "fit_end": float(mb[last]),
             "end": float(mb[-1]), "mid": float(mb[first]), "growth": growth,
-            "trials_in_half": trials_in_half, "kb_per_trial": growth * 1024 / trials_in_half,
+            "trials_in_half": trials_in_half, "kb_per_trial": kb_per_trial,
             "slope_mb_per_min": slope,
             "blocks_growth": int(blocks[last] - blocks[first]),
             "blocks_per_trial": float(blocks[last] - blocks[first]) / trials_in_half,
@@ -252,8 +260,9 @@ def _run(args: argparse.Namespace, data: str, workdir: Path, command: str,
     space = write_space(workdir / "many_trials.yaml", data, args)
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
-                 logging_level="WARNING")
+        # address="local": a Ray of its own with exactly --cpus, never another one on the host
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False,
+                 log_to_driver=False, logging_level="WARNING")
     experiment_dir = workdir / "ray_results" / name
     sampler = MemorySampler(experiment_dir, args.trials, args.interval)
     fit_end: list[float] = []
@@ -345,7 +354,7 @@ def _run(args: argparse.Namespace, data: str, workdir: Path, command: str,
         f"({memory['samples']} samples, every {args.interval:g} s) |",
         f"| driver RSS over the second half of the trials | {memory['mid']:.0f} -> "
         f"{memory['fit_end']:.0f} MB ({memory['growth']:+.1f} MB over "
-        f"{memory['trials_in_half']} trials: {memory['kb_per_trial']:+.0f} kB per trial; "
+        f"{memory['trials_in_half']} trials; fit {memory['kb_per_trial']:+.0f} kB per trial; "
         f"slope {memory['slope_mb_per_min']:+.2f} MB/min) |",
         f"| Python heap blocks over the second half | {memory['blocks_growth']:+d} "
         f"({memory['blocks_per_trial']:+.0f} per trial) |",
