@@ -35,7 +35,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]
 SEARCH = "ui-e2e"
-TIMEOUT_MS = 30_000
+TIMEOUT_MS = 90_000  # per step; generous for a loaded CI machine (a page shows in seconds)
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +125,9 @@ def mlflow_ui(tracked_search):
 @pytest.fixture(scope="module")
 def browser():
     if not Path(CHROMIUM).exists():
-        pytest.skip(f"Debian's chromium is not installed at {CHROMIUM} (`make test` installs it: "
-                    "apt-get install chromium)")
+        # `make test` installs it as root or through sudo; only without either is it missing
+        pytest.skip(f"no chromium at {CHROMIUM}: `make test` could not install Debian's chromium "
+                    "(needs root or passwordless sudo: apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
