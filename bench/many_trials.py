@@ -51,8 +51,13 @@ class MemorySampler(threading.Thread):
     With ``tracemalloc`` on, it also takes a heap snapshot when half of the trials have started,
     so that the growth over the second half can be attributed to source lines."""
 
-    def __init__(self, experiment_dir: Path, trials: int, interval: float = 0.5) -> None:
+    def __init__(self, experiment_dir: Path, trials: int, interval: float = 0.5,
+                 csv_path: Path | None = None) -> None:
         super().__init__(daemon=True)
+        self.live_csv = None
+        if csv_path is not None:
+            self.live_csv = open(csv_path, "w")
+            self.live_csv.write("seconds,rss_mb,python_blocks,trials_started\n")
         self.process = psutil.Process(os.getpid())
         self.experiment_dir = experiment_dir
         self.trials = trials
@@ -71,6 +76,10 @@ class MemorySampler(threading.Thread):
         row = (time.monotonic(), self.process.memory_info().rss, sys.getallocatedblocks(),
                self.started_trials())
         self.samples.append(row)
+        if self.live_csv is not None:  # as it goes: a driver killed mid-search leaves its trace
+            t0 = self.samples[0][0]
+            self.live_csv.write(f"{row[0] - t0:.2f},{row[1] / 2**20:.2f},{row[2]},{row[3]}\n")
+            self.live_csv.flush()
         return row
 
     def run(self) -> None:
@@ -85,6 +94,8 @@ class MemorySampler(threading.Thread):
         self._stop_event.set()
         self.join()
         self.sample()
+        if self.live_csv is not None:
+            self.live_csv.close()
 
 
 def memory_summary(samples: list[tuple[float, int, int, int]], fit_end: float | None,
@@ -119,14 +130,6 @@ def memory_summary(samples: list[tuple[float, int, int, int]], fit_end: float | 
             "blocks_growth": int(blocks[last] - blocks[first]),
             "blocks_per_trial": float(blocks[last] - blocks[first]) / trials_in_half,
             "samples": len(samples)}
-
-
-def write_samples(path: Path, samples: list[tuple[float, int, int, int]]) -> None:
-    t0 = samples[0][0]
-    lines = ["seconds,rss_mb,python_blocks,trials_started"]
-    lines += [f"{t - t0:.2f},{rss / 2**20:.2f},{blocks},{started}"
-              for t, rss, blocks, started in samples]
-    path.write_text("\n".join(lines) + "\n")
 
 
 def integrity(db: Path) -> str:
@@ -264,7 +267,8 @@ def _run(args: argparse.Namespace, data: str, workdir: Path, command: str,
         ray.init(address="local", num_cpus=args.cpus, include_dashboard=False,
                  log_to_driver=False, logging_level="WARNING")
     experiment_dir = workdir / "ray_results" / name
-    sampler = MemorySampler(experiment_dir, args.trials, args.interval)
+    sampler = MemorySampler(experiment_dir, args.trials, args.interval,
+                            csv_path=workdir / f"memory-{name}.csv")
     fit_end: list[float] = []
     end_snapshot: list[tracemalloc.Snapshot] = []
     original_summarise = search_module.summarise
@@ -295,7 +299,6 @@ def _run(args: argparse.Namespace, data: str, workdir: Path, command: str,
             ray.shutdown()
     driver_cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
     memory = memory_summary(sampler.samples, fit_end[0] if fit_end else None, args.trials)
-    write_samples(workdir / f"memory-{name}.csv", sampler.samples)
     growth_lines: list[str] = []
     if sampler.half_snapshot is not None and end_snapshot:
         stats = end_snapshot[0].compare_to(sampler.half_snapshot, "traceback")
