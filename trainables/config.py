@@ -154,6 +154,11 @@ class TrialConfig:
     #: the validation metric that picks the best epoch (a key of the reported metrics)
     metric: str = "valid_mae"
     mode: typing.Literal["min", "max"] = "min"
+    #: bf16 autocast of the forward pass on CPUs with native bf16 (``avx512_bf16`` / ``amx_bf16``
+    #: in /proc/cpuinfo); ignored, with a warning, where the CPU lacks it. CUDA always uses AMP.
+    cpu_bf16: bool = False
+    #: ``torch.compile`` the model (CUDA only; ignored on the CPU)
+    compile: bool = False
     #: the validated config dataclasses of the chosen backbone / regulariser (set by from_flat)
     backbone_cfg: Any = field(default=None, repr=True)
     regulariser_cfg: Any = field(default=None, repr=True)
