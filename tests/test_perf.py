@@ -111,3 +111,29 @@ def test_trial_threads_come_from_the_trial_cpus(ray_local):
         return trial_num_threads()
 
     assert ray.get(threads.remote()) == 1
+
+
+def test_checkpoints_every_k_epochs_on_improvement_and_at_the_end(small_data, tmp_path, ray_local):
+    """Through real Tune: which epochs carry a checkpoint, and the last one holds the best weights."""
+    from ray import tune
+    from ray.tune import CheckpointConfig, RunConfig
+
+    from trainables.loop import BEST_FILE, load_best
+    from trainables.trainable import train_fusion
+
+    flat = tfn_config(max_epochs=7, checkpoint_every=3, lr=0.05).to_flat()
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(train_fusion, data=small_data), {"cpu": 1}),
+        param_space=flat,
+        run_config=RunConfig(storage_path=str(tmp_path), name="ckpt", verbose=0,
+                             checkpoint_config=CheckpointConfig(num_to_keep=None)),
+    )
+    (result,) = tuner.fit()
+    assert result.error is None
+    history = result.metrics_dataframe.sort_values("epoch")
+    improved = {int(e) for e, best in zip(history["epoch"], history["best_epoch"]) if e == best}
+    with_checkpoint = sorted(int(m["epoch"]) for _, m in result.best_checkpoints)
+    assert with_checkpoint == sorted(improved | {3, 6, 7})
+    assert len(with_checkpoint) < 7 or improved == set(range(1, 8))
+    with result.checkpoint.as_directory() as directory:  # the last: the best epoch's weights
+        assert load_best(f"{directory}/{BEST_FILE}")["epoch"] == int(history["best_epoch"].iloc[-1])

@@ -327,6 +327,13 @@ class Trainer:
             out.update(self.test_metrics)
         return out
 
+    def checkpoint_due(self) -> bool:
+        """Whether the epoch just run should be checkpointed: at the trial's end, when it improved
+        the best validation metric (so the latest checkpoint always holds the best weights, also
+        for a trial the scheduler stops), and every ``cfg.checkpoint_every`` epochs (resume)."""
+        return (self.finished or self.best.epoch == self.epoch
+                or self.epoch % self.cfg.checkpoint_every == 0)
+
     def fit(self) -> list[dict[str, Any]]:
         """Run to the end without Ray (tests, benchmarks, the report's re-runs)."""
         history = []
