@@ -184,3 +184,35 @@ def test_many_trials_memory_check_sees_a_leak():
         samples = [(ti, int(r * 2**20), 1000, int(s)) for ti, r, s in zip(t, rss, started)]
         summary = bench.memory_summary(samples, None, trials)
         assert summary["kb_per_trial"] == pytest.approx(expected, abs=50), summary
+
+
+def test_epoch_speed_prints_tables(capsys, monkeypatch, small_data, tmp_path):
+    bench = load_bench("epoch_speed")
+    monkeypatch.setattr(bench, "load_data", lambda size, data_dir: (small_data, "synthetic:small (fixture)"))
+    assert bench.main(["--size", "small", "--models", "lmf", "ef_lstm", "--epochs", "2",
+                       "--no-mmsa"]) == 0
+    printed = capsys.readouterr().out
+    speed, curves = [table_rows(part) for part in printed.split("Validation MAE")]
+    assert [r[0] for r in speed] == ["lmf", "ef_lstm"]
+    assert all(r[4] == "–" and r[5].endswith("×") for r in speed)  # no MMSA column without MMSA
+    assert [(r[0], r[1]) for r in curves] == [("lmf", "ours"), ("lmf", "plain"),
+                                             ("ef_lstm", "ours"), ("ef_lstm", "plain")]
+    # the MMSA pickle holds what MMSA's MMDataset reads, and reads back as the same data
+    from trainables.data import arrays_from_mmsa, read_mmsa_pickle
+
+    with pytest.warns(UserWarning, match="pickle"):  # our own file: the warning is expected
+        raw = read_mmsa_pickle(bench.write_mmsa_pickle(small_data, tmp_path / "d.pkl"))
+    back = arrays_from_mmsa(raw, "pkl")
+    assert back.digest == small_data.digest
+
+
+def test_tune_overhead_prints_a_table(capsys, small_data, tmp_path):
+    from trainables.data.parquet import write_parquet
+
+    bench = load_bench("tune_overhead")
+    data_dir = write_parquet(small_data, tmp_path / "data")
+    assert bench.main(["--backbone", "lmf", "--epochs", "2", "--data", str(data_dir),
+                       "--set", "batch_size=32"]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert [r[0].split(" ")[0] for r in rows] == ["bare", "`tuner.search`,"]
+    assert float(rows[0][1]) > 0 and rows[1][2].endswith("×")

@@ -29,7 +29,7 @@ def test_killed_worker_resumes_from_checkpoint(tmp_path, monkeypatch, small_data
     data_dir = write_parquet(small_data, tmp_path / "data")
     space = {
         "name": "faults", "backbones": ["tfn"], "regularisers": ["none"], "data": str(data_dir),
-        "fixed": {"batch_size": 8, "patience": 0, "lr": 0.001},
+        "fixed": {"batch_size": 8, "patience": 0, "lr": 0.001, "checkpoint_every": 1},
         "search": {"sampler": "random", "pruner": "none", "num_samples": 1, "max_epochs": 12,
                    "seed": 0},
         "resources": {"cpu": 1},

@@ -154,6 +154,15 @@ class TrialConfig:
     #: the validation metric that picks the best epoch (a key of the reported metrics)
     metric: str = "valid_mae"
     mode: typing.Literal["min", "max"] = "min"
+    #: bf16 autocast of the forward pass on CPUs with native bf16 (``avx512_bf16`` / ``amx_bf16``
+    #: in /proc/cpuinfo); ignored, with a warning, where the CPU lacks it. CUDA always uses AMP.
+    cpu_bf16: bool = False
+    #: ``torch.compile`` the model (CUDA only; ignored on the CPU)
+    compile: bool = False
+    #: under Tune, write the (resumable) checkpoint every this many epochs, and also on every
+    #: validation improvement and at the trial's end; a worker lost mid-trial re-runs at most
+    #: ``checkpoint_every`` epochs, exactly (a TFN checkpoint is ~146 MB: model, AdamW moments, best)
+    checkpoint_every: int = 5
     #: the validated config dataclasses of the chosen backbone / regulariser (set by from_flat)
     backbone_cfg: Any = field(default=None, repr=True)
     regulariser_cfg: Any = field(default=None, repr=True)
@@ -169,6 +178,8 @@ class TrialConfig:
             raise ConfigError(f"warmup: expected a fraction in [0, 1), got {self.warmup}")
         if self.unlabeled_rate < 0:
             raise ConfigError(f"unlabeled_rate: expected >= 0, got {self.unlabeled_rate}")
+        if self.checkpoint_every < 1:
+            raise ConfigError(f"checkpoint_every: expected an integer >= 1, got {self.checkpoint_every}")
         if self.patience < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise ConfigError("patience, grad_clip and weight_decay must be >= 0")
 

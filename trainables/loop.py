@@ -2,7 +2,8 @@
 
 Per batch: forward once; ``reg.inner_steps`` estimator updates on detached features; the
 model step on ``reg.combine(task_loss, reg.penalty(out, batch))`` with AdamW, gradient
-clipping and AMP on CUDA. Per epoch: validation metrics, best-epoch bookkeeping on the
+clipping, fused AdamW and mixed precision (fp16 AMP on CUDA, bf16 autocast on CPUs with native bf16
+when ``cpu_bf16``). Per epoch: validation metrics, best-epoch bookkeeping on the
 validation metric only, early stopping. When the trial ends (max epochs or patience), the best
 epoch's weights are evaluated once on test. Test metrics never steer anything.
 
@@ -13,9 +14,11 @@ directly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,8 @@ from trainables.data.batches import Batch, MultimodalData, TensorSplit, iterate_
 from trainables.metrics import compute_metrics
 from trainables.regularisers import get_regulariser
 
-__all__ = ["STATE_FILE", "BEST_FILE", "Trainer", "TrialStatus", "seed_everything"]
+__all__ = ["STATE_FILE", "BEST_FILE", "Trainer", "TrialStatus", "cpu_supports_bf16", "make_adamw",
+           "seed_everything"]
 
 #: the full resumable state (model, optimisers, regulariser buffers, RNG, counters)
 STATE_FILE = "state.pt"
@@ -71,6 +75,30 @@ def _task_loss(kind: str, pred: torch.Tensor, labels: torch.Tensor, labeled: tor
     return F.l1_loss(pred, labels)
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 arithmetic (``avx512_bf16`` or ``amx_bf16`` flags)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line for line in text.splitlines() if line.startswith("flags")), "").split()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def make_adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where torch has one for the parameters' device (CPU and CUDA
+    float tensors): one pass per parameter instead of ~10 elementwise kernels, ~5x cheaper than
+    the for-each AdamW over TFN's 9M-parameter post-fusion layer on the CPU. Same update rule."""
+    params = [p for g in groups for p in g["params"]]
+    if params and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params):
+        try:
+            return torch.optim.AdamW(groups, lr=lr, fused=True)
+        except (RuntimeError, ValueError):  # a torch build without the fused kernel
+            pass
+    return torch.optim.AdamW(groups, lr=lr)
+
+
 class Trainer:
     """Builds model, regulariser and optimisers from a :class:`TrialConfig` and trains them."""
 
@@ -99,11 +127,24 @@ class Trainer:
         if reg_main:
             groups.append({"params": reg_main, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
                            "name": "regulariser"})
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+        self.optimizer = make_adamw(groups, cfg.lr)
         self._clip_params = [p for g in groups for p in g["params"]]
 
-        self.amp = self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        # mixed precision: fp16 AMP with a grad scaler on CUDA; bf16 autocast (no scaler) on CPUs
+        # with native bf16 when cfg.cpu_bf16 asks for it; else float32
+        self.amp_dtype: torch.dtype | None = None
+        if self.device.type == "cuda":
+            self.amp_dtype = torch.float16
+        elif cfg.cpu_bf16:
+            if cpu_supports_bf16():
+                self.amp_dtype = torch.bfloat16
+            else:
+                warnings.warn("cpu_bf16: this CPU has no native bf16 (avx512_bf16 / amx_bf16 in "
+                              "/proc/cpuinfo); training in float32", stacklevel=2)
+        self.amp = self.amp_dtype is not None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda")
+        if cfg.compile and self.device.type == "cuda":
+            self.model.compile()  # in place: the state-dict keys stay the same
         pin = self.device.type == "cuda"
         self.splits = {name: TensorSplit.from_arrays(self.model.prepare_split(arr), pin_memory=pin)
                        for name, arr in data.splits.items()}
@@ -134,6 +175,9 @@ class Trainer:
     def finished(self) -> bool:
         return self.status != TrialStatus.RUNNING
 
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp)
+
     def _detached(self, out: BackboneOutput) -> BackboneOutput:
         # estimator networks run in float32 even when the model step is autocast
         return BackboneOutput(out.prediction.detach().float(),
@@ -151,7 +195,7 @@ class Trainer:
             if self.cfg.unlabeled_rate > 0:
                 batch = self._with_unlabeled(batch)
             batch = batch.to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, enabled=self.amp):
+            with self._autocast():
                 out = self.model(batch)
             if self.reg.inner_steps:
                 det = self._detached(out)
@@ -159,7 +203,7 @@ class Trainer:
                     est_stats = self.reg.estimator_step(det, batch)
                 for k, v in est_stats.items():  # the last inner step's estimates
                     est_totals[k] = est_totals.get(k, 0.0) + float(v)
-            with torch.autocast(self.device.type, enabled=self.amp):
+            with self._autocast():
                 task = _task_loss(self.cfg.task_loss, out.prediction, batch.labels, batch.labeled)
                 pen = self.reg.penalty(out, batch)
                 loss = self.reg.combine(task, pen)
@@ -209,7 +253,7 @@ class Trainer:
         data = self.splits[split]
         for batch in iterate_batches(data, max(self.cfg.batch_size, 256), shuffle=False):
             batch = batch.to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, enabled=self.amp):
+            with self._autocast():
                 out = self.model(batch)
             preds.append(out.prediction.float().cpu())
             labels.append(batch.labels.cpu())
@@ -282,6 +326,13 @@ class Trainer:
         if self.test_metrics:
             out.update(self.test_metrics)
         return out
+
+    def checkpoint_due(self) -> bool:
+        """Whether the epoch just run should be checkpointed: at the trial's end, when it improved
+        the best validation metric (so the latest checkpoint always holds the best weights, also
+        for a trial the scheduler stops), and every ``cfg.checkpoint_every`` epochs (resume)."""
+        return (self.finished or self.best.epoch == self.epoch
+                or self.epoch % self.cfg.checkpoint_every == 0)
 
     def fit(self) -> list[dict[str, Any]]:
         """Run to the end without Ray (tests, benchmarks, the report's re-runs)."""

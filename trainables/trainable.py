@@ -1,4 +1,5 @@
-"""The Ray Tune function trainable: build, resume, loop over epochs, report with a checkpoint.
+"""The Ray Tune function trainable: build, resume, loop over epochs, report (with a checkpoint
+every ``checkpoint_every`` epochs, on each validation improvement and at the end).
 
 Reads like Ray's ``mnist_pytorch`` example on purpose; everything else is in
 :mod:`trainables.loop`. Every report carries this epoch's validation metrics, the best-so-far
@@ -67,12 +68,14 @@ def train_fusion(config: dict[str, Any], data: MultimodalData) -> None:
 
     node_id = trial_node_id()
     while not trainer.finished:
-        metrics = trainer.run_epoch()
+        # the Ray node, so that the driver can record where each epoch ran
+        metrics = {**trainer.run_epoch(), "ray_node_id": node_id}
+        if not trainer.checkpoint_due():  # a TFN checkpoint is ~146 MB: not every epoch
+            tune.report(metrics)
+            continue
         with tempfile.TemporaryDirectory(prefix="ckpt-") as directory:
             trainer.save(directory)
-            # the Ray node, so that the driver can record where each epoch ran
-            tune.report({**metrics, "ray_node_id": node_id},
-                        checkpoint=tune.Checkpoint.from_directory(directory))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
 
 
 def with_modality_dropped(data: MultimodalData, modality: str,

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trainables.backbones._layers import UnimodalSubnets
+from trainables.backbones._layers import FastDropout, UnimodalSubnets
 from trainables.backbones.base import Backbone, BackboneOutput
 from trainables.config import ConfigError
 from trainables.data.batches import Batch, ModalityDims
@@ -81,7 +81,8 @@ class TFN(Backbone):
                                        c.text_dropout)
 
         fusion_dim = (c.audio_hidden + 1) * (c.vision_hidden + 1) * (c.text_out + 1)
-        self.post_fusion_dropout = nn.Dropout(c.post_fusion_dropout)
+        # the mask over the ~140k-wide fusion tensor: same distribution as nn.Dropout, ~4x cheaper
+        self.post_fusion_dropout = FastDropout(c.post_fusion_dropout)
         self.post_fusion_1 = nn.Linear(fusion_dim, c.post_fusion_dim)
         self.post_fusion_2 = nn.Linear(c.post_fusion_dim, c.post_fusion_dim)
         self.head = nn.Linear(c.post_fusion_dim, 1)

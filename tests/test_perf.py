@@ -1,0 +1,139 @@
+"""The fast paths keep the behaviour: TFN's cheaper dropout mask has nn.Dropout's distribution,
+the fused AdamW makes the same update, bf16 autocast only where the CPU has it, the trial's CPUs
+set torch's threads, and checkpoints are written every k epochs and on improvement."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from trainables import loop
+from trainables.backbones._layers import FastDropout
+from trainables.config import TrialConfig
+from trainables.loop import Trainer, make_adamw
+
+
+def tfn_config(**overrides):
+    flat = {"backbone": "tfn", "max_epochs": 2, "batch_size": 16, "patience": 0, "seed": 1,
+            "backbone.text_hidden": 8, "backbone.text_out": 4, "backbone.audio_hidden": 4,
+            "backbone.vision_hidden": 4, "backbone.post_fusion_dim": 8}
+    flat.update(overrides)
+    return TrialConfig.from_flat(flat)
+
+
+@pytest.mark.parametrize("p", [0.3, 0.5])
+def test_fast_dropout_has_the_distribution_of_nn_dropout(p):
+    x = torch.rand(400, 2500) + 0.5  # strictly positive: a zero output is a dropped element
+    n = x.numel()
+    tol = 5 * math.sqrt(p * (1 - p) / n)  # 5 sigma of the dropped fraction
+    torch.manual_seed(0)
+    ours = FastDropout(p).train()(x)
+    theirs = nn.Dropout(p).train()(x)
+    for y in (ours, theirs):
+        dropped = y == 0
+        assert abs(dropped.float().mean().item() - p) < tol
+        # kept elements are scaled by 1 / (1 - p), exactly as nn.Dropout scales them
+        torch.testing.assert_close(y[~dropped], x[~dropped] / (1 - p))
+    # the mask is independent across elements: neighbouring columns are uncorrelated
+    keep = (ours != 0).float()
+    corr = torch.corrcoef(torch.stack([keep[:, :-1].flatten(), keep[:, 1:].flatten()]))[0, 1]
+    assert abs(corr.item()) < 0.01
+
+
+def test_fast_dropout_seeded_gradient_and_eval():
+    x = torch.randn(8, 1000, requires_grad=True)
+    drop = FastDropout(0.5)
+    torch.manual_seed(3)
+    y1 = drop(x)
+    torch.manual_seed(3)
+    y2 = drop(x)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)  # the default generator: seeded runs repeat
+    y1.sum().backward()
+    mask = (y1 != 0).float() * 2.0
+    torch.testing.assert_close(x.grad, mask)  # d y / d x is the scaled mask
+    drop.eval()
+    assert drop(x) is x
+    assert FastDropout(0.0).train()(x) is x
+    assert not FastDropout(1.0).train()(x).any()
+    assert FastDropout(0.5).state_dict() == {}  # same (empty) state as nn.Dropout
+
+
+def test_fused_adamw_makes_the_foreach_update():
+    torch.manual_seed(0)
+    w = torch.randn(50, 30)
+    grads = [torch.randn(50, 30) for _ in range(3)]
+    results = []
+    for fused in (True, False):
+        p = nn.Parameter(w.clone())
+        groups = [{"params": [p], "lr": 1e-2, "weight_decay": 0.1}]
+        opt = make_adamw(groups, 1e-2) if fused else torch.optim.AdamW(groups, lr=1e-2)
+        assert bool(opt.defaults.get("fused")) is fused
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        results.append(p.detach())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+
+
+def test_trainer_uses_fused_adamw_and_threads(small_data):
+    before = torch.get_num_threads()
+    try:
+        trainer = Trainer(tfn_config(), small_data, device="cpu", num_threads=1)
+        assert torch.get_num_threads() == 1
+        assert trainer.optimizer.defaults["fused"] is True
+        assert not trainer.amp  # float32 on the CPU unless cpu_bf16 asks
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cpu_bf16_only_where_supported(small_data, monkeypatch):
+    if loop.cpu_supports_bf16():
+        trainer = Trainer(tfn_config(cpu_bf16=True, max_epochs=1), small_data, device="cpu")
+        assert trainer.amp and trainer.amp_dtype == torch.bfloat16
+        history = trainer.fit()
+        assert math.isfinite(history[-1]["train_loss"]) and math.isfinite(history[-1]["valid_mae"])
+    monkeypatch.setattr(loop, "cpu_supports_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="no native bf16"):
+        trainer = Trainer(tfn_config(cpu_bf16=True), small_data, device="cpu")
+    assert not trainer.amp and trainer.amp_dtype is None
+
+
+def test_trial_threads_come_from_the_trial_cpus(ray_local):
+    import ray
+
+    from trainables.trainable import trial_num_threads
+
+    @ray.remote(num_cpus=1)
+    def threads():
+        return trial_num_threads()
+
+    assert ray.get(threads.remote()) == 1
+
+
+def test_checkpoints_every_k_epochs_on_improvement_and_at_the_end(small_data, tmp_path, ray_local):
+    """Through real Tune: which epochs carry a checkpoint, and the last one holds the best weights."""
+    from ray import tune
+    from ray.tune import CheckpointConfig, RunConfig
+
+    from trainables.loop import BEST_FILE, load_best
+    from trainables.trainable import train_fusion
+
+    flat = tfn_config(max_epochs=7, checkpoint_every=3, lr=0.05).to_flat()
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(train_fusion, data=small_data), {"cpu": 1}),
+        param_space=flat,
+        run_config=RunConfig(storage_path=str(tmp_path), name="ckpt", verbose=0,
+                             checkpoint_config=CheckpointConfig(num_to_keep=None)),
+    )
+    (result,) = tuner.fit()
+    assert result.error is None
+    history = result.metrics_dataframe.sort_values("epoch")
+    improved = {int(e) for e, best in zip(history["epoch"], history["best_epoch"]) if e == best}
+    with_checkpoint = sorted(int(m["epoch"]) for _, m in result.best_checkpoints)
+    assert with_checkpoint == sorted(improved | {3, 6, 7})
+    assert len(with_checkpoint) < 7 or improved == set(range(1, 8))
+    with result.checkpoint.as_directory() as directory:  # the last: the best epoch's weights
+        assert load_best(f"{directory}/{BEST_FILE}")["epoch"] == int(history["best_epoch"].iloc[-1])
