@@ -79,3 +79,25 @@ def test_sigkill_driver_then_resume(tmp_path, small_data):
         assert set(steps) == {1, 2, 3}
         if child.data.tags["ray_trial_id"] in done_before:
             assert sorted(steps) == [1, 2, 3]  # finished before the kill: not re-run
+
+
+def test_restored_callback_of_an_older_version_is_reset(tmp_path):
+    """``Tuner.restore`` unpickles the MLflow callback saved when the search started; a callback
+    pickled by an older version of the class (here: without ``nodes``) must still work after
+    ``rebind_callbacks`` points it at the resumed search's tracker."""
+    from types import SimpleNamespace
+
+    from ray.tune import RunConfig
+
+    from tuner.tracking import MlflowTrialCallback, Tracker, rebind_callbacks
+
+    old = Tracker(f"sqlite:///{tmp_path / 'old.db'}", experiment_name="compat")
+    callback = MlflowTrialCallback(old)
+    callback.run_ids["t1"] = "stale"
+    del callback.nodes  # what unpickling an older callback gives
+    new = Tracker(f"sqlite:///{tmp_path / 'new.db'}", experiment_name="compat")
+    run_config = RunConfig(callbacks=[callback])
+    tuner = SimpleNamespace(_local_tuner=SimpleNamespace(get_run_config=lambda: run_config))
+    rebind_callbacks(tuner, new)
+    assert callback.tracker is new
+    assert callback.nodes == {} and callback.run_ids == {} and callback.logged_steps == {}

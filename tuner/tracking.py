@@ -575,10 +575,9 @@ def rebind_callbacks(tuner, tracker: Tracker) -> None:
     run_config = tuner._local_tuner.get_run_config()  # noqa: SLF001 - no public accessor
     for callback in run_config.callbacks or []:
         if isinstance(callback, MlflowTrialCallback):
-            callback.tracker = tracker
-            callback.run_ids.clear()
-            callback.finished.clear()
-            callback.logged_steps.clear()
+            # a fresh state: also fills attributes that a callback pickled by an older version
+            # of this class lacks (the per-trial state is read back from MLflow as needed)
+            MlflowTrialCallback.__init__(callback, tracker)
 
 
 def _absolute_sqlite(uri: str) -> str:
