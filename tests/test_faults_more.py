@@ -37,10 +37,16 @@ def ray_faulty(tmp_path_factory):
     fault_plugins.register()
     markers = tmp_path_factory.mktemp("markers")
     os.environ["FAULT_MARKER_DIR"] = str(markers)
+    # the workers import tests.fault_plugins: pytest put the repository on the driver's
+    # sys.path only, so give it to the workers (they inherit the driver's environment)
+    root = str(Path(__file__).resolve().parents[1])
+    env_vars = {"FAULT_MARKER_DIR": str(markers),
+                "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH"))
+                                              if p)}
     # address="local": a new Ray even when other Ray instances run on this machine
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"worker_process_setup_hook": "tests.fault_plugins.register",
-                          "env_vars": {"FAULT_MARKER_DIR": str(markers)}})
+                          "env_vars": env_vars})
     yield markers
     ray.shutdown()
 
