@@ -178,7 +178,8 @@ def check_tracking(name: str, trials: int, experiment_dir: Path) -> dict[str, ob
     import optuna
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient("sqlite:///mlflow.db")
+    client = MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")  # absolute: MLflow
+    # caches one store per URI string per process
     experiment = client.get_experiment_by_name("many_trials")
     runs = client.search_runs([experiment.experiment_id],
                               filter_string=f"tags.search = '{name}' and tags.run_kind = 'trial'",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -164,7 +166,7 @@ def test_report_after_a_tiny_search(tmp_path, monkeypatch, tiny_search_space, sm
     printed = capsys.readouterr().out
     assert "Test metrics over seeds 0, 1, 2" in printed and "Robustness" in printed
 
-    client = MlflowClient("sqlite:///mlflow.db")
+    client = MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
     exp = client.get_experiment_by_name("tinyreport")
     runs = client.search_runs([exp.experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("run_kind") == "search"]

@@ -51,7 +51,7 @@ def test_tiny_search_is_tracked_in_mlflow(tmp_path, monkeypatch, tiny_space, sma
     assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in out
     assert "#/experiments/" in out
 
-    client = MlflowClient("sqlite:///mlflow.db")
+    client = MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
     experiment = client.get_experiment_by_name("tiny")
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if r.data.tags.get("run_kind") == "search"]

@@ -759,7 +759,7 @@ def run_report(args: argparse.Namespace, command: str) -> int:
     from mlflow.tracking import MlflowClient
 
     from tuner.search import check_address, check_tracking_uri, study_storage_for
-    from tuner.tracking import DEFAULT_TRACKING_URI, Tracker, git_commit
+    from tuner.tracking import DEFAULT_TRACKING_URI, Tracker, absolute_sqlite_uri, git_commit
 
     if args.seeds is not None:
         seeds = parse_seeds(args.seeds)
@@ -773,7 +773,8 @@ def run_report(args: argparse.Namespace, command: str) -> int:
         raise UsageError("--search: use it with --experiment (--run-id names the search already)")
     check_tracking_uri(args.mlflow_uri)
     check_address(args.address)
-    tracking_uri = args.mlflow_uri or DEFAULT_TRACKING_URI
+    # absolute: MLflow caches one store per URI string per process
+    tracking_uri = absolute_sqlite_uri(args.mlflow_uri or DEFAULT_TRACKING_URI)
     client = MlflowClient(tracking_uri=tracking_uri)
     info = find_search(client, args.experiment, args.run_id, args.search)
     if args.seeds is None:

@@ -34,7 +34,7 @@ from ray.tune import Callback
 
 from trainables.config import TrialConfig
 
-__all__ = ["DEFAULT_TRACKING_URI", "DiskFull", "DiskSpaceGuard", "Tracker", "MlflowTrialCallback", "disk_full",
+__all__ = ["DEFAULT_TRACKING_URI", "absolute_sqlite_uri", "DiskFull", "DiskSpaceGuard", "Tracker", "MlflowTrialCallback", "disk_full",
            "final_status", "git_commit", "rebind_callbacks"]
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -169,7 +169,7 @@ class Tracker:
             # each retry is a urllib3 warning; the tracker prints one line per kind instead
             logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
         _forget_artifact_repos()
-        self.client = MlflowClient(tracking_uri=_absolute_sqlite(tracking_uri))
+        self.client = MlflowClient(tracking_uri=absolute_sqlite_uri(tracking_uri))
         #: failed MLflow calls during this search: kind -> count (one warning line per kind)
         self.failures: dict[str, int] = {}
         #: trials whose MLflow record missed something (synced by :meth:`sync_results`)
@@ -580,7 +580,7 @@ def rebind_callbacks(tuner, tracker: Tracker) -> None:
             MlflowTrialCallback.__init__(callback, tracker)
 
 
-def _absolute_sqlite(uri: str) -> str:
+def absolute_sqlite_uri(uri: str) -> str:
     """``sqlite:///mlflow.db`` with its path made absolute.
 
     MLflow caches one store per URI string for the whole process: a relative path would keep
