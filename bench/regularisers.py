@@ -37,27 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MOSI_DIR = REPO / "data" / "synthetic-mosi"
 REGULARISERS = ("none", "mdm", "mmim", "mird", "orthogonal", "synergy")
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_data(size: str, data_dir: Path):
-    """(data, description): the MOSI Parquet folder when ``size`` is mosi and it exists, else a
-    synthetic set of that size generated in memory with the fast (encoder-free) text features."""
-    from trainables.data import arrays_from_mmsa, load_dataset
-    from trainables.data.synthetic import make_synthetic
-
-    if size == "mosi" and (data_dir / "train.parquet").exists():
-        return load_dataset(data_dir), str(data_dir.relative_to(REPO) if data_dir.is_relative_to(REPO) else data_dir)
-    return (arrays_from_mmsa(make_synthetic(size, seed=0), f"synthetic:{size}"),
-            f"synthetic:{size} (in memory, fast text)")
+sys.path.insert(0, str(REPO))  # run as a script
+from bench.backbones import cpu_model, load_data  # noqa: E402  (one machine line, one data set)
 
 
 def inner_steps_of(reg_name: str) -> int:

@@ -333,23 +333,13 @@ class Rerun:
 
 def run_reruns(variants: dict[str, dict[str, Any]], seeds: list[int], data: MultimodalData,
                tracker, args: argparse.Namespace, report_name: str) -> list[Rerun]:
-    import ray
     from ray import tune
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig
 
+    from tuner.search import init_ray
     from tuner.tracking import final_status
 
-    if not ray.is_initialized():
-        # as tuner.search: "local" is a new Ray of our own, even where `ray start` left one
-        address = args.address or os.environ.get("RAY_ADDRESS") or "local"
-        try:
-            ray.init(address=address, log_to_driver=args.verbose > 0,
-                     logging_level=logging.INFO if args.verbose else logging.WARNING,
-                     include_dashboard=False if address == "local" else None)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            where = "local Ray" if address == "local" else f"--address {address}"
-            raise UsageError(f"{where}: Ray did not start ({type(exc).__name__}: "
-                             f"{' '.join(str(exc).split())[:200]})") from None
+    init_ray(args.address, args.verbose)
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     trainable = tune.with_resources(
         tune.with_parameters(train_rerun, data=data, variants=variants),

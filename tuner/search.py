@@ -394,11 +394,32 @@ def study_storage_for(args: argparse.Namespace) -> str:
     return os.environ.get("OPTUNA_STORAGE") or f"sqlite:///{Path('optuna.db').resolve()}"
 
 
+
+def init_ray(address: str | None, verbose: int = 0) -> None:
+    """Start (or join) Ray unless it runs in this process already; a failure is a UsageError.
+
+    ``"local"`` (the default without ``--address`` / ``$RAY_ADDRESS``) is a new Ray of our own,
+    even where ``ray start`` left a cluster running that a plain ``ray.init()`` would join. A
+    local Ray starts no dashboard; a cluster's dashboard is whatever ``ray start`` chose
+    (127.0.0.1 unless --dashboard-host says otherwise)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    try:
+        ray.init(address=address, log_to_driver=verbose > 0,
+                 logging_level=logging.INFO if verbose else logging.WARNING,
+                 include_dashboard=False if address == "local" else None)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = "local Ray" if address == "local" else f"--address {address}"
+        raise UsageError(f"{where}: Ray did not start ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:200]})") from None
+
 def run_search(space: SearchSpace, data: MultimodalData, args: argparse.Namespace,
                stop=None) -> int:
     """Run (or resume) the search; ``stop``: a Ray Tune stopper (default: --budget-trial-epochs)."""
     import optuna
-    import ray
     from ray import tune
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig
     from ray.tune.search import ConcurrencyLimiter
@@ -418,20 +439,7 @@ def run_search(space: SearchSpace, data: MultimodalData, args: argparse.Namespac
     # a snapshot per checkpoint is what makes --resume exact; it costs ~10 ms, so don't warn
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    if not ray.is_initialized():
-        # a local Ray starts no dashboard; a cluster's dashboard is whatever `ray start` chose
-        # (127.0.0.1 unless --dashboard-host says otherwise)
-        # "local": a new Ray of our own, even where `ray start` left a cluster running that a
-        # plain ray.init() would join
-        address = args.address or os.environ.get("RAY_ADDRESS") or "local"
-        try:
-            ray.init(address=address, log_to_driver=args.verbose > 0,
-                     logging_level=logging.INFO if args.verbose else logging.WARNING,
-                     include_dashboard=False if address == "local" else None)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            where = "local Ray" if address == "local" else f"--address {address}"
-            raise UsageError(f"{where}: Ray did not start ({type(exc).__name__}: "
-                             f"{' '.join(str(exc).split())[:200]})") from None
+    init_ray(args.address, args.verbose)
     check_cluster_resources(space)  # before any MLflow run or trial exists
 
     from mlflow.exceptions import MlflowException
