@@ -21,9 +21,10 @@ sampler, no pruner. While the search runs, a thread samples the driver's residen
   numbers in each report, its cached JSON ~32 kB; Ray serialization ~12 kB); our searcher and
   MLflow callback keep only the trial id once a trial is finished. The RSS slope is larger
   (~0.2-0.7 MB/trial): glibc keeps freed heap memory (malloc_trim(0) returns ~15 MB after 40
-  trials), which grows with the experiment-state snapshot Ray rewrites for all trials at each
-  checkpoint. The limit stays at 100 kB: the check still fails on Ray's bookkeeping plus the
-  allocator's retention, and says so.
+  trials; likely temporaries that grow with the trials, such as the experiment-state snapshot
+  Ray rewrites for all trials; with MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=131072
+  the slope was ~0.19-0.26 MB/trial). The limit stays at 100 kB: the check still fails on
+  Ray's bookkeeping plus the allocator's retention, and says so.
 
     python bench/many_trials.py                          # 200 trials, 8 at a time, 2 CPUs
     python bench/many_trials.py --trials 6 --concurrent 3 --workdir /tmp/mt   # a smoke run
