@@ -110,3 +110,28 @@ def test_search_budget_counts_trial_epochs_and_stops_at_a_reached_value():
         SearchBudget(reach=0.5)
     with pytest.raises(ValueError, match="trial_epochs"):
         SearchBudget(trial_epochs=0)
+
+
+def test_a_finished_trial_leaves_only_its_id_in_the_searcher():
+    """A long search's driver must not keep each finished trial's Optuna object and reported
+    steps (issue 10, "Load"): once told, the study in the storage holds the trial."""
+    space = space_from_dict({**SPACE, "search": {"sampler": "random", "max_epochs": 3}}, "g.yaml")
+    searcher = searcher_for(space, make_pruner("median", grace_epochs=1, max_epochs=3))
+    scheduler = OptunaPruningScheduler(searcher, metric=space.objective)
+    for i in range(3):
+        searcher.suggest(f"t{i}")
+        scheduler.on_trial_result(None, FakeTrial(f"t{i}"), {
+            space.objective: 1.0 + i, "training_iteration": 1, "trial_status": "running"})
+    searcher.pruned.add("t2")  # as if the pruner had stopped it
+    for i in range(3):
+        searcher.on_trial_complete(f"t{i}", {space.objective: 1.0 + i})
+    assert searcher.optuna_trial("t0") is None
+    assert not searcher._ot_trials and not searcher._reported and not searcher.pruned
+    # a late or repeated message about a finished trial changes nothing
+    assert searcher.report("t0", 0.5, 2) is None
+    searcher.on_trial_complete("t0", {space.objective: 0.1})
+    trials = searcher.study.trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2 + [
+        optuna.trial.TrialState.PRUNED]
+    assert [t.value for t in trials[:2]] == [1.0, 2.0]
+    assert trials[0].intermediate_values == {1: 1.0}

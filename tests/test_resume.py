@@ -101,3 +101,34 @@ def test_restored_callback_of_an_older_version_is_reset(tmp_path):
     rebind_callbacks(tuner, new)
     assert callback.tracker is new
     assert callback.nodes == {} and callback.run_ids == {} and callback.logged_steps == {}
+
+
+def test_callback_keeps_only_the_id_of_a_finished_trial(tmp_path):
+    """The MLflow callback drops a trial's run id, node and logged epochs once its run is
+    closed (issue 10, "Load": the driver's memory stays flat over many trials); a repeated
+    completion neither reopens nor duplicates the run."""
+    from types import SimpleNamespace
+
+    from tuner.tracking import MlflowTrialCallback, Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", experiment_name="flat")
+    tracker.start_search("s", params={}, tags={}, files={})
+    callback = MlflowTrialCallback(tracker)
+    trial = SimpleNamespace(trial_id="t1", config={"lr": 0.01, "backbone": "ef_lstm"},
+                            last_result={})
+    callback.on_trial_start(0, [trial], trial)
+    for epoch in (1, 2):
+        trial.last_result = {"epoch": epoch, "valid_mae": 1.0 / epoch, "best_epoch": epoch,
+                             "trial_status": "completed" if epoch == 2 else "running",
+                             "ray_node_id": "n1", "node_ip": "127.0.0.1"}
+        callback.on_trial_result(0, [trial], trial, trial.last_result)
+    assert callback.run_ids and callback.nodes and callback.logged_steps
+    callback.on_trial_complete(0, [trial], trial)
+    callback.on_trial_complete(0, [trial], trial)
+    assert callback.finished == {"t1"}
+    assert callback.run_ids == {} and callback.nodes == {} and callback.logged_steps == {}
+    runs = tracker.client.search_runs([tracker.experiment_id], "tags.ray_trial_id = 't1'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags["status"] == "completed" and runs[0].data.tags["ray_node_id"] == "n1"
+    assert [m.step for m in tracker.client.get_metric_history(runs[0].info.run_id,
+                                                             "valid_mae")] == [1, 2]

@@ -139,6 +139,17 @@ class StudySearch(OptunaSearch):
         except Exception as exc:  # never let bookkeeping stop the search
             log.warning("could not tell Optuna about trial %s: %s", trial_id, exc)
         self._completed_trials.add(trial_id)
+        self.forget(trial_id)
+
+    def forget(self, trial_id: str) -> None:
+        """Drop what is kept per running trial once it is told (its Optuna trial object, the
+        steps it reported, its pruned mark): the study in the storage holds the finished trial,
+        and a long search's driver keeps only the id (``_completed_trials``). OptunaSearch
+        itself keeps every trial's Optuna object for the whole search (and pickles them all into
+        every searcher checkpoint)."""
+        self._ot_trials.pop(trial_id, None)
+        self._reported.pop(trial_id, None)
+        self.pruned.discard(trial_id)
 
 
 class OptunaPruningScheduler(FIFOScheduler):

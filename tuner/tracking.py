@@ -532,6 +532,11 @@ class MlflowTrialCallback(Callback):
             return
         self.tracker.finish_child(self._run_id(trial), status, extra_tags)
         self.finished.add(trial.trial_id)
+        # a finished trial reports nothing more: keep only its id (a long search's driver
+        # memory stays flat); anything later about it is found again in MLflow by tag
+        self.run_ids.pop(trial.trial_id, None)
+        self.nodes.pop(trial.trial_id, None)
+        self.logged_steps.pop(trial.trial_id, None)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         last = trial.last_result or {}
