@@ -50,6 +50,7 @@ import yaml
 from trainables.config import ConfigError, TrialConfig
 from trainables.data import DROPPABLE, DataError, MultimodalData
 from tuner.search import UsageError  # one error type (one line, exit 2) for the project's CLIs
+from tuner.tracking import all_runs, finite
 
 __all__ = ["REPORT_METRICS", "build_parser", "main", "mann_whitney", "train_rerun"]
 
@@ -161,17 +162,6 @@ class SearchInfo:
             return {}
 
 
-def _all_runs(client, experiment_id: str, filter_string: str, order_by=None) -> list[Any]:
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000,
-                                  order_by=order_by, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
 def find_search(client, experiment: str | None, run_id: str | None,
                 search: str | None) -> SearchInfo:
     """The search's parent run and its trials, from an experiment name or a run id."""
@@ -200,21 +190,17 @@ def find_search(client, experiment: str | None, run_id: str | None,
                              + (f" named {search!r}" if search else ""))
         parent = parents[0]
     name = parent.data.tags.get("search", parent.info.run_name)
-    trials = _all_runs(client, exp.experiment_id,
+    trials = all_runs(client, exp.experiment_id,
                        f"tags.search = '{name}' and tags.run_kind = 'trial'")
     params = parent.data.params
     return SearchInfo(exp.experiment_id, exp.name, parent, trials, name,
                       params.get("metric", "valid_mae"), params.get("mode", "min"))
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
 def choose_trial(info: SearchInfo, regulariser: str | None) -> tuple[Any, str]:
     """The best trial by the search's validation objective; returns it and a note on the choice."""
     key = info.objective
-    scored = [t for t in info.trials if _finite(t.data.metrics.get(key))]
+    scored = [t for t in info.trials if finite(t.data.metrics.get(key))]
     if not scored:
         raise UsageError(f"search {info.name!r}: no trial has a finite {key}")
     sign = 1.0 if info.mode == "min" else -1.0
@@ -397,17 +383,17 @@ def probe_reruns(reruns: list[Rerun], data: MultimodalData, client) -> None:
             now = int(time.time() * 1000)
             batch = [Metric(f"test_drop_{m}_{k}", v, now, 0)
                      for m, values in rerun.drop.items() for k, v in values.items()
-                     if k in REPORT_METRICS and _finite(v)]
+                     if k in REPORT_METRICS and finite(v)]
             batch += [Metric(f"robustness_{m}_{k}", ratio, now, 0)
                       for m in rerun.drop for k in ROBUSTNESS_METRICS
-                      if _finite(ratio := robustness_ratio(rerun, m, k))]
+                      if finite(ratio := robustness_ratio(rerun, m, k))]
             client.log_batch(rerun.run_id, metrics=batch)
 
 
 def robustness_ratio(rerun: Rerun, modality: str, metric: str) -> float:
     full = rerun.test.get(metric, math.nan)
     dropped = rerun.drop.get(modality, {}).get(metric, math.nan)
-    return dropped / full if _finite(full) and full > 0 and _finite(dropped) else math.nan
+    return dropped / full if finite(full) and full > 0 and finite(dropped) else math.nan
 
 
 # ---------------------------------------------------------------------------------- statistics
@@ -416,8 +402,8 @@ def mann_whitney(a: list[float], b: list[float]) -> float:
     both samples is the same (no evidence of a difference), NaN when a sample is empty."""
     from scipy.stats import mannwhitneyu
 
-    a = [x for x in a if _finite(x)]
-    b = [x for x in b if _finite(x)]
+    a = [x for x in a if finite(x)]
+    b = [x for x in b if finite(x)]
     if not a or not b:
         return math.nan
     if len(set(a) | set(b)) == 1:
@@ -428,7 +414,7 @@ def mann_whitney(a: list[float], b: list[float]) -> float:
 def mean_std(values: list[float]) -> tuple[float, float, int]:
     """Mean, sample standard deviation (ddof=1; 0 for a single value) and count of the finite
     values."""
-    x = np.array([v for v in values if _finite(v)], dtype=float)
+    x = np.array([v for v in values if finite(v)], dtype=float)
     if x.size == 0:
         return math.nan, math.nan, 0
     return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else 0.0, int(x.size)
@@ -564,7 +550,7 @@ def plot_search_curves(client, info: SearchInfo, out: Path) -> list[Path]:
     for i, trial in enumerate(sorted(info.trials, key=lambda r: r.info.start_time)):
         history = sorted(client.get_metric_history(trial.info.run_id, metric),
                          key=lambda m: m.step)
-        history = [m for m in history if _finite(m.value)]
+        history = [m for m in history if finite(m.value)]
         if not history:
             continue
         points += [(m.timestamp, m.step, m.value, i) for m in history]
@@ -837,7 +823,7 @@ def run_report(args: argparse.Namespace, command: str) -> int:
         key = f"robustness_{row['dropped']}_{row['metric']}"
         summary += [Metric(f"{key}_mean_{v}", row[f"{v}_mean"], now, 0) for v in labels]
         summary.append(Metric(f"{key}_pvalue", row["p_value"], now, 0))
-    summary = [m for m in summary if _finite(m.value)]
+    summary = [m for m in summary if finite(m.value)]
     for start in range(0, len(summary), 1000):
         client.log_batch(report_run, metrics=summary[start:start + 1000])
     client.log_artifacts(report_run, str(out))

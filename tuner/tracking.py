@@ -34,7 +34,7 @@ from ray.tune import Callback
 
 from trainables.config import TrialConfig
 
-__all__ = ["DEFAULT_TRACKING_URI", "absolute_sqlite_uri", "DiskFull", "DiskSpaceGuard", "Tracker", "MlflowTrialCallback", "disk_full",
+__all__ = ["DEFAULT_TRACKING_URI", "absolute_sqlite_uri", "all_runs", "DiskFull", "DiskSpaceGuard", "Tracker", "MlflowTrialCallback", "disk_full",
            "final_status", "git_commit", "rebind_callbacks"]
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -328,17 +328,12 @@ class Tracker:
     def trial_runs(self) -> dict[str, Any]:
         """The child runs of this search by Ray trial id (the first one if a trial had two)."""
         runs: dict[str, Any] = {}
-        token = None
-        while True:
-            page = self.client.search_runs(
-                [self.experiment_id], max_results=1000, page_token=token,
-                filter_string=f"tags.search = '{self.search_name}' and tags.run_kind = 'trial'",
-                order_by=["attributes.start_time ASC"])
-            for run in page:
-                runs.setdefault(run.data.tags.get("ray_trial_id", ""), run)
-            token = page.token
-            if not token:
-                return runs
+        for run in all_runs(
+                self.client, self.experiment_id,
+                f"tags.search = '{self.search_name}' and tags.run_kind = 'trial'",
+                order_by=["attributes.start_time ASC"]):
+            runs.setdefault(run.data.tags.get("ray_trial_id", ""), run)
+        return runs
 
     def create_child(self, trial_id: str, config: dict[str, Any]) -> str:
         """A new child run for a trial: its tags and every effective parameter."""
@@ -664,6 +659,19 @@ def _reports(result) -> list[dict[str, Any]]:
         elif "epoch" in result.metrics or "training_iteration" in result.metrics:
             rows.append(dict(result.metrics))
     return rows
+
+
+def all_runs(client: MlflowClient, experiment_id: str, filter_string: str,
+             order_by: list[str] | None = None) -> list[Any]:
+    """Every run of an experiment that matches ``filter_string``, page by page."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000,
+                                  order_by=order_by, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
 
 
 def finite(value: Any) -> bool:
