@@ -133,6 +133,17 @@ def test_define_by_run_samples_only_applicable_keys():
     assert seen == {"none", "mdm"}
 
 
+def test_fixed_seed_pins_the_training_seed_and_search_seed_seeds_the_rest():
+    space = space_from_dict(BASE, "t.yaml")
+    assert space.constants("ef_lstm", "none", 2, seed=7)["seed"] == 7
+    pinned = apply_overrides(space, ["fixed.seed=0"])
+    for sampler_seed in (1, 2):
+        assert pinned.constants("ef_lstm", "none", 2, seed=sampler_seed)["seed"] == 0
+        fn = pinned.define_by_run("tpe", max_epochs=2, seed=sampler_seed)
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=sampler_seed))
+        assert fn(study.ask())["seed"] == 0
+
+
 def test_smoke_space_is_small():
     space = load_space("smoke")
     assert space.search.num_samples * space.search.max_epochs <= 64

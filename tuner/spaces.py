@@ -190,7 +190,10 @@ class SearchSpace:
     def constants(self, backbone: str, regulariser: str, max_epochs: int, seed: int) -> dict[str, Any]:
         """Fixed values for one pair, plus what every trial needs from the space."""
         out = {k: v for k, v in self.fixed.items() if self.applies(k, backbone, regulariser)}
-        out.update({"max_epochs": max_epochs, "seed": seed, "metric": self.metric, "mode": self.mode})
+        # ``fixed.seed`` pins the trials' training seed (the sampler keeps ``search.seed``): every
+        # trial of every sampler seed then trains the same way, e.g. to compare samplers
+        out.setdefault("seed", seed)
+        out.update({"max_epochs": max_epochs, "metric": self.metric, "mode": self.mode})
         return out
 
     def trial_config(self, point: dict[str, Any]) -> TrialConfig:
