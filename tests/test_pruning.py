@@ -2,6 +2,7 @@
 PRUNED, diverged ones FAIL, and repeated reports (retries) are harmless."""
 
 import math
+import pickle
 
 import optuna
 import pytest
@@ -106,6 +107,25 @@ def test_search_budget_counts_trial_epochs_and_stops_at_a_reached_value():
     assert not reach.stop_all()
     reach("b", {"best_valid_mae": 0.5})
     assert reach.stop_all() and reach.spent == 3
+    # Tune repeats a finished trial's last report with done=True (RESULT_DUPLICATE): one epoch
+    counted = SearchBudget(trial_epochs=10)
+    for step in (1, 2):
+        counted("a", {"training_iteration": step, "best_valid_mae": 1.0})
+    counted("a", {"training_iteration": 2, "best_valid_mae": 1.0, "done": True})
+    counted("b", {"training_iteration": 1, "best_valid_mae": 1.0})
+    counted("b", {"training_iteration": 1, "best_valid_mae": 1.0, "done": True})
+    assert counted.spent == 3
+    # a trial retried from its checkpoint re-runs epochs: those are spent again
+    counted("c", {"training_iteration": 5})
+    counted("c", {"training_iteration": 4})
+    counted("c", {"training_iteration": 5})
+    assert counted.spent == 6
+    # a resumed search unpickles the stopper it was started with, maybe from an older version
+    old = SearchBudget(trial_epochs=10)
+    del old.__dict__["_last_step"]
+    restored = pickle.loads(pickle.dumps(old))
+    restored("a", {"training_iteration": 1})
+    assert restored.spent == 1
     with pytest.raises(ValueError, match="go together"):
         SearchBudget(reach=0.5)
     with pytest.raises(ValueError, match="trial_epochs"):

@@ -133,3 +133,19 @@ def test_grid_dry_run_counts_the_papers_grid(tmp_path, monkeypatch, capsys, name
     plan = yaml.safe_load(capsys.readouterr().out)
     assert plan["trials"] == plan["grid_size"] == trials
     assert not (tmp_path / "data").exists()  # planning generates no data
+
+
+def test_trial_epoch_budget_is_spent_exactly(tmp_path, monkeypatch, tiny_space, ray_local):
+    """--budget-trial-epochs 5, one 2-epoch trial at a time, no pruning: 2 + 2 + 1 epochs. Tune
+    hands a finished trial's last report to the stopper twice; counted twice, the search would
+    stop after 4 epochs."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["--space", str(tiny_space), "--name", "budget", "--pruner", "none",
+                 "--max-epochs", "2", "--num-samples", "20", "--max-concurrent", "1",
+                 "--budget-trial-epochs", "5"]) == 0
+    client = MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
+    experiment = client.get_experiment_by_name("tiny")
+    children = client.search_runs([experiment.experiment_id],
+                                  filter_string="tags.run_kind = 'trial'")
+    epochs = sorted(len(client.get_metric_history(c.info.run_id, "valid_mae")) for c in children)
+    assert epochs == [1, 2, 2]

@@ -202,8 +202,25 @@ class SearchBudget(Stopper):
         self.reach = reach
         self.spent = 0
         self.reached = False
+        #: the last training_iteration counted per running trial
+        self._last_step: dict[str, Any] = {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Tune pickles the stopper with the search: one from an older version lacks _last_step
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_last_step", {})
 
     def __call__(self, trial_id: str, result: dict) -> bool:
+        step = result.get("training_iteration")
+        if step is not None and self._last_step.get(trial_id) == step:
+            # Tune hands the stopper a finished trial's last report once more (its closing
+            # ``done`` notice, RESULT_DUPLICATE): the same epoch, not another one
+            if result.get("done"):
+                self._last_step.pop(trial_id, None)
+            return False
+        self._last_step[trial_id] = step
+        if result.get("done"):
+            self._last_step.pop(trial_id, None)
         self.spent += 1
         value = result.get(self.metric) if self.metric else None
         if self.reach is not None and _finite(value) and value <= self.reach:
