@@ -222,7 +222,26 @@ def test_scores_are_per_example_and_leave_the_mode_alone():
     assert first.shape == (12,) and not first.requires_grad
     assert reg.training and reg.critic.training
     torch.testing.assert_close(reg.scores(out), first, rtol=0, atol=0)  # no dropout noise
-    assert ((first > 0) & (first < 1)).all()  # the paper's sigmoid output
+    # the logit of the paper's sigmoid output: the same order as T itself
+    reg.critic.eval()
+    with torch.no_grad():
+        t = reg.critic(reg.joint(out.features))
+    reg.critic.train()
+    torch.testing.assert_close(torch.sigmoid(first), t)
+
+
+def test_scores_do_not_tie_where_the_sigmoid_saturates():
+    """A confident critic puts many examples at T = 1.0 exactly (float32); their scores still
+    differ, so the report's most/least dependent examples are a real order, not a tie."""
+    reg = make_mdm(DIMS)
+    with torch.no_grad():
+        reg.critic.net[-2].bias.fill_(40.0)  # the last Linear: sigmoid(> ~17) == 1.0 in float32
+    out = small_features(b=12)
+    reg.critic.eval()
+    with torch.no_grad():
+        assert (reg.critic(reg.joint(out.features)) == 1.0).all()
+    scores = reg.scores(out)
+    assert len(torch.unique(scores)) == 12 and (scores > 17).all()
 
 
 def test_statistic_network_has_the_papers_shape():

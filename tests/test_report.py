@@ -104,7 +104,7 @@ def test_probe_checkpoint_matches_evaluate_checkpoint(small_data, tmp_path):
         assert evaluate_checkpoint(best, small_data, "test", "cpu") == trainer.test_metrics
         if reg == "mdm":
             assert scores.shape == (len(small_data.splits["test"]),)
-            assert np.all((scores > 0) & (scores < 1))  # the paper's sigmoid critic
+            assert np.all(np.isfinite(scores))  # T's logit (sigmoid critic)
             np.testing.assert_array_equal(scores, critic_scores(best, small_data, "test", "cpu"))
         else:
             assert scores is None

@@ -705,7 +705,8 @@ def write_markdown(out: Path, *, info: SearchInfo, chosen, choice_note: str, con
     if score_rows:
         lines += [
             f"Per-example score of the `{reg}` statistic network T_θ on the joint sample of each "
-            "test example (eval mode, mean ± std over the seeds): high = the critic finds the "
+            "test example (eval mode; T's logit for the paper's sigmoid critic, which does not "
+            "saturate; mean ± std over the seeds): high = the critic finds the "
             "modalities dependent. File: [critic_scores.csv](critic_scores.csv).",
             "",
             "| group | rank | id | label | score | text |", "|---|---|---|---|---|---|",

@@ -264,13 +264,18 @@ class MDM(Regulariser):
     def scores(self, out: BackboneOutput) -> torch.Tensor:
         """T_θ on each example's joint sample, (B,): the paper's per-example explanation signal.
 
-        Computed without dropout (eval mode) so a score does not depend on the draw; the module's
-        train/eval mode is restored afterwards.
+        With the sigmoid output this is T's logit (the value before the sigmoid): the same order
+        of examples, but a trained critic drives many examples' sigmoid to exactly 1.0 in float32,
+        which would tie them. Computed without dropout (eval mode) so a score does not depend on
+        the draw; the module's train/eval mode is restored afterwards.
         """
         was_training = self.critic.training
         self.critic.eval()
         try:
-            return self.critic(self.joint(out.features))
+            net = self.critic.net
+            if isinstance(net[-1], nn.Sigmoid):
+                net = net[:-1]
+            return net(self.joint(out.features)).squeeze(-1)
         finally:
             self.critic.train(was_training)
 
