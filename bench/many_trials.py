@@ -19,12 +19,13 @@ sampler, no pruner. While the search runs, a thread samples the driver's residen
   per trial, 93% of it Ray Tune's own per-trial bookkeeping, kept by design for the whole
   search (``Trial.run_metadata``: ``metric_analysis`` / ``metric_n_steps`` ~75 kB for the ~40
   numbers in each report, its cached JSON ~32 kB; Ray serialization ~12 kB); our searcher and
-  MLflow callback keep only the trial id once a trial is finished. The RSS slope is larger
-  (~0.2-0.7 MB/trial): glibc keeps freed heap memory (malloc_trim(0) returns ~15 MB after 40
-  trials; likely temporaries that grow with the trials, such as the experiment-state snapshot
-  Ray rewrites for all trials; with MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=131072
-  the slope was ~0.19-0.26 MB/trial). The limit stays at 100 kB: the check still fails on
-  Ray's bookkeeping plus the allocator's retention, and says so.
+  MLflow callback keep only the trial id once a trial is finished. The RSS slope is larger:
+  on a quiet machine (27 Nov, 200 trials) +226 kB/trial, +1,495 Python heap blocks per trial
+  (Ray's deques and dicts); glibc keeps some freed heap (temporaries that grow with the trials,
+  such as the experiment-state snapshot Ray rewrites for all trials), but fixing glibc's
+  thresholds (MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=131072, or mallopt in the
+  driver) gave +262 kB/trial in the same run: no gain, so tuner.search does not do it. The
+  limit stays at 100 kB: the check fails on Ray's own bookkeeping, and says so.
 
     python bench/many_trials.py                          # 200 trials, 8 at a time, 2 CPUs
     python bench/many_trials.py --trials 6 --concurrent 3 --workdir /tmp/mt   # a smoke run

@@ -93,9 +93,10 @@ def tiny_grid(tmp_path_factory, small_data):
 
 @pytest.fixture(scope="module")
 def efficiency_run(tiny_grid, ray_local):
-    """search_efficiency.py once: the grid, one smart search, one re-seeding; its work folder."""
+    """search_efficiency.py once: the grid, one smart search (sampler seed 1), each one's
+    chosen configuration re-trained with seed 1; its work folder."""
     bench = load_bench("search_efficiency")
-    assert bench.main([*tiny_grid, "--budget", "1", "--seeds", "0", "--noise-seeds", "1"]) == 0
+    assert bench.main([*tiny_grid, "--budget", "1", "--seeds", "1", "--noise-seeds", "1"]) == 0
     return Path(tiny_grid[tiny_grid.index("--workdir") + 1])
 
 
@@ -108,18 +109,34 @@ def test_search_efficiency_stores_and_reuses_the_searches(tiny_grid, efficiency_
     bench = load_bench("search_efficiency")
     out = efficiency_run
     text, rows = newest(out, "result-*.md")
+    searches, chosen = text.split("re-trained with seeds 1:")
+    rows = table_rows(searches)
     assert rows[0][:5] == ["grid (exhaustive)", "0", "3", "6", "6"]
-    assert rows[1][1] == "0" and int(rows[1][3]) <= 6 + 1  # the budget, + a trial beside it
+    assert rows[1][1] == "1" and int(rows[1][3]) <= 6 + 1  # the budget, + a trial beside it
     assert rows[1][4] == "not reached" or int(rows[1][4]) <= int(rows[1][3])
-    assert "Noise: the grid's best configuration" in text and "seeds 1:" in text
     grid, smart = sorted(out.glob("grid-*.json")), sorted(out.glob("smart-*.json"))
     assert len(grid) == 1 and len(smart) == 1
+    # every trial of every search trained with the grid's seed (--train-seed 0), not the
+    # sampler's
+    for stored in grid + smart:
+        trials = json.loads(stored.read_text())["search"]["trials"]
+        assert {t["params"]["seed"] for t in trials} == {"0"}, stored
+    # the choice of each search re-trained: one row each, its own seed-1 value
+    picked = table_rows(chosen)
+    assert [row[0] for row in picked] == ["grid", "smart s1"]
+    smart_best = min(json.loads(smart[0].read_text())["search"]["trials"],
+                     key=lambda t: min(h[2] for h in t["history"]))["params"]
+    assert f"lr={float(smart_best['lr']):.3g}" in picked[1][1]
+    for row in picked:
+        assert 0 < float(row[2]) == float(row[3].split(" ± ")[0])
+    assert "of 1 re-trainings of the grid's own choice" in chosen
+    assert "of 1 smart searches" in chosen
 
     # both reused: nothing trained, the same rows
     time.sleep(1)  # a new result-<stamp>.md
     assert bench.main([*tiny_grid, "--grid-from", str(grid[0]), "--smart-from", str(smart[0]),
                        "--noise-seeds"]) == 0
-    assert newest(out, "result-*.md")[1] == rows
+    assert table_rows(newest(out, "result-*.md")[0]) == rows
     assert len(list(out.glob("*.json"))) == 2
     with pytest.raises(SystemExit, match="max_epochs is 2 there, 3 here"):
         bench.main([*tiny_grid, "--max-epochs", "3", "--grid-from", str(grid[0])])
@@ -132,7 +149,8 @@ def test_search_speed_times_ours_and_a_serial_random_search(tiny_grid, efficienc
     grid, smart = sorted(out.glob("grid-*.json"))[0], sorted(out.glob("smart-*.json"))[0]
     assert bench.main([*tiny_grid, "--grid-from", str(grid), "--ours-from", str(smart),
                        "--seeds", "0", "--budget", "1"]) == 0
-    text, (ours, random) = newest(out, "speed-*.md")
+    text, _ = newest(out, "speed-*.md")
+    ours, random = table_rows(text.split("Time to equal quality")[0])
     assert ours[0].startswith("ours: tpe + asha") and random[0].startswith("serial random")
     budget = 6  # the grid's 3 trials x 2 epochs
     assert int(ours[3]) <= budget + 1 and int(random[3]) <= budget
@@ -144,10 +162,17 @@ def test_search_speed_times_ours_and_a_serial_random_search(tiny_grid, efficienc
     # the target or the budget
     assert all(len(t["history"]) == 2 for t in trials[:-1]) and int(random[2]) == len(trials)
     assert all(a["history"][-1][0] <= b["history"][0][0] for a, b in zip(trials, trials[1:]))
+    if random[4] == "> budget":  # serial, no pruning: it spends exactly the budget (Tune's
+        assert int(random[3]) == budget  # repeated last report of a trial is not an epoch)
     for row in (ours, random):  # reached: no more than it ran; else the budget is said
         assert row[4] == "> budget" or int(row[4]) <= int(row[3])
         assert row[5].startswith("> ") == (row[4] == "> budget")
     assert "Median wall to target" in text or "no speed-up is claimed" in text
+    quality = table_rows(text.split("Time to equal quality")[1])
+    assert len(quality) == 1 and quality[0][0] == "1" and quality[0][3] == "0"
+    assert float(quality[0][1]) == min(min(h[2] for h in t["history"]) for t in json.loads(
+        smart.read_text())["search"]["trials"])
+    assert "Median speed-up to equal quality" in text
 
 
 @pytest.mark.slow
