@@ -14,7 +14,7 @@ sampler, no pruner. While the search runs, a thread samples the driver's residen
   trials started; a driver that kept, say, each trial's data or results around would grow by
   far more); judged from 40 trials on.
 
-  What the driver keeps per trial (issue 10, /work/notes/issue-10-memleak.md; 40 trials, 4 at
+  What the driver keeps per trial (issue 10; 40 trials, 4 at
   once, tracemalloc between the 20th and 40th finished trial): ~150 kB of live Python objects
   per trial, 93% of it Ray Tune's own per-trial bookkeeping, kept by design for the whole
   search (``Trial.run_metadata``: ``metric_analysis`` / ``metric_n_steps`` ~75 kB for the ~40
