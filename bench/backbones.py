@@ -25,6 +25,7 @@ import argparse
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,25 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def machine_line(threads: str, load_before: float | None = None) -> str:
+    """The "Machine:" line of a bench's printout: CPU model and count, torch, ``threads`` (as the
+    bench words them), Python; with ``load_before``, the load average at the start and now."""
+    import torch
+
+    line = (f"Machine: {cpu_model()} ({os.cpu_count()} logical CPUs), torch {torch.__version__}, "
+            f"{threads}, Python {platform.python_version()}")
+    if load_before is not None:
+        line += (f"; load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at "
+                 "the end")
+    return line
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """How the bench was run, for its printout: ``python bench/X.py`` and its arguments."""
+    return " ".join([f"python {script}",
+                     shlex.join(sys.argv[1:] if argv is None else argv)]).strip()
 
 
 def load_data(size: str, data_dir: Path):
@@ -189,8 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     total_s = time.perf_counter() - start
 
     n = {k: len(v) for k, v in data.splits.items()}
-    print(f"Machine: {cpu_model()} ({os.cpu_count()} logical CPUs), torch {torch.__version__}, "
-          f"{args.threads} thread(s), Python {platform.python_version()}")
+    print(machine_line(f"{args.threads} thread(s)"))
     print(f"Data: {source}, train/valid/test {n['train']}/{n['valid']}/{n['test']}, "
           f"text {dims.text_len}x{dims.text}, audio {dims.audio_len}x{dims.audio}, "
           f"vision {dims.vision_len}x{dims.vision}; batch {args.batch}, regulariser none, "

@@ -35,8 +35,6 @@ import json
 import math
 import os
 import pickle
-import platform
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -49,7 +47,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.backbones import DEFAULT_MOSI_DIR, cpu_model, load_data  # noqa: E402
+from bench.backbones import (  # noqa: E402
+    DEFAULT_MOSI_DIR, command_line, load_data, machine_line,
+)
 
 MODELS = ("ef_lstm", "tfn", "lmf", "mfn")
 DEFAULT_MMSA_PYTHON = "/tmp/mmsa-venv/bin/python"
@@ -249,12 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     total_s = time.perf_counter() - start
 
     n = {k: len(v) for k, v in data.splits.items()}
-    command = " ".join(["python bench/epoch_speed.py",
-                        shlex.join(sys.argv[1:] if argv is None else argv)]).strip()
-    print(f"Command: `{command}`")
-    print(f"Machine: {cpu_model()} ({os.cpu_count()} logical CPUs), torch {torch.__version__}, "
-          f"{args.threads} thread(s), Python {platform.python_version()}; load average "
-          f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
+    print(f"Command: `{command_line('bench/epoch_speed.py', argv)}`")
+    print(machine_line(f"{args.threads} thread(s)", load_before))
     print(f"Data: {source}, train/valid/test {n['train']}/{n['valid']}/{n['test']}; batch "
           f"{args.batch}, lr 1e-3, regulariser none; {args.epochs} epochs per loop, the first "
           f"not timed{'; ours with bf16 autocast' if args.cpu_bf16 else ''}\n")

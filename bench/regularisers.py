@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -38,7 +36,7 @@ DEFAULT_MOSI_DIR = REPO / "data" / "synthetic-mosi"
 REGULARISERS = ("none", "mdm", "mmim", "mird", "orthogonal", "synergy")
 
 sys.path.insert(0, str(REPO))  # run as a script
-from bench.backbones import cpu_model, load_data  # noqa: E402  (one machine line, one data set)
+from bench.backbones import load_data, machine_line  # noqa: E402  (one machine line, one data set)
 
 
 def inner_steps_of(reg_name: str) -> int:
@@ -142,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
     dims, n = data.dims, {k: len(v) for k, v in data.splits.items()}
     lines = [
-        f"Machine: {cpu_model()} ({os.cpu_count()} logical CPUs), torch {torch.__version__}, "
-        f"{args.threads} thread(s), Python {platform.python_version()}",
+        machine_line(f"{args.threads} thread(s)"),
         f"Data: {source}, train {n['train']} rows, text {dims.text_len}x{dims.text}, audio "
         f"{dims.audio_len}x{dims.audio}, vision {dims.vision_len}x{dims.vision}; batch {args.batch}, "
         f"{args.epochs} timed epoch(s), default configs; total wall {total_s:.0f} s",

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -38,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.backbones import DEFAULT_MOSI_DIR, cpu_model  # noqa: E402
+from bench.backbones import DEFAULT_MOSI_DIR, command_line, machine_line  # noqa: E402
 
 
 def trial_config(args) -> dict:
@@ -130,8 +129,6 @@ def main(argv: list[str] | None = None) -> int:
         from bench.backbones import load_data
 
         load_data("mosi", args.data)  # writes it
-    import torch
-
     from trainables.config import TrialConfig
 
     config = trial_config(args)
@@ -153,12 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(("`tuner.search`, one trial, checkpoint_every 1", every,
                          f"{every / bare_wall:.2f}×"))
 
-    command = " ".join(["python bench/tune_overhead.py",
-                        shlex.join(sys.argv[1:] if argv is None else argv)]).strip()
-    print(f"Command: `{command}`")
-    print(f"Machine: {cpu_model()} ({os.cpu_count()} logical CPUs), torch {torch.__version__}, "
-          f"1 thread per trial, Python {platform.python_version()}; load average "
-          f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
+    print(f"Command: `{command_line('bench/tune_overhead.py', argv)}`")
+    print(machine_line("1 thread per trial", load_before))
     print(f"Trial: {json.dumps(config)}, {args.epochs} epochs, data {args.data}; each run a fresh "
           f"process, end to end (bare: {info['load_build_s']:.1f} s load + build, "
           f"{info['fit_s']:.1f} s fit)\n")
