@@ -218,6 +218,8 @@ def load_search(path: Path, meta: dict[str, Any], flag: str = "--grid-from") -> 
 def chosen_point(space, trial: Trial) -> dict[str, Any]:
     """The sampled values (typed) of a trial, from its MLflow params (strings): the grid point
     it came from, or the values a sampler drew from the space's ``ranges``."""
+    from tuner.tracking import parse_param
+
     params = trial.params
     point: dict[str, Any] = {"backbone": params["backbone"], "regulariser": params["regulariser"]}
     for key in sorted(set(space.grid) | set(space.ranges)):
@@ -225,15 +227,10 @@ def chosen_point(space, trial: Trial) -> dict[str, Any]:
             continue
         if key not in params:
             raise SystemExit(f"the chosen trial has no param {key!r}: {params}")
+        point[key] = value = parse_param(params[key])
         spec = space.ranges.get(key)
-        options = list(space.grid.get(key, [])) + list(spec.choices if spec and spec.choices
-                                                       else [])
-        same = [v for v in options if str(v) == params[key]]
-        if same:
-            point[key] = same[0]
-        elif spec is not None and spec.choices is None:
-            point[key] = int(float(params[key])) if spec.type == "int" else float(params[key])
-        else:
+        if (spec is None or spec.choices is not None) and value not in [
+                *space.grid.get(key, []), *(spec.choices if spec else [])]:
             raise SystemExit(f"the chosen trial's {key}={params[key]!r} is not in the space")
     return point
 

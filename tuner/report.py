@@ -31,7 +31,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import ast
 import csv
 import logging
 import math
@@ -50,7 +49,7 @@ import yaml
 from trainables.config import ConfigError, TrialConfig
 from trainables.data import DROPPABLE, DataError, MultimodalData
 from tuner.search import UsageError  # one error type (one line, exit 2) for the project's CLIs
-from tuner.tracking import all_runs, finite
+from tuner.tracking import all_runs, finite, parse_param
 
 __all__ = ["REPORT_METRICS", "build_parser", "main", "mann_whitney", "train_rerun"]
 
@@ -227,17 +226,9 @@ def choose_trial(info: SearchInfo, regulariser: str | None) -> tuple[Any, str]:
                   f"{overall.info.run_id} is unregularised")
 
 
-def _param(text: str) -> Any:
-    """A value back from its MLflow param string (``str(value)`` when it was logged)."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
 def trial_config(run) -> dict[str, Any]:
     """The full flat trial config of an MLflow trial run (validated by :class:`TrialConfig`)."""
-    flat = {k: _param(v) for k, v in run.data.params.items()}
+    flat = {k: parse_param(v) for k, v in run.data.params.items()}
     try:
         return TrialConfig.from_flat(flat).to_flat()
     except ConfigError as exc:

@@ -15,6 +15,7 @@ finished trial ends up in MLflow once, with every epoch once.
 
 from __future__ import annotations
 
+import ast
 import errno
 import json
 import logging
@@ -131,6 +132,14 @@ def _now_ms() -> int:
 def _param_value(value: Any) -> str:
     text = str(value)
     return text if len(text) <= 6000 else text[:5997] + "..."
+
+
+def parse_param(text: str) -> Any:
+    """A value back from its MLflow param string (``str(value)`` when it was logged)."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def trial_metrics(result: dict[str, Any]) -> dict[str, float]:
