@@ -80,7 +80,9 @@ def test_raising_and_diverging_trials(tmp_path, monkeypatch, small_data, ray_fau
     code = main(["--space", "raising.yaml", "--name", "r1"])
     out, err = capsys.readouterr()
     assert code == 3, err[-2000:]  # finished, but a trial errored
-    assert "1 completed" not in out and "2 completed, 1 diverged, 1 errored" in out
+    # the whole summary line: the retried trial counts as completed once (Ray's own table prints
+    # "Trial train_fusion_<id> completed ...", so a bare "1 completed" substring test is flaky)
+    assert "Search 'r1' finished: 2 completed, 1 diverged, 1 errored\n" in out, out[-3000:]
     assert "Traceback" not in err  # one line per failure; the traceback is in error.txt
     assert err.count("raise_always: a deterministic bug in forward") >= 3  # 2 retries + final
 
