@@ -861,4 +861,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from tuner.search import exit_cli
+
+    exit_cli(main())
