@@ -6,6 +6,8 @@
   ``$FAULT_MARKER_DIR/<trial seed>.raised`` exists, and creates it (a transient fault).
 - ``nan_later``: an EF-LSTM whose predictions become NaN from its second epoch on (divergence
   after a good first epoch).
+- ``pid_probe``: an EF-LSTM that appends the id of the process building it to
+  ``$FAULT_MARKER_DIR/pid_probe.pids`` (which worker process ran each trial).
 
 Epochs are counted by ``model.train()`` calls: the loop calls it once at the start of each epoch.
 """
@@ -20,7 +22,8 @@ import torch
 from trainables.backbones import BACKBONES
 from trainables.backbones.ef_lstm import EFLSTM
 
-NAMES = {"raise_always": "RaiseAlways", "raise_once": "RaiseOnce", "nan_later": "NanLater"}
+NAMES = {"raise_always": "RaiseAlways", "raise_once": "RaiseOnce", "nan_later": "NanLater",
+         "pid_probe": "PidProbe"}
 
 
 def register() -> None:
@@ -62,3 +65,10 @@ class NanLater(_Counting):
         if self.training and self.epochs_started >= 2:
             out.prediction = out.prediction * torch.nan
         return out
+
+
+class PidProbe(EFLSTM):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        with open(Path(os.environ["FAULT_MARKER_DIR"]) / "pid_probe.pids", "a") as out:
+            out.write(f"{os.getpid()}\n")

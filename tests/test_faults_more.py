@@ -120,6 +120,42 @@ def test_raising_and_diverging_trials(tmp_path, monkeypatch, small_data, ray_fau
     assert states == ["COMPLETE", "COMPLETE", "FAIL", "FAIL"]  # errored and diverged: FAIL
 
 
+def test_reused_worker_reproduces_fresh_runs(tmp_path, monkeypatch, small_data, ray_faulty, capsys):
+    """search.reuse_workers (the default): trials run one after another in one worker process,
+    and each gives exactly what its configuration gives in a fresh process (the test's own)."""
+    import json
+
+    from trainables.config import TrialConfig
+    from trainables.loop import Trainer
+
+    data_dir = write_parquet(small_data, tmp_path / "data")
+    space = {
+        "name": "reuse", "backbones": ["pid_probe"], "regularisers": ["none", "mdm"],
+        "data": str(data_dir),
+        "ranges": {"lr": {"low": 1e-3, "high": 5e-3, "log": True}},
+        "fixed": {"batch_size": 16, "patience": 0, "backbone.hidden": 16,
+                  "backbone.num_layers": 1, "backbone.dropout": 0.2},
+        "search": {"sampler": "random", "pruner": "none", "num_samples": 4, "max_epochs": 2,
+                   "seed": 3, "max_concurrent": 1},
+        "resources": {"cpu": 1},
+    }
+    (tmp_path / "reuse.yaml").write_text(yaml.safe_dump(space))
+    monkeypatch.chdir(tmp_path)
+    assert main(["--space", "reuse.yaml", "--name", "u1"]) == 0, capsys.readouterr().err[-2000:]
+    pids = (ray_faulty / "pid_probe.pids").read_text().split()
+    assert len(pids) == 4 and len(set(pids)) == 1, pids  # one process ran all four trials
+
+    trials = [[json.loads(line) for line in path.read_text().splitlines()]
+              for path in (tmp_path / "ray_results" / "u1").glob("*/result.json")]
+    assert len(trials) == 4
+    assert {t[-1]["config"]["regulariser"] for t in trials} == {"none", "mdm"}
+    for reports in trials:
+        fresh = Trainer(TrialConfig.from_flat(reports[-1]["config"]), small_data, device="cpu",
+                        num_threads=1).fit()
+        assert [r["valid_mae"] for r in reports] == [h["valid_mae"] for h in fresh]
+        assert reports[-1]["test_mae"] == fresh[-1]["test_mae"]
+
+
 # ---------------------------------------------------------------- the MLflow server goes away
 def free_port() -> int:
     with socket.socket() as s:

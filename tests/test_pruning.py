@@ -155,3 +155,33 @@ def test_a_finished_trial_leaves_only_its_id_in_the_searcher():
         optuna.trial.TrialState.PRUNED]
     assert [t.value for t in trials[:2]] == [1.0, 2.0]
     assert trials[0].intermediate_values == {1: 1.0}
+
+
+def test_restore_fails_the_orphans_of_a_killed_driver(tmp_path):
+    """--resume after SIGKILL: a trial the killed driver asked the study for, after Ray's last
+    experiment snapshot, has no Tune trial and would stay RUNNING in the study forever; the
+    restored searcher tells it FAIL and keeps the in-flight trial that Ray knows running."""
+    space = space_from_dict({**SPACE, "search": {"sampler": "random", "max_epochs": 3}}, "g.yaml")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+
+    def make():
+        return StudySearch(
+            space=space.define_by_run("random", 3, 0), metric=space.objective, mode="min",
+            sampler=make_sampler("random", 0), storage=optuna.storages.RDBStorage(storage),
+            study_name="k")
+
+    searcher = make()
+    searcher.suggest("done")
+    searcher.on_trial_complete("done", {space.objective: 1.0})
+    searcher.suggest("inflight")
+    searcher.save(str(tmp_path / "searcher.pkl"))  # Ray's experiment snapshot
+    searcher.suggest("orphan")  # then the driver is killed
+
+    restored = make()
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    states = [t.state.name for t in optuna.load_study(study_name="k", storage=storage).trials]
+    assert states == ["COMPLETE", "RUNNING", "FAIL"]
+    restored.on_trial_complete("inflight", {space.objective: 0.5})  # the in-flight one goes on
+    study = optuna.load_study(study_name="k", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "FAIL"]
+    assert study.best_value == 0.5

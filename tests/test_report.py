@@ -110,6 +110,30 @@ def test_probe_checkpoint_matches_evaluate_checkpoint(small_data, tmp_path):
             assert scores is None
 
 
+def test_the_report_never_chooses_a_trial_that_did_not_finish_cleanly():
+    """choose_trial follows the search's own rule (tracking.NEVER_BEST): a diverged, errored or
+    interrupted trial is not the best, however good its validation value before it stopped."""
+    from types import SimpleNamespace
+
+    from tuner.report import SearchInfo, choose_trial
+    from tuner.search import UsageError
+
+    def run(run_id, status, value, regulariser="mdm"):
+        return SimpleNamespace(info=SimpleNamespace(run_id=run_id),
+                               data=SimpleNamespace(metrics={"best_valid_mae": value},
+                                                    tags={"status": status},
+                                                    params={"regulariser": regulariser}))
+
+    trials = [run("diverged", "diverged", 0.1), run("errored", "errored", 0.2),
+              run("interrupted", "interrupted", 0.3), run("pruned", "pruned", 0.6),
+              run("completed", "completed", 0.5)]
+    info = SearchInfo("1", "e", None, trials, "s", "valid_mae", "min")
+    chosen, _ = choose_trial(info, None)
+    assert chosen.info.run_id == "completed"
+    with pytest.raises(UsageError, match="no completed or pruned trial has a finite"):
+        choose_trial(SearchInfo("1", "e", None, trials[:3], "s", "valid_mae", "min"), None)
+
+
 def test_drop_rejects_an_unknown_modality(small_data):
     with pytest.raises(ValueError, match="modality: expected one of text, audio, vision"):
         drop_modality(small_data.splits["test"], "video")

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -17,13 +18,16 @@ from trainables.data.parquet import write_parquet
 pytestmark = pytest.mark.slow
 
 
-def completed_trials(db: Path) -> int:
+def trials_with_status(db: Path, status: str) -> int:
+    """Trial runs in the MLflow store whose ``status`` tag is ``status`` (0 before it exists)."""
     if not db.exists():
         return 0
     try:
         with sqlite3.connect(db, timeout=1) as con:
             rows = con.execute(
-                "select count(*) from tags where key='status' and value='completed'").fetchone()
+                "select count(*) from tags s join tags k on s.run_uuid = k.run_uuid "
+                "where s.key='status' and s.value=? and k.key='run_kind' and k.value='trial'",
+                (status,)).fetchone()
         return int(rows[0])
     except sqlite3.Error:
         return 0
@@ -37,7 +41,7 @@ def test_sigkill_driver_then_resume(tmp_path, small_data):
         "ranges": {"lr": {"low": 1e-3, "high": 5e-3, "log": True}},
         "fixed": {"batch_size": 16, "patience": 0, "regulariser.unroll": 1,
                   "backbone.hidden": 16, "backbone.num_layers": 1},
-        "search": {"sampler": "random", "pruner": "none", "num_samples": 4, "max_epochs": 3,
+        "search": {"sampler": "random", "pruner": "none", "num_samples": 4, "max_epochs": 6,
                    "seed": 0, "max_concurrent": 1},
         "resources": {"cpu": 1},
     }
@@ -47,11 +51,13 @@ def test_sigkill_driver_then_resume(tmp_path, small_data):
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while completed_trials(tmp_path / "mlflow.db") < 1:
+    db = tmp_path / "mlflow.db"
+    # kill once a trial has finished and the next one is running (trials follow each other
+    # within a fraction of a second in a reused worker: poll, don't sleep a fixed time)
+    while trials_with_status(db, "completed") < 1 or trials_with_status(db, "running") < 1:
         assert proc.poll() is None, "the search ended before it could be killed"
         assert time.time() < deadline, "no trial finished in time"
-        time.sleep(0.5)
-    time.sleep(1.0)  # let the next trial start, so something is in flight
+        time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
     proc.wait(timeout=30)
 
@@ -71,14 +77,21 @@ def test_sigkill_driver_then_resume(tmp_path, small_data):
     parents = [r for r in runs if r.data.tags.get("run_kind") == "search"]
     children = [r for r in runs if r.data.tags.get("run_kind") == "trial"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    # a trial started after Ray's last experiment snapshot is unknown to the resumed search,
+    # which runs a new one in its place: its run is closed as interrupted, its study trial FAIL
+    orphans = [c for c in children if c.data.tags["status"] == "interrupted"]
+    assert all(c.info.status == "KILLED" for c in orphans) and len(orphans) <= 1
+    children = [c for c in children if c not in orphans]
     trial_ids = [c.data.tags["ray_trial_id"] for c in children]
     assert len(trial_ids) == len(set(trial_ids)) == 4  # every trial once, none lost
+    study = optuna.load_study(study_name="k1", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE"] * 4 + ["FAIL"] * len(orphans)
     for child in children:
         assert child.data.tags["status"] == "completed"
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "valid_mae")]
-        assert set(steps) == {1, 2, 3}
+        assert set(steps) == set(range(1, 7))
         if child.data.tags["ray_trial_id"] in done_before:
-            assert sorted(steps) == [1, 2, 3]  # finished before the kill: not re-run
+            assert sorted(steps) == list(range(1, 7))  # finished before the kill: not re-run
 
 
 def test_restored_callback_of_an_older_version_is_reset(tmp_path):
@@ -132,3 +145,30 @@ def test_callback_keeps_only_the_id_of_a_finished_trial(tmp_path):
     assert runs[0].data.tags["status"] == "completed" and runs[0].data.tags["ray_node_id"] == "n1"
     assert [m.step for m in tracker.client.get_metric_history(runs[0].info.run_id,
                                                              "valid_mae")] == [1, 2]
+
+
+def test_sync_closes_a_child_run_that_ray_never_recorded(tmp_path):
+    """A child run opened just before the driver was killed, for a trial Ray's experiment
+    snapshot does not hold: the resumed search ran a new trial instead, so the end-of-search
+    sync closes the orphan as ``interrupted`` (KILLED) and leaves the real trials alone."""
+    from types import SimpleNamespace
+
+    from tuner.tracking import INTERRUPTED_NOTE, Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", experiment_name="orphans")
+    tracker.start_search("s", params={}, tags={}, files={})
+    real = tracker.create_child("t1", {"lr": 0.01, "backbone": "ef_lstm"})
+    orphan = tracker.create_child("t9", {"lr": 0.02, "backbone": "ef_lstm"})
+    report = {"trial_id": "t1", "epoch": 1, "training_iteration": 1, "valid_mae": 0.9,
+              "best_valid_mae": 0.9, "best_epoch": 1, "trial_status": "completed",
+              "test_mae": 1.0}
+    result = SimpleNamespace(metrics=report, path=None, error=None,
+                             metrics_dataframe=None)
+    assert tracker.sync_results([result]) == 2
+    runs = {r.info.run_id: r for r in tracker.client.search_runs([tracker.experiment_id])}
+    assert runs[real].info.status == "FINISHED" and runs[real].data.tags["status"] == "completed"
+    assert runs[orphan].info.status == "KILLED"
+    assert runs[orphan].data.tags["status"] == "interrupted"
+    assert runs[orphan].data.tags["note"] == INTERRUPTED_NOTE
+    assert tracker.sync_results([result]) == 0  # nothing left to write
+

@@ -74,6 +74,7 @@ def test_grid_skips_keys_that_do_not_apply():
         ({"search": {"sampler": "bayes"}}, "search: sampler: expected one of"),
         ({"search": {"pruner": "early"}}, "search: pruner: expected one of"),
         ({"search": {"num_samples": 0}}, "num_samples: expected >= 1"),
+        ({"search": {"reuse_workers": "yes"}}, "reuse_workers: expected true or false, got 'yes'"),
         ({"ranges": {"lr": {"low": 1.0, "high": 0.1}}}, "ranges.lr: expected low <= high"),
         ({"resources": {"cpu": 0}}, "resources: cpu: expected > 0"),
         ({"mode": "down"}, "mode: expected one of 'min', 'max'"),

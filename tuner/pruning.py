@@ -141,6 +141,24 @@ class StudySearch(OptunaSearch):
         self._completed_trials.add(trial_id)
         self.forget(trial_id)
 
+    def restore(self, checkpoint_path: str) -> None:
+        """Ray's restore of the searcher (``--resume``), then the study's orphans are told FAIL:
+        trials the study holds as RUNNING that no restored Tune trial owns. The driver asked for
+        them and was killed before Ray's next experiment snapshot recorded their Tune trials, so
+        nothing will ever finish them (the resumed search asks for new ones), and a sampler
+        would go on treating them as pending."""
+        super().restore(checkpoint_path)
+        owned = {ot_trial.number for ot_trial in self._ot_trials.values()}
+        for orphan in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if orphan.number in owned:
+                continue
+            try:
+                self.study.tell(orphan.number, state=TrialState.FAIL)
+                log.info("Optuna trial %d: no Tune trial after the restore; told FAIL",
+                         orphan.number)
+            except Exception as exc:  # never let bookkeeping stop the search
+                log.warning("could not fail the orphaned Optuna trial %d: %s", orphan.number, exc)
+
     def forget(self, trial_id: str) -> None:
         """Drop what is kept per running trial once it is told (its Optuna trial object, the
         steps it reported, its pruned mark): the study in the storage holds the finished trial,

@@ -49,7 +49,7 @@ import yaml
 from trainables.config import ConfigError, TrialConfig
 from trainables.data import DROPPABLE, DataError, MultimodalData
 from tuner.search import UsageError  # one error type (one line, exit 2) for the project's CLIs
-from tuner.tracking import all_runs, finite, parse_param
+from tuner.tracking import NEVER_BEST, all_runs, finite, parse_param
 
 __all__ = ["REPORT_METRICS", "build_parser", "main", "mann_whitney", "train_rerun"]
 
@@ -197,11 +197,15 @@ def find_search(client, experiment: str | None, run_id: str | None,
 
 
 def choose_trial(info: SearchInfo, regulariser: str | None) -> tuple[Any, str]:
-    """The best trial by the search's validation objective; returns it and a note on the choice."""
+    """The best trial by the search's validation objective; returns it and a note on the choice.
+
+    As in the search's own summary, a diverged, errored or interrupted trial is never chosen
+    (``tracking.NEVER_BEST``), whatever its validation value before it stopped."""
     key = info.objective
-    scored = [t for t in info.trials if finite(t.data.metrics.get(key))]
+    scored = [t for t in info.trials if finite(t.data.metrics.get(key))
+              and t.data.tags.get("status") not in NEVER_BEST]
     if not scored:
-        raise UsageError(f"search {info.name!r}: no trial has a finite {key}")
+        raise UsageError(f"search {info.name!r}: no completed or pruned trial has a finite {key}")
     sign = 1.0 if info.mode == "min" else -1.0
 
     def best_of(runs):

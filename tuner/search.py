@@ -510,6 +510,7 @@ def run_search(space: SearchSpace, data: MultimodalData, args: argparse.Namespac
             trainable,
             tune_config=TuneConfig(search_alg=search_alg, scheduler=scheduler,
                                    num_samples=num_samples,
+                                   reuse_actors=settings.reuse_workers,
                                    trial_dirname_creator=_trial_dirname),
             run_config=RunConfig(
                 name=name, storage_path=storage, stop=stop,
@@ -613,7 +614,7 @@ def summarise(results, space: SearchSpace, tracker, data: MultimodalData,
     be given now (``--resume`` writes them once the store is back)."""
     from trainables.loop import BEST_FILE
     from trainables.trainable import evaluate_checkpoint
-    from tuner.tracking import final_status
+    from tuner.tracking import NEVER_BEST, final_status
 
     objective = space.objective
     counts: dict[str, int] = {}
@@ -625,7 +626,7 @@ def summarise(results, space: SearchSpace, tracker, data: MultimodalData,
         value = (result.metrics or {}).get(objective)
         if status == "errored":
             errored.append(result)
-        elif status != "diverged" and isinstance(value, (int, float)) and math.isfinite(value):
+        elif status not in NEVER_BEST and isinstance(value, (int, float)) and math.isfinite(value):
             candidates.append(result)  # a diverged trial is never the best, whatever came before
     synced = tracker.sync_results(results)
     if synced:

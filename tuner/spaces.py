@@ -95,6 +95,11 @@ class SearchSettings:
     seed: int = 0
     #: trials running at once (0 = as many as the resources allow)
     max_concurrent: int = 0
+    #: start a trial in the worker process of a finished one (Ray Tune's ``reuse_actors``: skips
+    #: the ~3 s of process start, imports and data fetch per trial); every trial seeds all RNGs
+    #: and sets its threads itself, so results do not depend on it. ``false``: a fresh process
+    #: per trial (e.g. for a plugin model that keeps global state)
+    reuse_workers: bool = True
 
     def validate(self) -> None:
         if self.num_samples < 1:

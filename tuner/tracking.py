@@ -42,7 +42,13 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 METRIC_PREFIXES = ("valid_", "train_", "best_", "test_")
 METRIC_KEYS = ("epoch", "epoch_seconds", "best_epoch")
 TERMINAL = {"completed": "FINISHED", "early_stopped": "FINISHED", "pruned": "KILLED",
-            "diverged": "FAILED", "errored": "FAILED"}
+            "diverged": "FAILED", "errored": "FAILED", "interrupted": "KILLED"}
+#: trial statuses never chosen as a search's best, whatever validation value came before:
+#: a diverged trial's pre-divergence epochs, an errored one's, an interrupted one's partial run
+NEVER_BEST = frozenset({"diverged", "errored", "interrupted"})
+#: the note on a child run that Ray never recorded (see :meth:`Tracker.sync_results`)
+INTERRUPTED_NOTE = ("the driver stopped before Ray recorded this trial; the resumed search ran "
+                    "a new trial in its place")
 #: after a failed MLflow call, MLflow is left alone this long (the search does not wait for it)
 RETRY_AFTER_S = 30.0
 #: an HTTP tracking server that does not answer costs the driver seconds, not MLflow's default
@@ -378,8 +384,11 @@ class Tracker:
         Ray's results on disk are the truth: per trial, its ``progress.csv`` (every report), its
         last result, its error. A trial without a child run gets one; a child run gets the
         epochs it lacks (by ``epoch`` step, so nothing is logged twice), its test metrics, its
-        status tag and terminal state. Returns how many trials needed writing; raises nothing
-        (a failure is a warning and the rest waits for the next ``--resume``).
+        status tag and terminal state. A child run still open whose trial Ray does not know
+        (the driver was killed between creating it and Ray's next experiment snapshot, so the
+        resumed search asked for a new trial instead) is closed as ``interrupted`` (KILLED).
+        Returns how many trials needed writing; raises nothing (a failure is a warning and the
+        rest waits for the next ``--resume``).
         """
         if self.parent_run_id is None:
             return 0
@@ -389,8 +398,15 @@ class Tracker:
 
         def run() -> None:
             existing = self.trial_runs()
+            known = set()
             for result in results:
-                if self._sync_one(result, existing):
+                trial_id = _result_trial_id(result)
+                known.add(trial_id)
+                if trial_id and self._sync_one(result, trial_id, existing):
+                    synced.append(1)
+            for trial_id, orphan in existing.items():
+                if trial_id not in known and orphan.info.status == "RUNNING":
+                    self.finish_child(orphan.info.run_id, "interrupted", {"note": INTERRUPTED_NOTE})
                     synced.append(1)
 
         if self.safely("sync of finished trials", run):
@@ -398,14 +414,9 @@ class Tracker:
             self._failures_since_sync = 0
         return len(synced)
 
-    def _sync_one(self, result, existing: dict[str, Any]) -> bool:
+    def _sync_one(self, result, trial_id: str, existing: dict[str, Any]) -> bool:
         last = dict(result.metrics or {})
         trial_dir = Path(str(result.path)) if result.path else None
-        trial_id = str(last.get("trial_id") or "")
-        if not trial_id and trial_dir is not None:
-            trial_id = trial_dir.name.split("-")[0]  # tuner.search names trial folders ID-...
-        if not trial_id:
-            return False
         status = "errored" if result.error is not None else final_status(last)
         run = existing.get(trial_id)
         changed = False
@@ -572,6 +583,15 @@ class MlflowTrialCallback(Callback):
               f"failures ({message}); the search goes on", file=sys.stderr, flush=True)
         self._guard("trial status", trial, self._finish, trial, "errored",
                     {"error": message or "see the Ray trial log"})
+
+
+def _result_trial_id(result) -> str:
+    """The Ray trial id of a ``ResultGrid`` entry ("" when neither its metrics nor its folder
+    tell)."""
+    trial_id = str((result.metrics or {}).get("trial_id") or "")
+    if not trial_id and result.path:
+        trial_id = Path(str(result.path)).name.split("-")[0]  # tuner.search names folders ID-...
+    return trial_id
 
 
 def rebind_callbacks(tuner, tracker: Tracker) -> None:
