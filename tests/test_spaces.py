@@ -74,7 +74,8 @@ def test_grid_skips_keys_that_do_not_apply():
         ({"search": {"sampler": "bayes"}}, "search: sampler: expected one of"),
         ({"search": {"pruner": "early"}}, "search: pruner: expected one of"),
         ({"search": {"num_samples": 0}}, "num_samples: expected >= 1"),
-        ({"search": {"reuse_workers": "yes"}}, "reuse_workers: expected true or false, got 'yes'"),
+        ({"search": {"reuse_workers": "yes"}},
+         "reuse_workers: expected one of 'auto', true, false, got 'yes'"),
         ({"ranges": {"lr": {"low": 1.0, "high": 0.1}}}, "ranges.lr: expected low <= high"),
         ({"resources": {"cpu": 0}}, "resources: cpu: expected > 0"),
         ({"mode": "down"}, "mode: expected one of 'min', 'max'"),
@@ -149,3 +150,21 @@ def test_smoke_space_is_small():
     space = load_space("smoke")
     assert space.search.num_samples * space.search.max_epochs <= 64
     assert dataclasses.asdict(space)["resources"]["cpu"] >= 1
+
+
+def test_reuse_workers_auto_means_a_local_ray_only(monkeypatch):
+    """``auto`` reuses worker processes on a local Ray, not on a cluster (a lost node's dead idle
+    workers would take the retries of its trials); true/false are taken as said."""
+    from types import SimpleNamespace
+
+    from tuner.search import reuse_workers
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    auto, on, off = (SimpleNamespace(reuse_workers=v) for v in ("auto", True, False))
+    assert reuse_workers(auto, None) and reuse_workers(auto, "local")
+    assert not reuse_workers(auto, "auto") and not reuse_workers(auto, "10.0.0.1:6379")
+    assert reuse_workers(on, "auto") and not reuse_workers(off, None)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # as `ray job submit` sets it
+    assert not reuse_workers(auto, None)
+    space = space_from_dict({**BASE, "search": {"reuse_workers": True}}, "x.yaml")
+    assert space.search.reuse_workers is True

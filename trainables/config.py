@@ -32,13 +32,20 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _yaml_repr(value: Any) -> str:
+    """A value as a message shows it: strings quoted, booleans as YAML writes them."""
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp``; convert the lossless cases (int -> float)."""
     origin = typing.get_origin(tp)
     if origin is typing.Literal:
         choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{where}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+        # by type too: 1 is not True, "1" is not 1
+        if not any(type(value) is type(c) and value == c for c in choices):
+            shown = ", ".join(_yaml_repr(c) for c in choices)
+            raise ConfigError(f"{where}: expected one of {shown}, got {_yaml_repr(value)}")
         return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)

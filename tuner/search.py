@@ -396,6 +396,12 @@ def study_storage_for(args: argparse.Namespace) -> str:
 
 
 
+def ray_address(address: str | None) -> str:
+    """The Ray a search runs on: ``--address``, else ``$RAY_ADDRESS``, else ``"local"`` (a new
+    Ray of our own in this process)."""
+    return address or os.environ.get("RAY_ADDRESS") or "local"
+
+
 def init_ray(address: str | None, verbose: int = 0) -> None:
     """Start (or join) Ray unless it runs in this process already; a failure is a UsageError.
 
@@ -407,7 +413,7 @@ def init_ray(address: str | None, verbose: int = 0) -> None:
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    address = ray_address(address)
     try:
         ray.init(address=address, log_to_driver=verbose > 0,
                  logging_level=logging.INFO if verbose else logging.WARNING,
@@ -510,7 +516,7 @@ def run_search(space: SearchSpace, data: MultimodalData, args: argparse.Namespac
             trainable,
             tune_config=TuneConfig(search_alg=search_alg, scheduler=scheduler,
                                    num_samples=num_samples,
-                                   reuse_actors=settings.reuse_workers,
+                                   reuse_actors=reuse_workers(settings, args.address),
                                    trial_dirname_creator=_trial_dirname),
             run_config=RunConfig(
                 name=name, storage_path=storage, stop=stop,
@@ -539,6 +545,16 @@ def run_search(space: SearchSpace, data: MultimodalData, args: argparse.Namespac
               file=sys.stderr)
         return 5
     return summarise(results, space, tracker, data, experiment)
+
+
+def reuse_workers(settings, address: str | None) -> bool:
+    """``search.reuse_workers``, with ``auto`` = only on a local Ray. On a cluster, when a node
+    is lost, Tune may start the trials that ran there on that node's idle cached workers, which
+    are dead too: each try is one more failure of the trial (tests/test_cluster.py lost a trial
+    that way, its two retries spent on dead workers)."""
+    if settings.reuse_workers == "auto":
+        return ray_address(address) == "local"
+    return bool(settings.reuse_workers)
 
 
 def _disk_full(exc: BaseException) -> str | None:

@@ -97,9 +97,11 @@ class SearchSettings:
     max_concurrent: int = 0
     #: start a trial in the worker process of a finished one (Ray Tune's ``reuse_actors``: skips
     #: the ~3 s of process start, imports and data fetch per trial); every trial seeds all RNGs
-    #: and sets its threads itself, so results do not depend on it. ``false``: a fresh process
-    #: per trial (e.g. for a plugin model that keeps global state)
-    reuse_workers: bool = True
+    #: and sets its threads itself, so results do not depend on it. ``auto``: on a local Ray
+    #: only; on a cluster a lost node's idle workers would each take one of the retries of the
+    #: trials moved off it. ``false``: a fresh process per trial (e.g. for a plugin model that
+    #: keeps global state)
+    reuse_workers: Literal["auto", True, False] = "auto"
 
     def validate(self) -> None:
         if self.num_samples < 1:
