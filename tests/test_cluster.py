@@ -364,7 +364,9 @@ def test_search_on_a_multi_node_cluster_survives_losing_a_node(tmp_path, monkeyp
     from tuner.search import main
 
     cluster, (worker_a, worker_b) = fake_gpu_cluster
-    epochs, trials = 4, 3
+    # 10 epochs: the node goes while the trial still has epochs to run on the other one (a few
+    # 0.05 s epochs of the small set could all be done before the removal lands)
+    epochs, trials = 10, 3
     data_dir = write_parquet(small_data, tmp_path / "data")
     space = {
         "name": "multinode", "backbones": ["ef_lstm"], "regularisers": ["none"],
