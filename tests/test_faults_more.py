@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tests import fault_plugins
+from tests.mlflow_store import trials_with_status
 from trainables.data.parquet import write_parquet
 from tuner.search import main
 
@@ -121,25 +121,16 @@ def test_raising_and_diverging_trials(tmp_path, monkeypatch, small_data, ray_fau
 
 
 def test_reused_worker_reproduces_fresh_runs(tmp_path, monkeypatch, small_data, ray_faulty, capsys):
-    """search.reuse_workers (the default): trials run one after another in one worker process,
-    and each gives exactly what its configuration gives in a fresh process (the test's own)."""
+    """search.reuse_workers (default auto: on a local Ray): trials run one after another in one
+    worker process, and each gives exactly what its configuration gives in a fresh process (the
+    test's own)."""
     import json
 
     from trainables.config import TrialConfig
     from trainables.loop import Trainer
 
-    data_dir = write_parquet(small_data, tmp_path / "data")
-    space = {
-        "name": "reuse", "backbones": ["pid_probe"], "regularisers": ["none", "mdm"],
-        "data": str(data_dir),
-        "ranges": {"lr": {"low": 1e-3, "high": 5e-3, "log": True}},
-        "fixed": {"batch_size": 16, "patience": 0, "backbone.hidden": 16,
-                  "backbone.num_layers": 1, "backbone.dropout": 0.2},
-        "search": {"sampler": "random", "pruner": "none", "num_samples": 4, "max_epochs": 2,
-                   "seed": 3, "max_concurrent": 1},
-        "resources": {"cpu": 1},
-    }
-    (tmp_path / "reuse.yaml").write_text(yaml.safe_dump(space))
+    tiny_space(tmp_path, small_data, "reuse", num_samples=4, backbones=["pid_probe"],
+               regularisers=["none", "mdm"], seed=3, fixed={"backbone.dropout": 0.2})
     monkeypatch.chdir(tmp_path)
     assert main(["--space", "reuse.yaml", "--name", "u1"]) == 0, capsys.readouterr().err[-2000:]
     pids = (ray_faulty / "pid_probe.pids").read_text().split()
@@ -189,24 +180,19 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
 
 
-def completed_in(db: Path) -> int:
-    try:
-        with sqlite3.connect(db, timeout=1) as con:
-            return con.execute("select count(*) from tags where key='status' "
-                               "and value='completed'").fetchone()[0]
-    except sqlite3.Error:
-        return 0
-
-
-def tiny_space(tmp_path: Path, small_data, name: str, num_samples: int, epochs: int = 2) -> Path:
+def tiny_space(tmp_path: Path, small_data, name: str, num_samples: int, epochs: int = 2,
+               backbones=("ef_lstm",), regularisers=("none",), seed: int = 0,
+               fixed: dict | None = None) -> Path:
+    """A small random search, one trial at a time, written to ``tmp_path / f"{name}.yaml"``."""
     data_dir = write_parquet(small_data, tmp_path / "data")
     space = {
-        "name": name, "backbones": ["ef_lstm"], "regularisers": ["none"], "data": str(data_dir),
+        "name": name, "backbones": list(backbones), "regularisers": list(regularisers),
+        "data": str(data_dir),
         "ranges": {"lr": {"low": 1e-3, "high": 5e-3, "log": True}},
         "fixed": {"batch_size": 16, "patience": 0, "backbone.hidden": 16,
-                  "backbone.num_layers": 1},
+                  "backbone.num_layers": 1, **(fixed or {})},
         "search": {"sampler": "random", "pruner": "none", "num_samples": num_samples,
-                   "max_epochs": epochs, "seed": 0, "max_concurrent": 1},
+                   "max_epochs": epochs, "seed": seed, "max_concurrent": 1},
         "resources": {"cpu": 1},
     }
     path = tmp_path / f"{name}.yaml"
@@ -249,7 +235,7 @@ def test_mlflow_server_down_mid_search_then_resume_syncs(tmp_path, monkeypatch, 
     def killer():  # the server dies once the first trial is recorded as completed
         deadline = time.time() + 400
         while time.time() < deadline and server.poll() is None:
-            if completed_in(tmp_path / "server.db") >= 1:
+            if trials_with_status(tmp_path / "server.db", "completed") >= 1:
                 stop(server)
                 killed.append(time.time())
                 return
@@ -345,7 +331,7 @@ def test_disk_full_mid_search_then_resume(tmp_path, monkeypatch, small_data, ray
     def filler():  # the disk fills once the first trial is recorded as completed
         deadline = time.time() + 400
         while time.time() < deadline:
-            if completed_in(tmp_path / "mlflow.db") >= 1:
+            if trials_with_status(tmp_path / "mlflow.db", "completed") >= 1:
                 # less room than a step may write: the search stops before Ray's uploads fail
                 filled.append(fill(small_disk, leave=256 * 1024))
                 return

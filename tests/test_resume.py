@@ -2,35 +2,19 @@
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import optuna
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from tests.mlflow_store import trials_with_status
 from trainables.data.parquet import write_parquet
 
 pytestmark = pytest.mark.slow
-
-
-def trials_with_status(db: Path, status: str) -> int:
-    """Trial runs in the MLflow store whose ``status`` tag is ``status`` (0 before it exists)."""
-    if not db.exists():
-        return 0
-    try:
-        with sqlite3.connect(db, timeout=1) as con:
-            rows = con.execute(
-                "select count(*) from tags s join tags k on s.run_uuid = k.run_uuid "
-                "where s.key='status' and s.value=? and k.key='run_kind' and k.value='trial'",
-                (status,)).fetchone()
-        return int(rows[0])
-    except sqlite3.Error:
-        return 0
 
 
 def test_sigkill_driver_then_resume(tmp_path, small_data):

@@ -230,15 +230,15 @@ class SearchBudget(Stopper):
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         step = result.get("training_iteration")
-        if step is not None and self._last_step.get(trial_id) == step:
-            # Tune hands the stopper a finished trial's last report once more (its closing
-            # ``done`` notice, RESULT_DUPLICATE): the same epoch, not another one
-            if result.get("done"):
-                self._last_step.pop(trial_id, None)
-            return False
-        self._last_step[trial_id] = step
+        # Tune hands the stopper a finished trial's last report once more (its closing ``done``
+        # notice, RESULT_DUPLICATE): the same epoch, not another one
+        repeated = step is not None and self._last_step.get(trial_id) == step
         if result.get("done"):
             self._last_step.pop(trial_id, None)
+        else:
+            self._last_step[trial_id] = step
+        if repeated:
+            return False
         self.spent += 1
         value = result.get(self.metric) if self.metric else None
         if self.reach is not None and _finite(value) and value <= self.reach:

@@ -643,7 +643,7 @@ def summarise(results, space: SearchSpace, tracker, data: MultimodalData,
         if status == "errored":
             errored.append(result)
         elif status not in NEVER_BEST and isinstance(value, (int, float)) and math.isfinite(value):
-            candidates.append(result)  # a diverged trial is never the best, whatever came before
+            candidates.append(result)  # NEVER_BEST: not a diverged trial, whatever came before
     synced = tracker.sync_results(results)
     if synced:
         print(f"MLflow: wrote the records of {synced} trials that it had missed "
