@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from trainables.backbones import get_backbone, known_backbones
 from trainables.backbones.base import MODALITIES, InputMismatchError
 from trainables.config import ConfigError, build_dataclass
-from trainables.data.batches import Batch, ModalityDims
+from trainables.data.batches import Batch, ModalityDims, concat_batches
 from trainables.regularisers import get_regulariser, known_regularisers
+from trainables.regularisers.base import Encoder, float_detached
 
 #: small hyper-parameters so the contract tests stay fast; names not listed use their defaults
 TINY_BACKBONE: dict[str, dict] = {
@@ -113,14 +114,29 @@ def main_optimizer(model, reg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups)
 
 
+def make_encoder(model, batch: Batch, seed: int = 100) -> Encoder:
+    """The loop's :class:`Encoder` in miniature: ``sample(k)`` gives k fresh random batches of
+    ``len(batch)`` rows (other seeds than ``batch``)."""
+    counter = itertools.count(seed)
+
+    def sample(k: int) -> Batch:
+        return concat_batches([make_batch(model.dims, b=len(batch), seed=next(counter)) for _ in range(k)])
+
+    def no_grad(b: Batch):
+        with torch.no_grad():
+            return float_detached(model(b))
+
+    return Encoder(forward=model, forward_no_grad=no_grad, sample=sample, batch_size=len(batch))
+
+
 def train_step(model, reg, batch, opt) -> torch.Tensor:
     """The loop's per-batch call order (see ``Regulariser``), in miniature."""
     model.train()
     reg.train()
     out = model(batch)
-    for _ in range(reg.inner_steps):
-        reg.estimator_step(out.detached(), batch)
-    loss = reg.combine(F.l1_loss(out.prediction, batch.labels), reg.penalty(out, batch))
+    enc = make_encoder(model, batch)
+    reg.estimator_update(out, batch, enc)
+    loss = reg.combine(F.l1_loss(out.prediction, batch.labels), reg.step_penalty(out, batch, enc))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -160,7 +176,7 @@ def test_forward_shapes_and_penalty(backbone, regulariser):
     for name, value in out.features.items():
         assert value.shape == (8, model.feature_dims[name]), name
         assert torch.isfinite(value).all(), name
-    pen = reg.penalty(out, batch)
+    pen = reg.step_penalty(out, batch, make_encoder(model, batch))
     assert pen.shape == () and torch.isfinite(pen)
 
 
@@ -174,13 +190,13 @@ def test_training_step_updates_backbone_only_through_the_main_loss(backbone, reg
     model.train()
     reg.train()
     out = model(batch)
-    for _ in range(reg.inner_steps):
-        logged = reg.estimator_step(out.detached(), batch)
-        assert all(isinstance(v, float) for v in logged.values())
+    enc = make_encoder(model, batch)
+    logged = reg.estimator_update(out, batch, enc)
+    assert all(isinstance(v, float) for v in logged.values())
     assert all(p.grad is None for p in model.parameters()), "estimator steps reached the backbone"
     est_grads = {id(p): None if p.grad is None else p.grad.clone() for p in reg.estimator_parameters()}
 
-    loss = reg.combine(F.l1_loss(out.prediction, batch.labels), reg.penalty(out, batch))
+    loss = reg.combine(F.l1_loss(out.prediction, batch.labels), reg.step_penalty(out, batch, enc))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
@@ -269,6 +285,65 @@ def test_batch_of_one_trains(backbone, regulariser):
     loss = train_step(model, reg, batch, main_optimizer(model, reg))
     assert torch.isfinite(loss)
     assert torch.isfinite(predict(model, batch)).all()
+
+
+def _final_linear(model) -> torch.nn.Linear:
+    """The backbone's last linear layer (A_θp of MDM's Fig. 3): the one that outputs the score."""
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1][-1]
+
+
+@pytest.mark.parametrize("backbone", known_backbones())
+def test_fused_is_the_input_of_the_final_linear_head(backbone):
+    """``features["fused"]`` is Z_avl of MDM (Colombo et al. 2021, Fig. 3 / Table 4): in eval
+    mode the prediction is the final linear layer applied to it. (LMF with ``output_dim`` 1 has no
+    head: there ``fused`` is the score itself.)"""
+    model, _ = build(backbone)
+    batch = make_batch(model.dims)
+    model.eval()
+    with torch.no_grad():
+        out = model(batch)
+        head = _final_linear(model)
+        assert head.in_features == model.feature_dims["fused"]
+        torch.testing.assert_close(head(out.features["fused"]).squeeze(-1), out.prediction)
+
+
+#: parameters between the unimodal encoders and the head, by backbone (name prefixes)
+FUSION_LAYERS = {
+    "ef_lstm": ("lstm.", "linear."),
+    "tfn": ("post_fusion_1.", "post_fusion_2."),
+    "lmf": ("audio_factor", "vision_factor", "text_factor", "fusion_weights"),
+    "mfn": ("attention.", "proposal.", "gamma1_in.", "out.0."),
+    "mag_bert": ("gate.", "text_encoder.encoder.layer.1."),
+    "mag_xlnet": ("gate.", "text_encoder.layer.1."),
+    "mmim": ("fusion_1.", "fusion_2."),
+    "mird": ("head.0.",),
+}
+
+
+@pytest.mark.parametrize("backbone", known_backbones())
+def test_mdm_penalty_gradient_reaches_the_fusion_layers(backbone):
+    """The paper's MDM reads Z_avl = f_θe(X_a, X_v, X_l): its penalty alone (task loss left out)
+    sends a non-zero gradient into the layers between the unimodal encoders and the head
+    (TFN's post-fusion layers, EF-LSTM's LSTM, MAG's gate and transformer layers, ...)."""
+    model, reg = build(backbone, "mdm")
+    batch = make_batch(model.dims)
+    model.train()
+    out = model(batch)
+    enc = make_encoder(model, batch)
+    reg.estimator_update(out, batch, enc)
+    torch.manual_seed(0)
+    pen = reg.step_penalty(out, batch, enc)
+    model.zero_grad(set_to_none=True)
+    pen.backward()
+    names = [n for n, _ in model.named_parameters()]
+    fusion = [(n, p) for n, p in model.named_parameters() if n.startswith(FUSION_LAYERS[backbone])]
+    assert fusion, f"no parameter of {backbone} starts with {FUSION_LAYERS[backbone]}: {names[:20]}"
+    for n, p in fusion:
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{backbone}: no MDM gradient in {n}"
+    # the head itself is not what T reads: it gets no MDM gradient
+    head = _final_linear(model)
+    assert head.weight.grad is None or head.weight.grad.abs().sum() == 0
 
 
 @pytest.mark.parametrize("layout", ["unaligned", "aligned"])

@@ -113,7 +113,8 @@ def reference_mfn(model: MFN, text: torch.Tensor, audio: torch.Tensor, vision: t
         gamma2 = torch.sigmoid(model.gamma2_out(torch.relu(model.gamma2_in(both))))
         mem = gamma1 * mem + gamma2 * c_hat
     fused = torch.cat([h["text"], h["audio"], h["vision"], mem], dim=1)
-    return model.out(fused).squeeze(-1), {**h, "fused": fused}
+    # "fused" is the input of D_out's final linear layer (MDM's Z_avl)
+    return model.out(fused).squeeze(-1), {**h, "fused": torch.relu(model.out[0](fused))}
 
 
 def _mfn(dims, seed: int = 0) -> MFN:

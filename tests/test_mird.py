@@ -369,7 +369,9 @@ def test_backbone_features_are_the_documented_keys(small_data, tiny_batch):
     expected |= {f"{p}{m}" for p in ("recon_", "target_", "input_") for m in MODALITIES}
     assert set(out.features) == expected == set(model.feature_dims)
     f = out.features
-    torch.testing.assert_close(f["fused"], torch.cat([f["text"], f["audio"], f["vision"], f["shared"]], -1))
+    p = torch.cat([f["text"], f["audio"], f["vision"], f["shared"]], -1)  # Eq. (16)
+    # "fused" is the input of the regressor's final linear layer (MDM's Z_avl): ReLU(W_1 p)
+    torch.testing.assert_close(f["fused"], torch.relu(model.head[0](p)))
     for m in MODALITIES:
         x, n = getattr(tiny_batch, m), getattr(tiny_batch, f"{m}_lengths")
         steps = model.recon_steps[m]

@@ -1,7 +1,8 @@
 """One training loop for every backbone x regulariser pair (no per-model trainers).
 
-Per batch: forward once; ``reg.inner_steps`` estimator updates on detached features; the
-model step on ``reg.combine(task_loss, reg.penalty(out, batch))`` with AdamW, gradient
+Per batch: forward once; ``reg.estimator_update`` (by default ``reg.inner_steps`` estimator
+updates on detached features; MDM's critic unroll on fresh batches); the model step on
+``reg.combine(task_loss, reg.step_penalty(out, batch, encoder))`` with AdamW, gradient
 clipping, fused AdamW and mixed precision (fp16 AMP on CUDA, bf16 autocast on CPUs with native bf16
 when ``cpu_bf16``). Per epoch: validation metrics, best-epoch bookkeeping on the
 validation metric only, early stopping. When the trial ends (max epochs or patience), the best
@@ -33,6 +34,7 @@ from trainables.config import TrialConfig
 from trainables.data.batches import Batch, MultimodalData, TensorSplit, iterate_batches
 from trainables.metrics import compute_metrics
 from trainables.regularisers import get_regulariser
+from trainables.regularisers.base import Encoder, float_detached
 
 __all__ = ["STATE_FILE", "BEST_FILE", "Trainer", "TrialStatus", "cpu_supports_bf16", "make_adamw",
            "seed_everything"]
@@ -151,6 +153,10 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         #: where unlabeled rows come from (labels are never read from it)
         self.unlabeled = self.splits.get("unlabeled", self.splits["train"])
+        #: what a regulariser may run of the backbone within a step (MDM's fresh batches and B̄)
+        self.encoder = Encoder(forward=self._encode, forward_no_grad=self._encode_no_grad,
+                               sample=self._sample_batches,
+                               batch_size=min(cfg.batch_size, len(self.splits["train"])))
 
         steps_per_epoch = math.ceil(len(self.splits["train"]) / cfg.batch_size)
         total_steps = steps_per_epoch * cfg.max_epochs
@@ -178,10 +184,22 @@ class Trainer:
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp)
 
-    def _detached(self, out: BackboneOutput) -> BackboneOutput:
-        # estimator networks run in float32 even when the model step is autocast
-        return BackboneOutput(out.prediction.detach().float(),
-                              {k: v.detach().float() for k, v in out.features.items()})
+    # -- the backbone as regularisers see it within a step (regularisers.base.Encoder) ----------
+    def _encode(self, batch: Batch) -> BackboneOutput:
+        with self._autocast():
+            return self.model(batch.to(self.device, non_blocking=True))
+
+    @torch.no_grad()
+    def _encode_no_grad(self, batch: Batch) -> BackboneOutput:
+        return float_detached(self._encode(batch))
+
+    def _sample_batches(self, k: int) -> Batch:
+        """``k`` random training batches (distinct rows within each) as one batch of ``k`` blocks,
+        drawn with the trial's generator (so a seeded run repeats them)."""
+        train = self.splits["train"]
+        size = min(self.cfg.batch_size, len(train))
+        index = torch.cat([torch.randperm(len(train), generator=self.generator)[:size] for _ in range(k)])
+        return train.batch(index).to(self.device, non_blocking=True)
 
     def train_epoch(self) -> dict[str, float]:
         """One pass over train. Returns mean losses; raises nothing on divergence (see status)."""
@@ -197,15 +215,12 @@ class Trainer:
             batch = batch.to(self.device, non_blocking=True)
             with self._autocast():
                 out = self.model(batch)
-            if self.reg.inner_steps:
-                det = self._detached(out)
-                for _ in range(self.reg.inner_steps):
-                    est_stats = self.reg.estimator_step(det, batch)
-                for k, v in est_stats.items():  # the last inner step's estimates
-                    est_totals[k] = est_totals.get(k, 0.0) + float(v)
+            est_stats = self.reg.estimator_update(out, batch, self.encoder)
+            for k, v in est_stats.items():  # the last inner step's estimates
+                est_totals[k] = est_totals.get(k, 0.0) + float(v)
             with self._autocast():
                 task = _task_loss(self.cfg.task_loss, out.prediction, batch.labels, batch.labeled)
-                pen = self.reg.penalty(out, batch)
+                pen = self.reg.step_penalty(out, batch, self.encoder)
                 loss = self.reg.combine(task, pen)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()

@@ -20,7 +20,9 @@ per-step linear projection (W_t, W_a, W_v) before the concatenation. Because the
 is linear too, this changes the model class only by bounding the rank of each modality's input
 weights by ``proj_dim``; in exchange the projections are learned unimodal codes, and
 ``features["text" | "audio" | "vision"]`` is the mean of a modality's projections over its valid
-steps (B, proj_dim). ``features["fused"]`` is the LSTM's final hidden state (B, hidden).
+steps (B, proj_dim). ``features["fused"]`` is the input of the final linear layer ``out``,
+ReLU(W·dropout(h)) over the LSTM's final hidden state h (B, hidden): the representation a fusion
+regulariser reads (MDM's Z_avl, Colombo et al. 2021, Fig. 3), so its gradient reaches the LSTM.
 
 Departure from MMSA: MMSA normalises the fused input with ``BatchNorm1d(seq_len)``, i.e. one
 statistic per *time position* pooled over rows and feature channels. It mixes padding steps into
@@ -125,5 +127,5 @@ class EFLSTM(Backbone):
         prediction = self.out(y).squeeze(-1)  # (B,)
 
         features = {name: masked_mean(p, n) for name, (p, n) in steps.items()}  # name -> (B, proj_dim)
-        features["fused"] = h
+        features["fused"] = y  # the input of the final linear head
         return BackboneOutput(prediction=prediction, features=features)

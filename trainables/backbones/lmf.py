@@ -24,7 +24,8 @@ output h is the sentiment score itself (the authors' model has no layer after th
 Features: ``"audio"``, ``"vision"``, ``"text"`` are the subnet outputs z_a, z_v, z_t; ``"fused"``
 is h (B, output_dim), the multimodal representation before the head. With the MMSA default it is
 one wide (it *is* the prediction): set ``output_dim`` higher (e.g. 32) when a regulariser reads
-``fused`` (MMIM's CPC predicts each modality from it).
+``fused`` (MMIM's CPC predicts each modality from it; MDM's critic reads it as Z_avl, and a
+1-wide Z_avl is the score itself: `search_spaces/mdm.yaml` sets 32).
 
 Departures from MMSA's LMF (``models/singleTask/LMF.py``, ``trains/singleTask/LMF.py``):
 - the time averages and the text LSTM use the sequence lengths (masked mean, packed LSTM); MMSA's

@@ -39,9 +39,10 @@ zeroed so that even non-finite padding cannot reach a gradient. Steps past the b
 text are not run at all. MMSA runs every row through all padded steps.
 
 Features: ``"text"``, ``"audio"``, ``"vision"`` are the final hidden states h_l^T, h_a^T, h_v^T of
-the view LSTMs (each at the row's own last step); ``"fused"`` is [h_l^T; h_a^T; h_v^T; u^T]
-(B, text_hidden + audio_hidden + vision_hidden + mem_dim), the input of the output network (MMSA's
-``L`` feature).
+the view LSTMs (each at the row's own last step); ``"fused"`` is the input of the output
+network's final linear layer, ReLU(W_1 [h_l^T; h_a^T; h_v^T; u^T]) (B, ``out_hidden``): the
+representation a fusion regulariser reads (MDM's Z_avl, the input of the linear head A_θp,
+Colombo et al. 2021, Fig. 3), so its gradient reaches the memory and the view LSTMs.
 
 Departures from MMSA's MFN (``models/singleTask/MFN.py``) besides the lengths and the unaligned
 input: none in the model; MMSA's output is not squashed either.
@@ -146,7 +147,7 @@ class MFN(Backbone):
             "text": c.text_hidden,
             "audio": c.audio_hidden,
             "vision": c.vision_hidden,
-            "fused": total_hidden + c.mem_dim,
+            "fused": c.out_hidden,
         }
 
     def _on_text_steps(
@@ -245,7 +246,8 @@ class MFN(Backbone):
             memory = torch.where(text_valid_t[t], gamma1 * memory + gamma2 * u_hat_t[t], memory)
 
         fused = torch.cat([last_h["text"], last_h["audio"], last_h["vision"], memory], dim=-1)  # (B, H + mem)
-        prediction = self.out(fused).squeeze(-1)  # (B,)
+        hidden = self.out[1](self.out[0](fused))  # D_out's hidden layer, (B, out_hidden)
+        prediction = self.out[3](self.out[2](hidden)).squeeze(-1)  # (B,)
         features = {m: last_h[m] for m in MODALITIES}
-        features["fused"] = fused
+        features["fused"] = hidden  # the input of the final linear layer
         return BackboneOutput(prediction=prediction, features=features)

@@ -61,7 +61,9 @@ Features (every entry (B, width); the widths are in ``feature_dims``):
 
 - ``"text"``, ``"audio"``, ``"vision"``: private codes z_L, z_A, z_V (``z_dim``)
 - ``"shared"``: z_S (``z_dim``)
-- ``"fused"``: the head's input [z_L; z_A; z_V; z_S] (4·``z_dim``)
+- ``"fused"``: the input of the regressor's final linear layer, ReLU(W_1 p) with
+  p = [z_L; z_A; z_V; z_S] (``z_dim``): the representation a fusion regulariser reads (MDM's
+  Z_avl, the input of the linear head A_θp)
 - ``"recon_<m>"``: the decoder output for m, (B, R_m, d_m) flattened to (B, R_m·d_m)
 - ``"target_<m>"``: the resampled input it should match, same layout (data: no gradient)
 - ``"input_<m>"``: the masked mean of modality m's input over its valid steps (B, d_m) (data), the
@@ -278,7 +280,7 @@ class MIRD(Backbone):
             nn.Linear(4 * c.z_dim, c.z_dim), nn.ReLU(), nn.Dropout(c.head_dropout), nn.Linear(c.z_dim, 1)
         )
         self.feature_dims = {m: c.z_dim for m in MODALITIES}
-        self.feature_dims.update({"shared": c.z_dim, "fused": 4 * c.z_dim})
+        self.feature_dims.update({"shared": c.z_dim, "fused": c.z_dim})
         for m in MODALITIES:
             self.feature_dims[RECON_PREFIX + m] = self.recon_steps[m] * widths[m]
             self.feature_dims[TARGET_PREFIX + m] = self.recon_steps[m] * widths[m]
@@ -344,8 +346,9 @@ class MIRD(Backbone):
         inputs = {m: (x, clamp_lengths(n.to(x.device), x.shape[1])) for m, (x, n) in inputs.items()}
         z = {m: self.private_out[m](self.private[m](x, n)) for m, (x, n) in inputs.items()}  # (B, z_dim)
         z_s = self.shared(batch)  # (B, z_dim)
-        fused = torch.cat([z["text"], z["audio"], z["vision"], z_s], dim=-1)  # (B, 4 z_dim)
-        prediction = self.head(fused).squeeze(-1)  # (B,)
+        p = torch.cat([z["text"], z["audio"], z["vision"], z_s], dim=-1)  # (B, 4 z_dim): p of Eq. (16)
+        fused = self.head[1](self.head[0](p))  # (B, z_dim): the final linear layer's input
+        prediction = self.head[3](self.head[2](fused)).squeeze(-1)  # (B,)
 
         features = dict(z)
         features["shared"] = z_s

@@ -25,7 +25,9 @@ __all__ = [
     "TensorSplit",
     "drop_modality",
     "iterate_batches",
+    "concat_batches",
     "resample_to_length",
+    "shuffle_modalities",
 ]
 
 SPLITS = ("train", "valid", "test")
@@ -195,6 +197,56 @@ def iterate_batches(
     stop = n - (n % batch_size) if drop_last and n >= batch_size else n
     for start in range(0, stop, batch_size):
         yield split.batch(order[start : start + batch_size])
+
+
+#: the Batch fields that carry each modality (permuted together by :func:`shuffle_modalities`)
+MODALITY_FIELDS = {
+    "text": ("text", "text_bert", "text_lengths"),
+    "audio": ("audio", "audio_lengths"),
+    "vision": ("vision", "vision_lengths"),
+}
+
+
+def shuffle_modalities(batch: Batch, block_size: int | None = None,
+                       generator: torch.Generator | None = None) -> Batch:
+    """B̄ of MDM's Algorithm 1: each modality's *inputs* permuted independently over the batch.
+
+    Row ``j`` of the result holds text row σ_l(j), audio row σ_a(j) and vision row σ_v(j) of
+    ``batch`` (three independent permutations, each modality's lengths and token ids moving with
+    its features), so the rows are samples of the product of the marginals Π_m p(X_m). With
+    ``block_size`` the permutations stay within consecutive blocks of that many rows (the
+    batches that :class:`~trainables.regularisers.base.Encoder` ``.sample`` concatenates), so each
+    block is the shuffle of its own batch. Labels, ``index`` and ``labeled`` are the joint rows'
+    (a product sample has no label of its own; nothing reads them). Permutations are drawn on the
+    CPU from ``generator`` (default: torch's global generator) and applied on the batch's device.
+    """
+    n = len(batch)
+    block = n if not block_size else int(block_size)
+    fields: dict[str, torch.Tensor | None] = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    for names in MODALITY_FIELDS.values():
+        perm = torch.cat([torch.randperm(min(block, n - start), generator=generator) + start
+                          for start in range(0, n, block)])  # (B,)
+        for name in names:
+            x = fields[name]
+            if x is not None:
+                fields[name] = x[perm.to(x.device)]
+    return Batch(**fields)
+
+
+def concat_batches(batches: list[Batch]) -> Batch:
+    """The rows of several batches (same padded shapes) as one batch."""
+    out: dict[str, torch.Tensor | None] = {}
+    for f in dataclasses.fields(Batch):
+        parts = [getattr(b, f.name) for b in batches]
+        if any(p is None for p in parts):
+            if f.name == "labeled" and not all(p is None for p in parts):
+                parts = [torch.ones(len(b), dtype=torch.bool, device=b.labels.device) if p is None else p
+                         for p, b in zip(parts, batches)]
+            else:
+                out[f.name] = None
+                continue
+        out[f.name] = torch.cat(parts)
+    return Batch(**out)
 
 
 def resample_to_length(

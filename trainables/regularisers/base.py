@@ -3,12 +3,17 @@
 Call order, per training batch (``trainables.loop`` does this and nothing else):
 
 1. ``out = backbone(batch)`` — one forward pass, with gradients.
-2. ``inner_steps`` times: ``reg.estimator_step(out.detached(), batch)`` — the regulariser
-   updates its own estimator networks (MDM critic unroll, CLUB / BA likelihood, C-network) with
-   its own optimiser (``reg.optimizer``) on *detached* features, so these steps never touch the
-   backbone. Returns floats to log.
-3. ``pen = reg.penalty(out, batch)`` — a scalar with gradients into the backbone, already
-   weighted (λ/α/β) and signed as in the paper: maximised bounds enter negated.
+2. ``reg.estimator_update(out, batch, encoder)`` — the regulariser updates its own estimator
+   networks (MDM critic unroll, CLUB / BA likelihood, C-network) with its own optimiser
+   (``reg.optimizer``). The default runs ``inner_steps`` times
+   ``reg.estimator_step(out.detached(), batch)`` on *detached* features, so these steps never
+   touch the backbone. A method whose estimator trains on other batches than the model step's
+   (MDM's Algorithm 1: fresh batches and modality-shuffled inputs) overrides it and uses
+   ``encoder`` (:class:`Encoder`) to draw and encode them. Returns floats to log.
+3. ``pen = reg.step_penalty(out, batch, encoder)`` — a scalar with gradients into the backbone,
+   already weighted (λ/α/β) and signed as in the paper: maximised bounds enter negated. The
+   default is ``reg.penalty(out, batch)``; MDM also encodes the shuffled batch B̄ through
+   ``encoder.forward`` (with gradients).
 4. ``loss = reg.combine(task_loss, pen)`` — ``task_loss + pen`` unless a paper combines them
    differently (MIRD: logs of the terms).
 5. One optimiser step of the backbone and of ``reg.main_parameters()`` on ``loss``.
@@ -20,7 +25,8 @@ checkpoint round-trip; ``reg.optimizer``'s state is saved by the loop next to it
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -28,7 +34,33 @@ from torch import nn
 from trainables.backbones.base import BackboneOutput
 from trainables.data.batches import Batch
 
-__all__ = ["Regulariser"]
+__all__ = ["Encoder", "Regulariser", "float_detached"]
+
+
+def float_detached(out: BackboneOutput) -> BackboneOutput:
+    """``out`` cut from the graph, in float32: what estimator networks train on (they run in
+    float32 even when the model step is autocast)."""
+    return BackboneOutput(out.prediction.detach().float(),
+                          {k: v.detach().float() for k, v in out.features.items()})
+
+
+@dataclass
+class Encoder:
+    """The backbone as a regulariser may run it inside one training step (built by the loop).
+
+    - ``forward(batch)``: the backbone on ``batch`` (moved to the device) with gradients, under
+      the loop's mixed precision, in the model's current (training) mode.
+    - ``forward_no_grad(batch)``: the same without gradients; features come back float32.
+    - ``sample(k)``: ``k`` fresh training batches of the trial's batch size drawn at random
+      (rows distinct within a batch, batches independent), concatenated into one :class:`Batch`
+      of ``k`` blocks, so that one forward pass encodes them all.
+    - ``batch_size``: the rows of one block of ``sample``.
+    """
+
+    forward: Callable[[Batch], BackboneOutput]
+    forward_no_grad: Callable[[Batch], BackboneOutput]
+    sample: Callable[[int], Batch]
+    batch_size: int
 
 
 class Regulariser(nn.Module):
@@ -64,6 +96,22 @@ class Regulariser(nn.Module):
     def estimator_step(self, out: BackboneOutput, batch: Batch) -> dict[str, float]:
         """One inner update of the estimator networks on detached features."""
         return {}
+
+    def estimator_update(self, out: BackboneOutput, batch: Batch, encoder: Encoder) -> dict[str, float]:
+        """Everything the estimator networks learn before one model step; returns the last
+        update's floats to log. Default: ``inner_steps`` × :meth:`estimator_step` on this
+        batch's detached features."""
+        stats: dict[str, float] = {}
+        if self.inner_steps:
+            det = float_detached(out)
+            for _ in range(self.inner_steps):
+                stats = self.estimator_step(det, batch)
+        return stats
+
+    def step_penalty(self, out: BackboneOutput, batch: Batch, encoder: Encoder) -> torch.Tensor:
+        """The penalty of one model step (called under the loop's autocast). Default:
+        :meth:`penalty`; a method that needs more forward passes (MDM's B̄) overrides it."""
+        return self.penalty(out, batch)
 
     def penalty(self, out: BackboneOutput, batch: Batch) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
