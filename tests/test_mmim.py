@@ -455,3 +455,103 @@ def test_mmim_trains_end_to_end_and_resumes_exactly(small_data, tmp_path):
     last = second.run_epoch()
     strip = lambda h: {k: v for k, v in h.items() if k != "epoch_seconds"}  # noqa: E731
     assert strip(last) == strip(history[-1])
+
+
+# ---------------------------------------------------------------------------------- Algorithm 1
+
+
+def record_updates(trainer: Trainer) -> list[tuple[str, torch.Tensor]]:
+    """Wrap q's and the model's optimiser steps; each call appends ("q" | "model", batch index).
+    A q step also checks that no backbone weight has moved since the epoch began (stage 1 never
+    updates anything but q)."""
+    events: list[tuple[str, torch.Tensor]] = []
+    state: dict[str, dict] = {}
+    estimator_step, model_step = trainer.reg.estimator_step, trainer.optimizer.step
+
+    def q_step(out, batch):
+        if not events or events[-1][0] == "model":  # a new epoch's stage 1
+            state["model"] = copy.deepcopy(trainer.model.state_dict())
+        for k, v in trainer.model.state_dict().items():
+            assert torch.equal(v, state["model"][k]), f"stage 1 moved {k}"
+        events.append(("q", batch.index.clone()))
+        return estimator_step(out, batch)
+
+    def step(*args, **kwargs):
+        events.append(("model", None))
+        return model_step(*args, **kwargs)
+
+    trainer.reg.estimator_step = q_step
+    trainer.optimizer.step = step
+    return events
+
+
+def mmim_trainer(small_data, **flat) -> Trainer:
+    return Trainer(TrialConfig.from_flat({
+        "backbone": "mmim", "regulariser": "mmim", "backbone.text_model": "tiny-bert",
+        "backbone.d_prjh": 16, "max_epochs": 2, "batch_size": 16, "patience": 0, "seed": 3,
+        **flat}), small_data)
+
+
+def test_an_epoch_runs_stage_1_over_all_batches_before_stage_2(small_data):
+    """Algorithm 1: per epoch, stage 1 updates q on every minibatch (backbone untouched), then
+    stage 2 updates the model on every minibatch, with no q step in between."""
+    trainer = mmim_trainer(small_data)  # the default schedule
+    events = record_updates(trainer)
+    n_train = len(trainer.splits["train"])
+    n = math.ceil(n_train / 16)
+    history = trainer.fit()
+    kinds = [kind for kind, _ in events]
+    assert kinds == (["q"] * n + ["model"] * n) * 2, kinds
+    for epoch in range(2):  # each stage-1 pass sees every training row once
+        rows = torch.cat([index for _, index in events[2 * n * epoch: 2 * n * epoch + n]])
+        assert sorted(rows.tolist()) == list(range(n_train))
+    assert all(math.isfinite(h["train_mmim_lld"]) and math.isfinite(h["train_loss"])
+               for h in history)
+    assert trainer.reg.estimator_pass == "epoch" and trainer.reg.config.schedule == "two_stage"
+
+
+def test_interleaved_schedule_keeps_one_q_step_before_each_model_step(small_data):
+    trainer = mmim_trainer(small_data, **{"regulariser.schedule": "interleaved",
+                                          "regulariser.inner_steps": 2, "max_epochs": 1})
+    assert trainer.reg.estimator_pass == "batch"
+    events = record_updates(trainer)
+    n = math.ceil(len(trainer.splits["train"]) / 16)
+    trainer.fit()
+    assert [kind for kind, _ in events] == ["q", "q", "model"] * n
+
+
+def test_q_width_is_tied_to_its_target_unless_given():
+    reg = make_reg()  # hidden: null, the official MMILB's x -> d_y -> d_y
+    for y in ("audio", "vision"):
+        assert reg.ba[y].q.mu[0].out_features == DIMS[y] == reg.ba[y].q.logvar[0].out_features
+    assert make_reg(hidden=8).ba["audio"].q.mu[0].out_features == 8
+    with pytest.raises(ConfigError, match="schedule"):
+        build_dataclass(MMIMRegulariserConfig, {"schedule": "alternating"})
+
+
+def test_grid_tunes_the_lstm_hidden_sizes_and_starts_at_the_papers_mosi_best(tmp_path, monkeypatch,
+                                                                               capsys):
+    """Sec. 4.3's "hidden dim in {32, 64}" is the A- and V-LSTM hidden size (Table 3 lists them
+    apart): 2 x 3 x 2 x 2 = 24 points for none, 2 x 3 x 2 x 3 x 3 x 2 x 2 x 3 = 1296 for mmim;
+    the first trial is Table 3's MOSI column."""
+    import yaml
+
+    from tuner.search import main
+    from tuner.spaces import load_space
+
+    space = load_space("mmim")
+    assert "regulariser.hidden" not in space.grid
+    assert space.grid["backbone.d_ah"] == space.grid["backbone.d_vh"] == [32, 64]
+    monkeypatch.chdir(tmp_path)
+    assert main(["--space", "mmim", "--sampler", "grid", "--dry-run"]) == 0
+    plan = yaml.safe_load(capsys.readouterr().out)
+    assert plan["trials"] == plan["grid_size"] == 1320
+    mosi_best = {"backbone": "mmim", "regulariser": "mmim", "batch_size": 32,
+                 "regulariser.lr_lld": 5e-3, "lr": 1e-3, "regulariser.alpha": 0.3,
+                 "regulariser.beta": 0.1, "backbone.d_vh": 32, "backbone.d_ah": 32,
+                 "regulariser.memory_size": 1}
+    assert plan["start_points"] == [mosi_best]
+    assert space.grid_points()[0] == mosi_best
+    assert main(["--space", "mmim", "--dry-run"]) == 0  # tpe: the same point first
+    plan = yaml.safe_load(capsys.readouterr().out)
+    assert [{"backbone": "mmim", **p} for p in plan["start_points"]] == [mosi_best]

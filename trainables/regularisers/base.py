@@ -13,6 +13,11 @@ Call order, per training batch (``trainables.loop`` does this and nothing else):
    differently (MIRD: logs of the terms).
 5. One optimiser step of the backbone and of ``reg.main_parameters()`` on ``loss``.
 
+With ``estimator_pass == "epoch"`` (MMIM, Han et al. 2021, Algorithm 1) step 2 moves out of the
+batch loop: at the start of each epoch the loop runs a pass of its own over every train minibatch
+(its own shuffle; backbone in train mode, no gradients) calling ``estimator_step`` ``inner_steps``
+times per batch; the model pass that follows runs steps 1 and 3-5 only.
+
 Estimator parameters are everything not in ``main_parameters()``; the main optimiser never
 sees them. Buffers (memories, moving covariances) live in ``state_dict`` so that they survive a
 checkpoint round-trip; ``reg.optimizer``'s state is saved by the loop next to it.
@@ -46,6 +51,13 @@ class Regulariser(nn.Module):
     def inner_steps(self) -> int:
         """How many ``estimator_step`` calls precede each model step."""
         return 0
+
+    @property
+    def estimator_pass(self) -> str:
+        """Where the ``estimator_step`` calls go: ``"batch"``, ``inner_steps`` before each model
+        step (default); ``"epoch"``, a separate estimator-only pass over all train minibatches
+        before the epoch's model pass (no inner steps in the model pass)."""
+        return "batch"
 
     def main_parameters(self) -> list[nn.Parameter]:
         """Regulariser parameters trained by the *model* optimiser on the total loss."""

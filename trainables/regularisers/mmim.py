@@ -63,6 +63,7 @@ Multimodal-Infomax, read for behaviour only). Where they differ, comments above 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -94,9 +95,11 @@ class MMIMRegulariserConfig:
     lr_lld: float = 1e-3
     #: past batches kept for the class covariances of H(Y) [1, 2, 3]; 0 = the current batch only
     memory_size: int = 1
-    #: hidden width of the q networks' μ and log σ² MLPs [32, 64] (the official code uses the
-    #: width of y; 32 is the paper's best on MOSI)
-    hidden: int = 32
+    #: hidden width of the q networks' μ and log σ² MLPs; None = the width of the predicted
+    #: representation y (h_a or h_v), as the official ``MMILB`` (x -> y_size -> y_size). The paper
+    #: gives no width for q: its "hidden dim in {32, 64}" is the A/V-LSTM hidden size, which the
+    #: search grids as ``backbone.d_ah`` / ``backbone.d_vh`` (Table 3 lists them apart)
+    hidden: int | None = None
     #: layers of each CPC map Z -> h_m (1 = linear, the official default)
     cpc_layers: int = 1
     #: CPC temperature τ (scores are cos / τ); the paper's normalised dot products are τ = 1
@@ -106,7 +109,12 @@ class MMIMRegulariserConfig:
     #: (at initialisation we measured medians of ~3e-4 for TFN, ~2e-3 for this MMIM backbone, ~5e-2
     #: for EF-LSTM), or it flattens the entropy gradient in low-variance directions
     diag_load: float = 1e-5
-    #: q likelihood steps (stage 1) before each model step (the official code: one pass = 1)
+    #: "two_stage" (Algorithm 1): each epoch, stage 1 updates only q over every train minibatch,
+    #: then stage 2 updates everything but q over every minibatch (the loop's estimator pass).
+    #: "interleaved": ``inner_steps`` q steps on each batch right before its model step (this
+    #: project's earlier default; one forward pass per batch instead of two)
+    schedule: Literal["two_stage", "interleaved"] = "two_stage"
+    #: q likelihood steps (stage 1) per minibatch (Algorithm 1: one)
     inner_steps: int = 1
 
     @property
@@ -121,7 +129,9 @@ class MMIMRegulariserConfig:
         for name in ("memory_size", "inner_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: expected an integer >= 0, got {getattr(self, name)}")
-        for name in ("hidden", "cpc_layers"):
+        if self.hidden is not None and self.hidden < 1:
+            raise ConfigError(f"hidden: expected an integer >= 1 or null, got {self.hidden}")
+        for name in ("cpc_layers",):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
         for name in ("lr_lld", "temperature", "diag_load"):
@@ -204,7 +214,8 @@ class MMIMRegulariser(Regulariser):
         c = config
         #: stage-1 estimators: q(h_y | h_x) per BA pair, keyed by the predicted modality
         self.ba = nn.ModuleDict(
-            {y: BarberAgakov(feature_dims[x], feature_dims[y], c.hidden, c.diag_load) for x, y in BA_PAIRS}
+            {y: BarberAgakov(feature_dims[x], feature_dims[y], c.hidden or feature_dims[y], c.diag_load)
+             for x, y in BA_PAIRS}
         )
         #: CPC maps Z -> h_m, trained with the model (main_parameters)
         self.cpc = nn.ModuleDict(
@@ -218,6 +229,11 @@ class MMIMRegulariser(Regulariser):
     @property
     def inner_steps(self) -> int:
         return self.config.inner_steps
+
+    @property
+    def estimator_pass(self) -> str:
+        """"epoch" for the paper's two stages (Algorithm 1), "batch" for ``interleaved``."""
+        return "epoch" if self.config.schedule == "two_stage" else "batch"
 
     def main_parameters(self) -> list[nn.Parameter]:
         return list(self.cpc.parameters())
