@@ -140,6 +140,38 @@ def test_class_mixture_entropy_is_finite_with_diagonal_loading():
     )
 
 
+def test_mixture_weights_equal_as_eq_8_or_proportional():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(12, 3, generator=g)
+    groups = torch.tensor([0] * 8 + [1] * 4)
+    h_pos, h_neg = gaussian_entropy(y[:8]), gaussian_entropy(y[8:])
+    equal = class_mixture_entropy(y, groups, 2, weights="equal")
+    torch.testing.assert_close(equal, 0.5 * (h_pos + h_neg))  # Eq. 7 with w_c = ½ (Eq. 8)
+    torch.testing.assert_close(class_mixture_entropy(y, groups, 2, weights="proportional"),
+                               (8 * h_pos + 4 * h_neg) / 12)
+    # one empty component: the other has all the weight either way
+    one = torch.zeros(12, dtype=torch.long)
+    torch.testing.assert_close(class_mixture_entropy(y, one, 2, weights="equal"), gaussian_entropy(y))
+    assert MMIMRegulariserConfig().mixture_weights == "equal"
+
+
+def test_cpc_negatives_are_the_other_rows_targets_as_eq_11():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 10, generator=g), torch.randn(8, 4, generator=g)
+    torch.manual_seed(0)
+    targets = InfoNCE(10, 4, negatives="targets")
+    predictions = copy.deepcopy(targets)
+    predictions.negatives = "predictions"
+    s = targets.scores(x, y)  # s_ij = cos(y_i, g(x_j))
+    # Eq. 11: for G(Z_i), the softmax runs over the batch's h_m^j
+    torch.testing.assert_close(targets(x, y), math.log(8) + (s.diagonal() - torch.logsumexp(s, 0)).mean())
+    torch.testing.assert_close(predictions(x, y),
+                               math.log(8) + (s.diagonal() - torch.logsumexp(s, 1)).mean())
+    assert targets(x, y).item() != pytest.approx(predictions(x, y).item())
+    assert all(m.negatives == "targets" for m in make_reg().cpc.values())
+    assert all(m.negatives == "predictions" for m in make_reg(cpc_negatives="predictions").cpc.values())
+
+
 # ---------------------------------------------------------------------------------- regulariser
 
 
@@ -288,23 +320,26 @@ def test_degenerate_batches_give_finite_penalties_and_gradients(case):
     assert len(reg.memory) == 2
 
 
-def test_memory_is_a_fifo_of_exactly_memory_size_batches():
-    reg = make_reg(memory_size=2)
+@pytest.mark.parametrize("neutral", ["positive", "excluded"])
+def test_memory_is_a_fifo_of_exactly_memory_size_batches(neutral):
+    """Neutral rows (label 0) join the non-negative component (Sec. 3.4), or none (official)."""
+    reg = make_reg(memory_size=2, neutral=neutral)
     reg.train()
     pushed = []
     for seed in range(4):
         out, batch = features(b=10, seed=seed)
         reg.penalty(out, batch)
-        keep = batch.labels != 0
+        keep = batch.labels != 0 if neutral == "excluded" else torch.ones(10, dtype=torch.bool)
+        assert (batch.labels == 0).any()
         f = out.features
-        pushed.append((f["audio"][keep], f["vision"][keep], torch.sign(batch.labels[keep])))
+        pushed.append((f["audio"][keep], f["vision"][keep], batch.labels[keep]))
         assert len(reg.memory) == min(seed + 1, 2)
     last_two = pushed[-2:]
     assert reg.memory.slot_sizes.tolist() == [len(a) for a, _, _ in last_two]
     torch.testing.assert_close(reg.memory.rows("audio"), torch.cat([a for a, _, _ in last_two]))
     torch.testing.assert_close(reg.memory.rows("vision"), torch.cat([v for _, v, _ in last_two]))
-    signs = torch.cat([s for _, _, s in last_two])
-    assert torch.equal(reg.memory.groups, torch.where(signs > 0, 0, 1))
+    labels = torch.cat([s for _, _, s in last_two])
+    assert torch.equal(reg.memory.groups, torch.where(labels >= 0, 0, 1))
     # evaluation never writes the memory; memory_size 0 stores nothing
     reg.eval()
     reg.penalty(*features(b=10, seed=9))
