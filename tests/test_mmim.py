@@ -140,6 +140,38 @@ def test_class_mixture_entropy_is_finite_with_diagonal_loading():
     )
 
 
+def test_mixture_weights_equal_as_eq_8_or_proportional():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(12, 3, generator=g)
+    groups = torch.tensor([0] * 8 + [1] * 4)
+    h_pos, h_neg = gaussian_entropy(y[:8]), gaussian_entropy(y[8:])
+    equal = class_mixture_entropy(y, groups, 2, weights="equal")
+    torch.testing.assert_close(equal, 0.5 * (h_pos + h_neg))  # Eq. 7 with w_c = ½ (Eq. 8)
+    torch.testing.assert_close(class_mixture_entropy(y, groups, 2, weights="proportional"),
+                               (8 * h_pos + 4 * h_neg) / 12)
+    # one empty component: the other has all the weight either way
+    one = torch.zeros(12, dtype=torch.long)
+    torch.testing.assert_close(class_mixture_entropy(y, one, 2, weights="equal"), gaussian_entropy(y))
+    assert MMIMRegulariserConfig().mixture_weights == "equal"
+
+
+def test_cpc_negatives_are_the_other_rows_targets_as_eq_11():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 10, generator=g), torch.randn(8, 4, generator=g)
+    torch.manual_seed(0)
+    targets = InfoNCE(10, 4, negatives="targets")
+    predictions = copy.deepcopy(targets)
+    predictions.negatives = "predictions"
+    s = targets.scores(x, y)  # s_ij = cos(y_i, g(x_j))
+    # Eq. 11: for G(Z_i), the softmax runs over the batch's h_m^j
+    torch.testing.assert_close(targets(x, y), math.log(8) + (s.diagonal() - torch.logsumexp(s, 0)).mean())
+    torch.testing.assert_close(predictions(x, y),
+                               math.log(8) + (s.diagonal() - torch.logsumexp(s, 1)).mean())
+    assert targets(x, y).item() != pytest.approx(predictions(x, y).item())
+    assert all(m.negatives == "targets" for m in make_reg().cpc.values())
+    assert all(m.negatives == "predictions" for m in make_reg(cpc_negatives="predictions").cpc.values())
+
+
 # ---------------------------------------------------------------------------------- regulariser
 
 
@@ -288,23 +320,26 @@ def test_degenerate_batches_give_finite_penalties_and_gradients(case):
     assert len(reg.memory) == 2
 
 
-def test_memory_is_a_fifo_of_exactly_memory_size_batches():
-    reg = make_reg(memory_size=2)
+@pytest.mark.parametrize("neutral", ["positive", "excluded"])
+def test_memory_is_a_fifo_of_exactly_memory_size_batches(neutral):
+    """Neutral rows (label 0) join the non-negative component (Sec. 3.4), or none (official)."""
+    reg = make_reg(memory_size=2, neutral=neutral)
     reg.train()
     pushed = []
     for seed in range(4):
         out, batch = features(b=10, seed=seed)
         reg.penalty(out, batch)
-        keep = batch.labels != 0
+        keep = batch.labels != 0 if neutral == "excluded" else torch.ones(10, dtype=torch.bool)
+        assert (batch.labels == 0).any()
         f = out.features
-        pushed.append((f["audio"][keep], f["vision"][keep], torch.sign(batch.labels[keep])))
+        pushed.append((f["audio"][keep], f["vision"][keep], batch.labels[keep]))
         assert len(reg.memory) == min(seed + 1, 2)
     last_two = pushed[-2:]
     assert reg.memory.slot_sizes.tolist() == [len(a) for a, _, _ in last_two]
     torch.testing.assert_close(reg.memory.rows("audio"), torch.cat([a for a, _, _ in last_two]))
     torch.testing.assert_close(reg.memory.rows("vision"), torch.cat([v for _, v, _ in last_two]))
-    signs = torch.cat([s for _, _, s in last_two])
-    assert torch.equal(reg.memory.groups, torch.where(signs > 0, 0, 1))
+    labels = torch.cat([s for _, _, s in last_two])
+    assert torch.equal(reg.memory.groups, torch.where(labels >= 0, 0, 1))
     # evaluation never writes the memory; memory_size 0 stores nothing
     reg.eval()
     reg.penalty(*features(b=10, seed=9))
@@ -455,3 +490,103 @@ def test_mmim_trains_end_to_end_and_resumes_exactly(small_data, tmp_path):
     last = second.run_epoch()
     strip = lambda h: {k: v for k, v in h.items() if k != "epoch_seconds"}  # noqa: E731
     assert strip(last) == strip(history[-1])
+
+
+# ---------------------------------------------------------------------------------- Algorithm 1
+
+
+def record_updates(trainer: Trainer) -> list[tuple[str, torch.Tensor]]:
+    """Wrap q's and the model's optimiser steps; each call appends ("q" | "model", batch index).
+    A q step also checks that no backbone weight has moved since the epoch began (stage 1 never
+    updates anything but q)."""
+    events: list[tuple[str, torch.Tensor]] = []
+    state: dict[str, dict] = {}
+    estimator_step, model_step = trainer.reg.estimator_step, trainer.optimizer.step
+
+    def q_step(out, batch):
+        if not events or events[-1][0] == "model":  # a new epoch's stage 1
+            state["model"] = copy.deepcopy(trainer.model.state_dict())
+        for k, v in trainer.model.state_dict().items():
+            assert torch.equal(v, state["model"][k]), f"stage 1 moved {k}"
+        events.append(("q", batch.index.clone()))
+        return estimator_step(out, batch)
+
+    def step(*args, **kwargs):
+        events.append(("model", None))
+        return model_step(*args, **kwargs)
+
+    trainer.reg.estimator_step = q_step
+    trainer.optimizer.step = step
+    return events
+
+
+def mmim_trainer(small_data, **flat) -> Trainer:
+    return Trainer(TrialConfig.from_flat({
+        "backbone": "mmim", "regulariser": "mmim", "backbone.text_model": "tiny-bert",
+        "backbone.d_prjh": 16, "max_epochs": 2, "batch_size": 16, "patience": 0, "seed": 3,
+        **flat}), small_data)
+
+
+def test_an_epoch_runs_stage_1_over_all_batches_before_stage_2(small_data):
+    """Algorithm 1: per epoch, stage 1 updates q on every minibatch (backbone untouched), then
+    stage 2 updates the model on every minibatch, with no q step in between."""
+    trainer = mmim_trainer(small_data)  # the default schedule
+    events = record_updates(trainer)
+    n_train = len(trainer.splits["train"])
+    n = math.ceil(n_train / 16)
+    history = trainer.fit()
+    kinds = [kind for kind, _ in events]
+    assert kinds == (["q"] * n + ["model"] * n) * 2, kinds
+    for epoch in range(2):  # each stage-1 pass sees every training row once
+        rows = torch.cat([index for _, index in events[2 * n * epoch: 2 * n * epoch + n]])
+        assert sorted(rows.tolist()) == list(range(n_train))
+    assert all(math.isfinite(h["train_mmim_lld"]) and math.isfinite(h["train_loss"])
+               for h in history)
+    assert trainer.reg.estimator_pass == "epoch" and trainer.reg.config.schedule == "two_stage"
+
+
+def test_interleaved_schedule_keeps_one_q_step_before_each_model_step(small_data):
+    trainer = mmim_trainer(small_data, **{"regulariser.schedule": "interleaved",
+                                          "regulariser.inner_steps": 2, "max_epochs": 1})
+    assert trainer.reg.estimator_pass == "batch"
+    events = record_updates(trainer)
+    n = math.ceil(len(trainer.splits["train"]) / 16)
+    trainer.fit()
+    assert [kind for kind, _ in events] == ["q", "q", "model"] * n
+
+
+def test_q_width_is_tied_to_its_target_unless_given():
+    reg = make_reg()  # hidden: null, the official MMILB's x -> d_y -> d_y
+    for y in ("audio", "vision"):
+        assert reg.ba[y].q.mu[0].out_features == DIMS[y] == reg.ba[y].q.logvar[0].out_features
+    assert make_reg(hidden=8).ba["audio"].q.mu[0].out_features == 8
+    with pytest.raises(ConfigError, match="schedule"):
+        build_dataclass(MMIMRegulariserConfig, {"schedule": "alternating"})
+
+
+def test_grid_tunes_the_lstm_hidden_sizes_and_starts_at_the_papers_mosi_best(tmp_path, monkeypatch,
+                                                                               capsys):
+    """Sec. 4.3's "hidden dim in {32, 64}" is the A- and V-LSTM hidden size (Table 3 lists them
+    apart): 2 x 3 x 2 x 2 = 24 points for none, 2 x 3 x 2 x 3 x 3 x 2 x 2 x 3 = 1296 for mmim;
+    the first trial is Table 3's MOSI column."""
+    import yaml
+
+    from tuner.search import main
+    from tuner.spaces import load_space
+
+    space = load_space("mmim")
+    assert "regulariser.hidden" not in space.grid
+    assert space.grid["backbone.d_ah"] == space.grid["backbone.d_vh"] == [32, 64]
+    monkeypatch.chdir(tmp_path)
+    assert main(["--space", "mmim", "--sampler", "grid", "--dry-run"]) == 0
+    plan = yaml.safe_load(capsys.readouterr().out)
+    assert plan["trials"] == plan["grid_size"] == 1320
+    mosi_best = {"backbone": "mmim", "regulariser": "mmim", "batch_size": 32,
+                 "regulariser.lr_lld": 5e-3, "lr": 1e-3, "regulariser.alpha": 0.3,
+                 "regulariser.beta": 0.1, "backbone.d_vh": 32, "backbone.d_ah": 32,
+                 "regulariser.memory_size": 1}
+    assert plan["start_points"] == [mosi_best]
+    assert space.grid_points()[0] == mosi_best
+    assert main(["--space", "mmim", "--dry-run"]) == 0  # tpe: the same point first
+    plan = yaml.safe_load(capsys.readouterr().out)
+    assert [{"backbone": "mmim", **p} for p in plan["start_points"]] == [mosi_best]

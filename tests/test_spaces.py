@@ -36,8 +36,9 @@ def test_every_shipped_space_loads():
 @pytest.mark.parametrize("name, expected", [
     # 6 backbones x (none: 4 lr + mdm: 4 lr x 4 λ x 3 estimators)
     ("mdm", 6 * (4 + 4 * 4 * 3)),
-    # none: 2 batch x 3 lr; mmim: 2 x 3 x 2 lr_lld x 3 α x 3 β x 2 hidden x 3 memory
-    ("mmim", 2 * 3 + 2 * 3 * 2 * 3 * 3 * 2 * 3),
+    # none: 2 batch x 3 lr x 2 d_ah x 2 d_vh; mmim: 2 x 3 x 2 lr_lld x 3 α x 3 β x 2 d_ah x 2 d_vh
+    # x 3 memory
+    ("mmim", 2 * 3 * 2 * 2 + 2 * 3 * 2 * 3 * 3 * 2 * 2 * 3),
     # mird: 4 α x 6 split rates; orthogonal and none: 6 split rates each
     ("mird", 4 * 6 + 6 + 6),
     # 6 backbones x (none: 2 batch x 5 lr + synergy: 2 x 5 x 3 β)

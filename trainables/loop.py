@@ -8,6 +8,10 @@ when ``cpu_bf16``). Per epoch: validation metrics, best-epoch bookkeeping on the
 validation metric only, early stopping. When the trial ends (max epochs or patience), the best
 epoch's weights are evaluated once on test. Test metrics never steer anything.
 
+A regulariser with ``estimator_pass == "epoch"`` (MMIM's stage 1, Han et al. 2021, Algorithm 1)
+gets its estimator updates in a pass of their own over the epoch's batches, before the model
+pass, instead of per batch (:meth:`Trainer._estimator_pass`).
+
 The loop knows nothing of Ray: :mod:`trainables.trainable` wraps it for Tune, tests drive it
 directly.
 """
@@ -205,6 +209,7 @@ class Trainer:
         """One pass over train. Returns mean losses; raises nothing on divergence (see status)."""
         self.model.train()
         self.reg.train()
+        stage1 = self._estimator_pass() if self.reg.estimator_pass == "epoch" else {}
         totals: dict[str, torch.Tensor] = {}
         est_totals: dict[str, float] = {}
         n_batches = 0
@@ -236,7 +241,33 @@ class Trainer:
             n_batches += 1
         stats = {f"train_{k}": float(v) / max(n_batches, 1) for k, v in totals.items()}
         stats.update({f"train_{k}": v / max(n_batches, 1) for k, v in est_totals.items()})
+        stats.update(stage1)
         return stats
+
+    def _estimator_pass(self) -> dict[str, float]:
+        """The estimator-only pass of a regulariser with ``estimator_pass == "epoch"`` (MMIM's
+        stage 1, Algorithm 1 of Han et al. 2021): over every train minibatch, in a shuffle of its
+        own, the backbone runs in train mode (dropout on, as the official solver's stage 0) without
+        gradients, and ``reg.estimator_step`` runs ``inner_steps`` times on the features. Nothing
+        but the regulariser's estimator networks changes; the model pass follows with no inner
+        steps. Returns the mean of each batch's last estimates, as ``train_<key>``."""
+        totals: dict[str, float] = {}
+        n_batches = 0
+        for batch in iterate_batches(self.splits["train"], self.cfg.batch_size, shuffle=True,
+                                     generator=self.generator):
+            if self.cfg.unlabeled_rate > 0:
+                batch = self._with_unlabeled(batch)
+            batch = batch.to(self.device, non_blocking=True)
+            with torch.no_grad(), self._autocast():
+                out = self.model(batch)
+            det = float_detached(out)
+            est_stats: dict[str, float] = {}
+            for _ in range(self.reg.inner_steps):
+                est_stats = self.reg.estimator_step(det, batch)
+            for k, v in est_stats.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            n_batches += 1
+        return {f"train_{k}": v / max(n_batches, 1) for k, v in totals.items()}
 
     def _with_unlabeled(self, batch: Batch) -> Batch:
         """Append ``round(unlabeled_rate * B)`` random unlabeled rows; ``labeled`` marks the rest.

@@ -382,7 +382,10 @@ def plan(space: SearchSpace) -> dict[str, Any]:
         trials = space.search.num_samples
     return {"space": space.name, "sampler": space.search.sampler, "pruner": space.search.pruner,
             "backbones": space.backbones, "regularisers": space.regularisers,
-            "grid_size": grid, "trials": trials, "max_epochs": space.search.max_epochs,
+            "grid_size": grid, "trials": trials,
+            # what runs first (for the grid: the grid points of the start points)
+            "start_points": initial_points(space)[:len(space.start_points)],
+            "max_epochs": space.search.max_epochs,
             "trial_epochs_at_most": trials * space.search.max_epochs,
             "resources_per_trial": space.resources.ray_resources(),
             "metric": f"{space.metric} ({space.mode}), a trial's value is its best epoch"}

@@ -181,7 +181,20 @@ class SearchSpace:
 
     def grid_points(self) -> list[dict[str, Any]]:
         """The paper's grid, expanded per backbone x regulariser; keys that do not apply to a
-        pair are left out, so ``none`` does not repeat for every λ."""
+        pair are left out, so ``none`` does not repeat for every λ. The grid point of each start
+        point (the first one that agrees with all its keys) comes first, in ``start_points``
+        order, so the grid sampler also tries e.g. a paper's best configuration first."""
+        points = self._grid_points()
+        first: list[int] = []
+        for start in self.start_points:
+            want = {"backbone": self.backbones[0], "regulariser": self.regularisers[0], **start}
+            match = next((i for i, point in enumerate(points) if i not in first
+                          and all(k in point and point[k] == v for k, v in want.items())), None)
+            if match is not None:
+                first.append(match)
+        return [points[i] for i in first] + [p for i, p in enumerate(points) if i not in first]
+
+    def _grid_points(self) -> list[dict[str, Any]]:
         points: list[dict[str, Any]] = []
         seen: set[tuple] = set()
         for backbone, reg in self.model_pairs():

@@ -51,9 +51,11 @@ class MMIMConfig:
 
     #: text encoder (see :mod:`trainables.text`): "minilm" (packaged, offline), a folder, a hub name
     text_model: str = DEFAULT_TEXT_MODEL
-    #: audio LSTM hidden size
+    #: audio LSTM hidden size: the paper's "A-LSTM hidden dim" (grid {32, 64}; Table 3: MOSI 32,
+    #: MOSEI 16)
     d_ah: int = 16
-    #: vision LSTM hidden size
+    #: vision LSTM hidden size: the paper's "V-LSTM hidden dim" (grid {32, 64}; Table 3: MOSI 32,
+    #: MOSEI 64)
     d_vh: int = 16
     #: width of h_a (the audio feature)
     d_aout: int = 16

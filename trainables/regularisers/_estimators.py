@@ -89,12 +89,15 @@ def gaussian_entropy(y: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 
 
 def class_mixture_entropy(
-    y: torch.Tensor, groups: torch.Tensor, num_groups: int, eps: float = 1e-5
+    y: torch.Tensor, groups: torch.Tensor, num_groups: int, eps: float = 1e-5,
+    weights: str = "proportional",
 ) -> torch.Tensor:
     """MMIM's approximation of H(Y) for a Gaussian mixture with one component per class.
 
     ``groups`` (n,) long gives each row's component in [0, num_groups); rows with any other value
-    (e.g. −1) are left out. With n_c rows in component c and w_c = n_c / Σ n_c,
+    (e.g. −1) are left out. With n_c rows in component c and w_c = n_c / Σ n_c (``weights=
+    "proportional"``) or w_c = 1 / (number of components with rows) (``"equal"``: MMIM's Eq. 7-8,
+    w_pos = w_neg = ½),
 
         H(Y) ≈ Σ_c w_c · ½ log det(2πe Σ̂_c)          (Σ̂_c: see :func:`gaussian_entropy`)
 
@@ -105,14 +108,18 @@ def class_mixture_entropy(
     weight 0; one with a single row has Σ̂_c = ε·I (finite, see :func:`gaussian_entropy`). With no
     rows at all the result is 0, still connected to ``y`` so ``backward`` works.
     """
+    if weights not in ("proportional", "equal"):
+        raise ValueError(f"weights: expected 'proportional' or 'equal', got {weights!r}")
     total = y.new_zeros(())
     counts = [int((groups == c).sum()) for c in range(num_groups)]
     n = sum(counts)
     if n == 0:
         return total + 0.0 * y.sum()
+    filled = sum(1 for n_c in counts if n_c)
     for c, n_c in enumerate(counts):
         if n_c:
-            total = total + (n_c / n) * gaussian_entropy(y[groups == c], eps)
+            w_c = n_c / n if weights == "proportional" else 1.0 / filled
+            total = total + w_c * gaussian_entropy(y[groups == c], eps)
     return total
 
 
@@ -184,8 +191,11 @@ class InfoNCE(nn.Module):
 
         I(X; Y) ≥ log n + E_i[s_ii − logsumexp_j s_ij]  =  log n − L_NCE
 
-    (for each true y_i, which of the n predictions in the batch came from its own x). The estimate
-    never exceeds log n. With τ = 1 (MMIM) the scores lie in [−1, 1], so even perfectly aligned
+    (``negatives="predictions"``, the default: for each true y_i, which of the n predictions in the
+    batch came from its own x; MMIM's official CPC), or with logsumexp_j s_ji (``"targets"``: for
+    each prediction g(x_i), which of the n y_j is its own; MMIM's Eq. 11). Both are InfoNCE bounds
+    on the same I(X; Y); they differ in which side the batch's other rows are negatives for. The
+    estimate never exceeds log n. With τ = 1 (MMIM) the scores lie in [−1, 1], so even perfectly aligned
     pairs cannot get near log n; smaller τ lets strongly dependent pairs approach it.
 
     g is linear for ``layers=1`` (MMIM's default), else ``layers`` linear maps with tanh between
@@ -196,8 +206,15 @@ class InfoNCE(nn.Module):
     total loss (the caller puts g's parameters in the model optimiser).
     """
 
-    def __init__(self, x_dim: int, y_dim: int, layers: int = 1, temperature: float = 1.0) -> None:
+    def __init__(self, x_dim: int, y_dim: int, layers: int = 1, temperature: float = 1.0,
+                 negatives: str = "predictions") -> None:
         super().__init__()
+        if negatives not in ("predictions", "targets"):
+            raise ValueError(f"InfoNCE negatives: expected 'predictions' or 'targets', got {negatives!r}")
+        #: what each pair is contrasted against: "predictions", the true y_i against all g(x_j)
+        #: (softmax over j of s_ij); "targets", the prediction g(x_i) against all y_j (MMIM's
+        #: Eq. 11: the other rows' h_m are the negatives)
+        self.negatives = negatives
         if layers < 1:
             raise ValueError(f"InfoNCE layers: expected an integer >= 1, got {layers}")
         if temperature <= 0:
@@ -215,9 +232,10 @@ class InfoNCE(nn.Module):
         return true @ pred.T / self.temperature  # (n, n)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        s = self.scores(x, y)  # (n, n)
+        s = self.scores(x, y)  # (n, n): s_ij = cos(y_i, g(x_j)) / τ
         n = s.shape[0]
-        return math.log(n) + (s.diagonal() - torch.logsumexp(s, dim=1)).mean()
+        dim = 1 if self.negatives == "predictions" else 0
+        return math.log(n) + (s.diagonal() - torch.logsumexp(s, dim=dim)).mean()
 
     def learning_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return -self.forward(x, y)

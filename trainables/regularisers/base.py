@@ -18,6 +18,11 @@ Call order, per training batch (``trainables.loop`` does this and nothing else):
    differently (MIRD: logs of the terms).
 5. One optimiser step of the backbone and of ``reg.main_parameters()`` on ``loss``.
 
+With ``estimator_pass == "epoch"`` (MMIM, Han et al. 2021, Algorithm 1) step 2 moves out of the
+batch loop: at the start of each epoch the loop runs a pass of its own over every train minibatch
+(its own shuffle; backbone in train mode, no gradients) calling ``estimator_step`` ``inner_steps``
+times per batch; the model pass that follows runs steps 1 and 3-5 only.
+
 Estimator parameters are everything not in ``main_parameters()``; the main optimiser never
 sees them. Buffers (memories, moving covariances) live in ``state_dict`` so that they survive a
 checkpoint round-trip; ``reg.optimizer``'s state is saved by the loop next to it.
@@ -79,6 +84,13 @@ class Regulariser(nn.Module):
         """How many ``estimator_step`` calls precede each model step."""
         return 0
 
+    @property
+    def estimator_pass(self) -> str:
+        """Where the ``estimator_step`` calls go: ``"batch"``, ``inner_steps`` before each model
+        step (default); ``"epoch"``, a separate estimator-only pass over all train minibatches
+        before the epoch's model pass (no inner steps in the model pass)."""
+        return "batch"
+
     def main_parameters(self) -> list[nn.Parameter]:
         """Regulariser parameters trained by the *model* optimiser on the total loss."""
         return []
@@ -100,9 +112,10 @@ class Regulariser(nn.Module):
     def estimator_update(self, out: BackboneOutput, batch: Batch, encoder: Encoder) -> dict[str, float]:
         """Everything the estimator networks learn before one model step; returns the last
         update's floats to log. Default: ``inner_steps`` × :meth:`estimator_step` on this
-        batch's detached features."""
+        batch's detached features (nothing with ``estimator_pass == "epoch"``: the loop's epoch pass
+        calls ``estimator_step`` instead)."""
         stats: dict[str, float] = {}
-        if self.inner_steps:
+        if self.inner_steps and self.estimator_pass == "batch":
             det = float_detached(out)
             for _ in range(self.inner_steps):
                 stats = self.estimator_step(det, batch)

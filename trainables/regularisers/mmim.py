@@ -1,68 +1,77 @@
 """MultiModal InfoMax regulariser (Han, Chen, Poria, EMNLP 2021).
 
 "Improving Multimodal Fusion with Hierarchical Mutual Information Maximization for Multimodal
-Sentiment Analysis". Two MI lower bounds are maximised next to the task loss:
+Sentiment Analysis". Equation numbers are the paper's; docs/fidelity.md has the table. Two MI
+lower bounds are maximised next to the task loss (Eq. 14, L_main = L_task + α L_CPC + β L_BA):
 
-    L = L_task − α · CPC − β · BA
+    penalty = −α · CPC − β · BA      (= α L_CPC + β L_BA up to the constant 3α log n)
 
-Input level (BA, Barber–Agakov) between text and each of audio and vision, with q predicting the
-audio/vision representation from the text one — the official code's ``mi_ta(x=text, y=acoustic)``
-and ``mi_tv(x=text, y=visual)``; its optional vision -> audio pair (``--add_va``, an ablation) is
-not implemented:
+Input level (Sec. 3.4), BA (Barber–Agakov, Eq. 3) between text and each of audio and vision,
+text as X (q predicts h_a / h_v from h_t, the paper's choice and the official ``mi_ta``/``mi_tv``;
+the ablation's vision -> audio pair is not implemented):
 
-    BA = Σ_{m ∈ {a, v}} [ H(h_m) + E_p log q_m(h_m | h_t) ]
+    BA = Σ_{m ∈ {a, v}} [ H(h_m) + E_p log q_m(h_m | h_t) ]           Eq. 3, Eq. 9 (L_BA = −BA)
     q_m(y|x) = N(y; μ(x), diag σ²(x)), μ and log σ² from MLPs x -> hidden -> y (ReLU)
+    L_lld = −(1/N) Σ_{tv, ta} Σ_i log q(y_i | x_i)                    Eq. 4 (stage 1)
 
-H(h_m) is approximated by a two-component Gaussian mixture, one component for the positive and one
-for the negative examples (label > 0 vs label < 0, as in the official code; neutral, label = 0, and
-unlabeled rows are in neither component), each fitted to the current batch plus a FIFO memory of
-the last ``memory_size`` batches, and its entropy by the weighted entropies of the components
-(:func:`~trainables.regularisers._estimators.class_mixture_entropy`):
+``hidden`` defaults to the width of y (the official ``MMILB``; the paper gives no q width).
 
-    H(Y) ≈ Σ_c w_c · ½ log det(2πe (Σ̂_c + ε I)),   w_c = n_c / (n_+ + n_−)
+H(h_m) is a two-component Gaussian mixture by polarity (Sec. 3.4: non-negative vs negative, so
+label 0 joins the non-negative component), each component fitted by maximum likelihood (Eq. 5) to
+the current batch plus a FIFO memory of the last ``memory_size`` batches (Sec. 3.4, Appendix A.1),
+and its entropy replaced by the lower bound of Eq. 7 with equal weights (Eq. 8):
 
-Fusion level (CPC) between the fused representation Z and each unimodal h_m, m ∈ {t, a, v}: a
-linear map g_m predicts h_m from Z, scores are normalised dot products against the batch, and
-CPC = Σ_m (log n − L_NCE,m) (:class:`~trainables.regularisers._estimators.InfoNCE`).
+    H(Y) ≈ Σ_c w_c · ½ log det(2πe (Σ̂_c + ε I)),   w_pos = w_neg = ½        Eq. 6-8
 
-Training (the paper's two stages, in the loop's call order, see ``Regulariser``):
-- stage 1, :meth:`MMIMRegulariser.estimator_step`, ``inner_steps`` times per batch: one
-  likelihood step of the q networks (AdamW at ``lr_lld``) on detached features;
-- stage 2, :meth:`MMIMRegulariser.penalty`: −α·CPC − β·BA with q frozen, so gradients reach the
-  features (both sides of each pair, and Z) and the CPC maps g_m — which are ``main_parameters()``,
-  trained by the model optimiser as in the official code — but never q. In training mode the
-  penalty then pushes the batch's (detached) audio/vision features into the memory.
+Fusion level (Sec. 3.5), CPC between Z and each h_m, m ∈ {t, a, v}: a linear G_φ predicts h_m
+from Z, scores are exp of normalised dot products (Eq. 10), and for each G(Z_i) the other rows'
+h_m^j are the negatives (Eq. 11); CPC = Σ_m (log n − L_N^{z,m}) (Eq. 12,
+:class:`~trainables.regularisers._estimators.InfoNCE`).
 
-Departures from the official code (``src/modules/encoders.py``, ``src/solver.py``), each on purpose:
-- stage 1 is interleaved: ``inner_steps`` q steps on each batch right before its model step (the
-  loop's contract); the official solver runs stage 1 as a separate pass over the training set
-  (half of it on MOSEI) before each stage-2 epoch.
-- log q keeps −½ log σ² and the constant (the official MMILB drops both; without the log σ² term the
-  likelihood is maximised by σ² -> ∞ and the "bound" degenerates); log σ² is soft-bounded to ±10.
-- H(Y) is taken in the space q models (h_m itself), so that H + E log q is a BA bound; the official
-  code computes it on ``tanh(W h_m)`` with W: d -> d/4, a projection its optimisers never update
-  (it sits in the q optimiser's parameter list but only gets gradients in the stage that never
-  steps that optimiser).
-- Covariances: unbiased (n_c − 1) and diagonally loaded with ``diag_load``·I, so that a class with
-  fewer samples than dimensions (or one sample, or none) gives a finite entropy; the official
-  biased covariance is singular for a class with ≤ d/4 samples and its logdet goes −inf/NaN.
-- Mixture weights are the class proportions and the ½·d·log 2πe constant is kept (H in nats); the
-  official code uses ¼(logdet Σ̂_+ + logdet Σ̂_−), i.e. fixed weights ½ and no constant. Apart from
-  the loading and the projection, the gradient differs only through the weights.
-- The memory lives in buffers (it survives checkpoints) and persists across epochs; the official
-  memory restarts every epoch and leaves H out of the loss for the first ``mem_size + 1`` batches.
-  Here H is always in: before the memory fills, it is fitted to the batches seen so far.
-- CPC normalises with a floor (no NaN on an all-zero feature row); τ is a config field (1 = paper).
+Training, Algorithm 1 (``schedule: two_stage``, the default; the loop's estimator pass, see
+``Regulariser.estimator_pass``):
+- stage 1, over every train minibatch of the epoch (its own shuffle, as the paper samples each
+  stage's minibatches and the official DataLoader reshuffles per pass): encode (Eq. 2, backbone in
+  train mode, no gradients), L_lld (Eq. 4), one AdamW step of q at η_lld
+  (:meth:`MMIMRegulariser.estimator_step`);
+- stage 2, over every minibatch: encode, GMM from batch + memory (Eq. 5), the memory update
+  (dequeue the oldest, enqueue this batch: after the penalty, Appendix A.1), L_BA (Eq. 3, 8, 9),
+  L_CPC (Eq. 10-12), L_main (Eq. 14), one step of everything except q
+  (:meth:`MMIMRegulariser.penalty` with q frozen; the CPC maps G_φ are ``main_parameters()``).
+``schedule: interleaved`` keeps this project's earlier order: ``inner_steps`` q steps on each batch
+right before its model step (one forward pass per batch instead of two).
+
+Where the paper is silent we follow the official code (declare-lab/Multimodal-Infomax,
+``src/modules/encoders.py``, ``src/solver.py``), and where we depart from both we say why:
+- D_sub ⊆ D of stage 1: the whole train set (the official code uses all of MOSI and the first
+  half of each MOSEI epoch's batches).
+- Gradient clipping (5.0, Sec. 4.3) applies to stage 2; stage-1 q steps are not clipped (the
+  official code clips stage 0 over all parameters, the backbone's unused gradients included).
+- log q keeps −½ log σ² and the constant, as Eq. 4's Gaussian log-likelihood (the official MMILB
+  drops both; without the log σ² term the likelihood is maximised by σ² -> ∞); log σ² is
+  soft-bounded to ±10.
+- H(Y) is taken on h_m itself, as Eq. 5 (the official code takes it on ``tanh(W h_m)``, W: d -> d/4,
+  a projection its optimisers never update).
+- Covariances: unbiased (n_c − 1) and loaded with ``diag_load``·I (Eq. 5 is the biased ML
+  estimate; the factor n_c/(n_c − 1) only shifts log det by a constant). Without the loading a
+  class with fewer rows than dimensions gives log det = −inf: the NaN the paper's ablation
+  reports "w/o history data" (Table 4) and the official code can hit with memory too.
+- The ½·d·log 2πe constant of Eq. 6 is kept (H in nats); Eq. 8 drops it. No gradient changes.
+- The memory lives in buffers (it survives checkpoints) and persists across epochs (the paper is
+  silent; the official memory restarts every epoch and leaves H out of the loss for the first
+  ``mem_size + 1`` batches). Before the memory fills, H is fitted to the batches seen so far.
+- CPC normalises with a floor (no NaN on an all-zero row); τ is a config field (1 = Eq. 10).
+- Options that restore the official code's choices: ``neutral: excluded`` (label 0 in neither
+  component), ``mixture_weights: proportional`` (class proportions instead of ½; the official code
+  uses ½ as the paper), ``cpc_negatives: predictions`` (for h_m^i the other rows' G(Z_j)).
 - The official code with ``--contrast`` off drops the BA and CPC terms entirely; that is the ``none``
   regulariser here.
-
-Sources: the paper's text as summarised in PAPERS.md, and the official code (declare-lab/
-Multimodal-Infomax, read for behaviour only). Where they differ, comments above say which we follow.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -94,11 +103,24 @@ class MMIMRegulariserConfig:
     lr_lld: float = 1e-3
     #: past batches kept for the class covariances of H(Y) [1, 2, 3]; 0 = the current batch only
     memory_size: int = 1
-    #: hidden width of the q networks' μ and log σ² MLPs [32, 64] (the official code uses the
-    #: width of y; 32 is the paper's best on MOSI)
-    hidden: int = 32
+    #: hidden width of the q networks' μ and log σ² MLPs; None = the width of the predicted
+    #: representation y (h_a or h_v), as the official ``MMILB`` (x -> y_size -> y_size). The paper
+    #: gives no width for q: its "hidden dim in {32, 64}" is the A/V-LSTM hidden size, which the
+    #: search grids as ``backbone.d_ah`` / ``backbone.d_vh`` (Table 3 lists them apart)
+    hidden: int | None = None
+    #: where neutral rows (label 0) go in the two-component mixture of H(Y): "positive", the
+    #: non-negative component (Sec. 3.4: "sentiment polarity (non-negative/negative)"), or
+    #: "excluded", in neither (the official code: label > 0 vs label < 0)
+    neutral: Literal["positive", "excluded"] = "positive"
+    #: mixture weights of H(Y): "equal", w_pos = w_neg = ½ (Eq. 7-8, "we assume the prior
+    #: probability ... is equal"; the official ¼(logdet Σ_+ + logdet Σ_−) too), or "proportional",
+    #: the class proportions in batch + memory
+    mixture_weights: Literal["equal", "proportional"] = "equal"
     #: layers of each CPC map Z -> h_m (1 = linear, the official default)
     cpc_layers: int = 1
+    #: CPC negatives: "targets", for G(Z_i) the other rows' h_m (Eq. 11: H̃_m = H_m \ {h_m^i}), or
+    #: "predictions", for h_m^i the other rows' G(Z_j) (the official ``CPC.forward``)
+    cpc_negatives: Literal["targets", "predictions"] = "targets"
     #: CPC temperature τ (scores are cos / τ); the paper's normalised dot products are τ = 1
     temperature: float = 1.0
     #: ε of the diagonal loading Σ̂ + ε·I of the class covariances (ours; the official code has
@@ -106,7 +128,12 @@ class MMIMRegulariserConfig:
     #: (at initialisation we measured medians of ~3e-4 for TFN, ~2e-3 for this MMIM backbone, ~5e-2
     #: for EF-LSTM), or it flattens the entropy gradient in low-variance directions
     diag_load: float = 1e-5
-    #: q likelihood steps (stage 1) before each model step (the official code: one pass = 1)
+    #: "two_stage" (Algorithm 1): each epoch, stage 1 updates only q over every train minibatch,
+    #: then stage 2 updates everything but q over every minibatch (the loop's estimator pass).
+    #: "interleaved": ``inner_steps`` q steps on each batch right before its model step (this
+    #: project's earlier default; one forward pass per batch instead of two)
+    schedule: Literal["two_stage", "interleaved"] = "two_stage"
+    #: q likelihood steps (stage 1) per minibatch (Algorithm 1: one)
     inner_steps: int = 1
 
     @property
@@ -121,7 +148,9 @@ class MMIMRegulariserConfig:
         for name in ("memory_size", "inner_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: expected an integer >= 0, got {getattr(self, name)}")
-        for name in ("hidden", "cpc_layers"):
+        if self.hidden is not None and self.hidden < 1:
+            raise ConfigError(f"hidden: expected an integer >= 1 or null, got {self.hidden}")
+        for name in ("cpc_layers",):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
         for name in ("lr_lld", "temperature", "diag_load"):
@@ -204,12 +233,14 @@ class MMIMRegulariser(Regulariser):
         c = config
         #: stage-1 estimators: q(h_y | h_x) per BA pair, keyed by the predicted modality
         self.ba = nn.ModuleDict(
-            {y: BarberAgakov(feature_dims[x], feature_dims[y], c.hidden, c.diag_load) for x, y in BA_PAIRS}
+            {y: BarberAgakov(feature_dims[x], feature_dims[y], c.hidden or feature_dims[y], c.diag_load)
+             for x, y in BA_PAIRS}
         )
         #: CPC maps Z -> h_m, trained with the model (main_parameters)
         self.cpc = nn.ModuleDict(
             {
-                m: InfoNCE(feature_dims["fused"], feature_dims[m], c.cpc_layers, c.temperature)
+                m: InfoNCE(feature_dims["fused"], feature_dims[m], c.cpc_layers, c.temperature,
+                           negatives=c.cpc_negatives)
                 for m in MODALITIES
             }
         )
@@ -219,18 +250,22 @@ class MMIMRegulariser(Regulariser):
     def inner_steps(self) -> int:
         return self.config.inner_steps
 
+    @property
+    def estimator_pass(self) -> str:
+        """"epoch" for the paper's two stages (Algorithm 1), "batch" for ``interleaved``."""
+        return "epoch" if self.config.schedule == "two_stage" else "batch"
+
     def main_parameters(self) -> list[nn.Parameter]:
         return list(self.cpc.parameters())
 
     # -- pieces ----------------------------------------------------------------------------------
 
-    @staticmethod
-    def groups(batch: Batch, n: int, device: torch.device) -> torch.Tensor:
-        """Mixture component of each row, (B,): POSITIVE (label > 0), NEGATIVE (label < 0), or
-        NO_GROUP (label 0, or an unlabeled row)."""
+    def groups(self, batch: Batch, n: int, device: torch.device) -> torch.Tensor:
+        """Mixture component of each row, (B,): POSITIVE (label ≥ 0; label > 0 with ``neutral:
+        excluded``), NEGATIVE (label < 0), or NO_GROUP (label 0 when excluded, unlabeled rows)."""
         labels = batch.labels.to(device)
         groups = torch.full((n,), NO_GROUP, dtype=torch.long, device=device)
-        groups[labels > 0] = POSITIVE
+        groups[labels >= 0 if self.config.neutral == "positive" else labels > 0] = POSITIVE
         groups[labels < 0] = NEGATIVE
         if batch.labeled is not None:
             groups[~batch.labeled.to(device)] = NO_GROUP
@@ -241,7 +276,8 @@ class MMIMRegulariser(Regulariser):
         memory = self.memory.rows(name).to(y.dtype)
         rows = torch.cat([memory, y])  # (N + B, d)
         all_groups = torch.cat([self.memory.groups, groups])  # (N + B,)
-        return class_mixture_entropy(rows, all_groups, 2, self.config.diag_load)
+        return class_mixture_entropy(rows, all_groups, 2, self.config.diag_load,
+                                     weights=self.config.mixture_weights)
 
     def bounds(self, out: BackboneOutput, batch: Batch, frozen: bool = True) -> dict[str, torch.Tensor]:
         """Every estimate on this batch (scalars): ``cpc_<m>``, ``entropy_<m>``, ``ba_<m>`` and
