@@ -172,7 +172,7 @@ def test_s3_draws_unlabeled_rows_from_the_pool_not_from_train(small_data):
     regulariser sees 3 unlabeled rows per labeled one."""
     trainer = Trainer(config(backbone="mird", regulariser="mird", unlabeled_rate=3.0,
                              task_loss="mse", **TINY_MIRD), small_data)
-    assert len(trainer.unlabeled) == 480
+    assert len(trainer.unlabeled) == 3 * 96  # s x N_train rows of the 480-row pool
     pool, train = row_keys(small_data.unlabeled.audio), row_keys(small_data.splits["train"].audio)
     seen = []
     penalty = trainer.reg.penalty
@@ -211,16 +211,32 @@ def test_rows_are_drawn_without_replacement_within_an_epoch(small_data):
     drawn = _drawn(trainer)
     trainer.run_epoch()
     first = torch.cat(drawn)
-    assert len(first) == 2 * 96 and len(set(first.tolist())) == len(first)  # no repeats
+    # s = 2: the trial's share of the pool is 2 x 96 rows, and an epoch passes over it once
+    assert len(trainer.unlabeled) == 192
+    assert sorted(first.tolist()) == list(range(192))  # every row once, no repeats
     drawn.clear()
     trainer.run_epoch()
     second = torch.cat(drawn)
-    assert len(set(second.tolist())) == len(second)
+    assert sorted(second.tolist()) == list(range(192))
     assert not torch.equal(first, second)  # a new permutation per epoch
+
+
+def test_split_rate_is_the_amount_of_unlabeled_data(small_data):
+    """s x N_train rows of the pool, the same for every seed, nested across rates (Fig. 6)."""
+    def rows(rate, seed=0):
+        trainer = Trainer(config(unlabeled_rate=rate, seed=seed), small_data)
+        return row_keys(trainer.unlabeled.audio.numpy())
+
+    pool = row_keys(small_data.unlabeled.audio)
+    one, three = rows(1.0), rows(3.0)
+    assert len(one) == 96 and len(three) == 288 and one < three < pool
+    assert rows(1.0, seed=5) == one
+    assert rows(5.0) == pool and rows(7.0) == pool  # more than the pool: all of it
 
 
 def test_a_pass_uses_every_pool_row_once_before_any_repeats(small_data):
     # s = 6: an epoch needs 576 rows of a 480-row pool: all 480 first, then a new permutation
+    # (the labeled-rows fallback at s > 1 works the same way over train)
     trainer = Trainer(config(unlabeled_rate=6.0), small_data)
     drawn = _drawn(trainer)
     trainer.run_epoch()
@@ -233,12 +249,12 @@ def test_a_pass_uses_every_pool_row_once_before_any_repeats(small_data):
 def test_draw_position_survives_checkpoint_and_resume(small_data, tmp_path):
     a = Trainer(config(unlabeled_rate=1.0, max_epochs=3), small_data)
     a.run_epoch()
-    a._next_unlabeled(100)  # mid-epoch position of epoch 2
+    a._next_unlabeled(50)  # mid-epoch position of epoch 2
     a.save(tmp_path)
-    expected = a._next_unlabeled(300)  # crosses the end of the pass
+    expected = a._next_unlabeled(100)  # crosses the end of the 96-row pass
     b = Trainer(config(unlabeled_rate=1.0, max_epochs=3), small_data)
     b.load(tmp_path)
-    assert torch.equal(b._next_unlabeled(300), expected)
+    assert torch.equal(b._next_unlabeled(100), expected)
     # and a whole resumed epoch equals the uninterrupted one (CPU)
     # (the global RNG is the process's: c's epoch runs before d restores it)
     c = Trainer(config(unlabeled_rate=1.0, max_epochs=3), small_data)

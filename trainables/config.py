@@ -153,8 +153,9 @@ class TrialConfig:
     #: linear warm-up over this fraction of all training steps, then linear decay to 0
     #: (MAG-BERT's schedule); 0 = constant learning rate
     warmup: float = 0.0
-    #: unlabeled:labeled rows per batch (MIRD's split rate s, Qian et al. Fig. 6), drawn without
-    #: replacement from a per-epoch permutation of the pool named by ``unlabeled_source``
+    #: MIRD's split rate s (Qian et al. Fig. 6): the trial uses s x N_train unlabeled rows (the
+    #: same rows for every trial), s x B of them appended to each batch, without replacement
+    #: within an epoch (a per-epoch permutation), from the pool named by ``unlabeled_source``
     unlabeled_rate: float = 0.0
     #: where unlabeled rows come from: ``data`` (the paper: the data's ``unlabeled`` split, e.g.
     #: ``--unlabeled PATH``; a search without one stops before any trial) or ``train`` (a

@@ -149,9 +149,12 @@ class Trainer:
         self.splits = {name: TensorSplit.from_arrays(self.model.prepare_split(arr), pin_memory=pin)
                        for name, arr in data.splits.items() if arr is not data.unlabeled}
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        #: the pool unlabeled rows come from (its labels are never read): the data's "unlabeled"
-        #: split (MIRD's external clips), or train with ``unlabeled_source: train``; None when
-        #: the trial draws no unlabeled rows (the pool is then not even made into tensors)
+        #: the unlabeled rows this trial draws from (labels never read). Qian et al.'s split rate
+        #: s is the ratio of unlabeled to labeled *data* (Fig. 6; the pool is 5x train, s <= 5):
+        #: the trial uses s x N_train rows of the data's "unlabeled" split (all of it if it is
+        #: smaller), the same rows for every trial and seed (a fixed, nested choice: the s = 2
+        #: rows hold the s = 1 rows), and one epoch passes over them once at s x B per batch.
+        #: ``unlabeled_source: train`` uses train (labels hidden) instead. None when s = 0.
         self.unlabeled: TensorSplit | None = None
         if cfg.unlabeled_rate > 0:
             if cfg.unlabeled_source == "train":
@@ -161,8 +164,11 @@ class Trainer:
                     f"unlabeled_rate {cfg.unlabeled_rate:g}: {data.source} has no 'unlabeled' "
                     "split; add one (--unlabeled PATH) or set unlabeled_source: train")
             else:
-                self.unlabeled = TensorSplit.from_arrays(self.model.prepare_split(data.unlabeled),
-                                                         pin_memory=pin)
+                pool = data.unlabeled
+                n_use = min(len(pool), round(cfg.unlabeled_rate * len(self.splits["train"])))
+                chosen = np.sort(np.random.default_rng(0x0B1AB).permutation(len(pool))[:n_use])
+                self.unlabeled = TensorSplit.from_arrays(
+                    self.model.prepare_split(pool.subset(chosen)), pin_memory=pin)
         #: the pool's draw order: a permutation per epoch (and per pass, when an epoch needs more
         #: rows than the pool has), consumed in order; its own generator, seeded from the trial
         #: seed, so the labeled batches' order is the same for every split rate s
