@@ -71,7 +71,9 @@ def test_pickle_reader_documents_the_risk():
 
 def test_parquet_round_trip_is_exact(small_data, tmp_path):
     out = write_parquet(small_data, tmp_path / "pq")
-    assert sorted(p.name for p in out.iterdir()) == ["test.parquet", "train.parquet", "valid.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == ["test.parquet", "train.parquet",
+                                                     "unlabeled.parquet", "valid.parquet"]
+    assert "regression_labels" not in pq.read_schema(out / "unlabeled.parquet").names
     meta = pq.read_schema(out / "valid.parquet").metadata
     assert meta[b"mifusion.digest"].decode() == small_data.digest
     assert meta[b"mifusion.format_version"].decode() == FORMAT_VERSION

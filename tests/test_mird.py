@@ -200,14 +200,21 @@ def test_sparsemax_other_dim_mask_and_jacobian():
 
 
 def test_pairs_follow_the_available_features():
+    # the paper's directions: q(z^L|z^V), q(z^A|z^V), q(z^A|z^L) (θ_var after Eq. 15),
+    # q(z^S|z^m) (Eq. 10) and q(z^S|X^m) (Eq. 14)
     reg = make_reg()
-    assert reg.pairs == [("shared", "text"), ("shared", "audio"), ("shared", "vision"),
+    assert reg.pairs == [("vision", "text"), ("vision", "audio"), ("text", "audio"),
+                         ("vision", "shared"), ("text", "shared"), ("audio", "shared")]
+    old = make_reg(pair_order="shared_first")
+    assert old.pairs == [("shared", "text"), ("shared", "audio"), ("shared", "vision"),
                          ("text", "audio"), ("text", "vision"), ("audio", "vision")]
     generic = make_reg({"text": 4, "audio": 3, "vision": 5, "fused": 8})
-    assert generic.pairs == [("text", "audio"), ("text", "vision"), ("audio", "vision")]
+    assert generic.pairs == [("vision", "text"), ("vision", "audio"), ("text", "audio")]
     assert generic.recon == []
     full = make_reg({**CODE_DIMS, "input_text": 6, "input_audio": 2, "input_vision": 3})
-    assert full.pairs[-3:] == [("shared", f"input_{m}") for m in ("text", "audio", "vision")]
+    assert full.pairs[-3:] == [(f"input_{m}", "shared") for m in ("text", "audio", "vision")]
+    assert full.clubs["input_audio__shared"].q.mu[0].in_features == 2  # q(z^S | X^A)
+    assert isinstance(full.optimizer, torch.optim.Adam)  # §4.3: Adam for the MIM module
     assert len(make_reg({**CODE_DIMS, "input_text": 6}, use_input_mi=False).pairs) == 6
     with pytest.raises(ValueError, match="at least two"):
         make_reg({"text": 4, "fused": 4})
@@ -390,9 +397,11 @@ def test_backbone_features_are_the_documented_keys(small_data, tiny_batch):
     assert no_orth.penalty(out, tiny_batch).item() == pytest.approx(recon, rel=1e-5)
 
 
-@pytest.mark.parametrize("align,pool", [("resample", "cls"), ("sparsemax", "sparsemax")])
-def test_backbone_variants_train(small_data, tiny_batch, align, pool):
-    model = tiny_mird(small_data, align=align, pool=pool)
+@pytest.mark.parametrize("align,pool,gate", [("resample", "cls", "relu"),
+                                             ("sparsemax", "sparsemax", "sigmoid"),
+                                             ("sparsemax", "mean", "sigmoid")])
+def test_backbone_variants_train(small_data, tiny_batch, align, pool, gate):
+    model = tiny_mird(small_data, align=align, pool=pool, gate=gate)
     reg = make_reg(model.feature_dims, inner_steps=1, hidden=8)
     out = model(tiny_batch)
     reg.estimator_step(out.detached(), tiny_batch)

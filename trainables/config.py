@@ -153,9 +153,14 @@ class TrialConfig:
     #: linear warm-up over this fraction of all training steps, then linear decay to 0
     #: (MAG-BERT's schedule); 0 = constant learning rate
     warmup: float = 0.0
-    #: unlabeled:labeled rows per batch (MIRD's split rate s); unlabeled rows come from the
-    #: data's "unlabeled" split when it has one, else from train with their labels hidden
+    #: MIRD's split rate s (Qian et al. Fig. 6): the trial uses s x N_train unlabeled rows (the
+    #: same rows for every trial), s x B of them appended to each batch, without replacement
+    #: within an epoch (a per-epoch permutation), from the pool named by ``unlabeled_source``
     unlabeled_rate: float = 0.0
+    #: where unlabeled rows come from: ``data`` (the paper: the data's ``unlabeled`` split, e.g.
+    #: ``--unlabeled PATH``; a search without one stops before any trial) or ``train`` (a
+    #: fallback that is not the paper's method: labeled training rows with their labels hidden)
+    unlabeled_source: typing.Literal["data", "train"] = "data"
     #: gradient-norm clipping of the model step (0 = off)
     grad_clip: float = 5.0
     #: the validation metric that picks the best epoch (a key of the reported metrics)

@@ -153,10 +153,36 @@ class Trainer:
             self.model.compile()  # in place: the state-dict keys stay the same
         pin = self.device.type == "cuda"
         self.splits = {name: TensorSplit.from_arrays(self.model.prepare_split(arr), pin_memory=pin)
-                       for name, arr in data.splits.items()}
+                       for name, arr in data.splits.items() if arr is not data.unlabeled}
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        #: where unlabeled rows come from (labels are never read from it)
-        self.unlabeled = self.splits.get("unlabeled", self.splits["train"])
+        #: the unlabeled rows this trial draws from (labels never read). Qian et al.'s split rate
+        #: s is the ratio of unlabeled to labeled *data* (Fig. 6; the pool is 5x train, s <= 5):
+        #: the trial uses s x N_train rows of the data's "unlabeled" split (all of it if it is
+        #: smaller), the same rows for every trial and seed (a fixed, nested choice: the s = 2
+        #: rows hold the s = 1 rows), and one epoch passes over them once at s x B per batch.
+        #: ``unlabeled_source: train`` uses train (labels hidden) instead. None when s = 0.
+        self.unlabeled: TensorSplit | None = None
+        if cfg.unlabeled_rate > 0:
+            if cfg.unlabeled_source == "train":
+                self.unlabeled = self.splits["train"]
+            elif data.unlabeled is None:
+                raise ValueError(
+                    f"unlabeled_rate {cfg.unlabeled_rate:g}: {data.source} has no 'unlabeled' "
+                    "split; add one (--unlabeled PATH) or set unlabeled_source: train")
+            else:
+                pool = data.unlabeled
+                n_use = min(len(pool), round(cfg.unlabeled_rate * len(self.splits["train"])))
+                chosen = np.sort(np.random.default_rng(0x0B1AB).permutation(len(pool))[:n_use])
+                self.unlabeled = TensorSplit.from_arrays(
+                    self.model.prepare_split(pool.subset(chosen)), pin_memory=pin)
+        #: the pool's draw order: a permutation per epoch (and per pass, when an epoch needs more
+        #: rows than the pool has), consumed in order; its own generator, seeded from the trial
+        #: seed, so the labeled batches' order is the same for every split rate s
+        self.unlabeled_generator = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([cfg.seed, 0x0B1AB]).generate_state(1)[0]))
+        self.unlabeled_order: torch.Tensor | None = None
+        self.unlabeled_pos = 0
+        self.unlabeled_epoch = -1  # the epoch ``unlabeled_order`` was drawn for
         #: what a regulariser may run of the backbone within a step (MDM's fresh batches and B̄)
         self.encoder = Encoder(forward=self._encode, forward_no_grad=self._encode_no_grad,
                                sample=self._sample_batches,
@@ -269,15 +295,34 @@ class Trainer:
             n_batches += 1
         return {f"train_{k}": v / max(n_batches, 1) for k, v in totals.items()}
 
+    def _next_unlabeled(self, k: int) -> torch.Tensor:
+        """The next ``k`` rows of the pool: without replacement within an epoch (a fresh
+        permutation at each epoch's first draw, consumed in order across its batches), drawing a
+        new permutation only when an epoch needs more rows than the pool holds."""
+        assert self.unlabeled is not None
+        parts = []
+        while k > 0:
+            if (self.unlabeled_order is None or self.unlabeled_epoch != self.epoch
+                    or self.unlabeled_pos >= len(self.unlabeled_order)):
+                self.unlabeled_order = torch.randperm(len(self.unlabeled),
+                                                      generator=self.unlabeled_generator)
+                self.unlabeled_pos, self.unlabeled_epoch = 0, self.epoch
+            take = self.unlabeled_order[self.unlabeled_pos:self.unlabeled_pos + k]
+            self.unlabeled_pos += len(take)
+            k -= len(take)
+            parts.append(take)
+        return torch.cat(parts)
+
     def _with_unlabeled(self, batch: Batch) -> Batch:
-        """Append ``round(unlabeled_rate * B)`` random unlabeled rows; ``labeled`` marks the rest.
+        """Append ``round(unlabeled_rate * B)`` unlabeled rows from the pool (Qian et al.,
+        Algorithm 1: X^labeled ∪ X^unlabeled); ``labeled`` marks the labeled ones.
 
         The appended rows' labels are set to 0 and never enter the task loss (the loop drops
         unlabeled rows; regularisers see ``batch.labeled``)."""
         k = int(round(self.cfg.unlabeled_rate * len(batch)))
-        if k == 0:
+        if k == 0 or self.unlabeled is None:
             return batch
-        index = torch.randint(len(self.unlabeled), (k,), generator=self.generator)
+        index = self._next_unlabeled(k)
         extra = self.unlabeled.batch(index)
         merged = {f.name: (None if getattr(batch, f.name) is None else
                            torch.cat([getattr(batch, f.name), getattr(extra, f.name)]))
@@ -407,6 +452,9 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "generator": self.generator.get_state(),
+            "unlabeled": {"generator": self.unlabeled_generator.get_state(),
+                          "order": self.unlabeled_order, "pos": self.unlabeled_pos,
+                          "epoch": self.unlabeled_epoch},
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                     "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -428,6 +476,11 @@ class Trainer:
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
+        if state.get("unlabeled") is not None:  # where the pool's draw order stood
+            pool = state["unlabeled"]
+            self.unlabeled_generator.set_state(pool["generator"].cpu())
+            self.unlabeled_order = None if pool["order"] is None else pool["order"].cpu()
+            self.unlabeled_pos, self.unlabeled_epoch = pool["pos"], pool["epoch"]
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])

@@ -6,6 +6,11 @@ Examples::
     python -m tuner.data synth --out /tmp/small.pkl --size small --fast-text
     python -m tuner.data validate ~/MOSI/unaligned_50.pkl --nonfinite zero
     python -m tuner.data convert ~/MOSI/unaligned_50.pkl data/mosi --nonfinite zero
+    python -m tuner.data convert ~/MOSI/unaligned_50.pkl data/mosi --unlabeled ~/pool.pkl
+
+A data set may carry a fourth split ``unlabeled`` (MIRD's unlabeled pool: the pickle's
+``unlabeled`` key, or ``unlabeled.parquet``); validate and convert check it (widths as train) and
+carry it, and ``--unlabeled PATH`` adds one from another file.
 
 Errors (unusable data, a text model that cannot be loaded, a file system problem) are printed
 as one line on stderr with exit code 2, without a traceback.
@@ -18,7 +23,7 @@ import sys
 import time
 import warnings
 
-from trainables.data import DataError, MultimodalData, load_dataset, write_parquet
+from trainables.data import UNLABELED, DataError, MultimodalData, load_dataset, write_parquet
 from trainables.text import DEFAULT_TEXT_MODEL, TextModelError
 
 __all__ = ["build_parser", "main", "summary"]
@@ -69,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--aligned", action="store_true",
                        help="word-aligned audio/vision (one frame per token, padded to the text "
                             "length), like MMSA's aligned_50.pkl; default unaligned")
+    synth.add_argument("--unlabeled-factor", type=int, default=5, metavar="K",
+                       help="also write an 'unlabeled' split of K x train rows from the same "
+                            "generator, without labels (MIRD's unlabeled pool; the paper's is 5x "
+                            "the training set). Default 5; 0 writes none. e.g. --unlabeled-factor 2")
     synth.add_argument("--fast-text", action="store_true",
                        help="skip the text encoder: text features are fixed pseudo-random 64-d "
                             "vectors per token (seconds faster; token ids are still MiniLM's). "
@@ -87,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("path", metavar="PATH",
                           help="an MMSA pickle (e.g. unaligned_50.pkl) or a Parquet folder")
     _nonfinite_flag(validate)
+    _unlabeled_flag(validate)
 
     convert = sub.add_parser(
         "convert", formatter_class=formatter,
@@ -101,7 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "only convert files you trust)")
     convert.add_argument("outdir", metavar="OUTDIR", help="the folder to write the Parquet files into")
     _nonfinite_flag(convert)
+    _unlabeled_flag(convert)
     return p
+
+
+def _unlabeled_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--unlabeled", metavar="PATH",
+                        help="add (or replace) the 'unlabeled' split from another file: an MMSA "
+                             "pickle (its 'unlabeled' split, else its 'train' split; labels "
+                             "ignored), a .parquet file, or a Parquet folder (its "
+                             "unlabeled.parquet, else train.parquet). Feature widths must equal "
+                             "train's. e.g. --unlabeled ~/emovox/unaligned.pkl")
 
 
 def _nonfinite_flag(parser: argparse.ArgumentParser) -> None:
@@ -114,7 +134,8 @@ def _nonfinite_flag(parser: argparse.ArgumentParser) -> None:
 def summary(data: MultimodalData) -> str:
     """One paragraph: source, splits and sizes, dims, aligned, tokens, labels, digest."""
     d = data.dims
-    sizes = ", ".join(f"{name} {len(split)}" for name, split in data.splits.items())
+    sizes = ", ".join(f"{name} {len(split)}" + (" (no labels)" if name == UNLABELED else "")
+                      for name, split in data.splits.items())
     labels = data.splits["train"].labels
     return (
         f"{data.source}: splits {sizes} examples; text {d.text_len}x{d.text} "
@@ -125,12 +146,12 @@ def summary(data: MultimodalData) -> str:
     )
 
 
-def _load(path: str, nonfinite: str) -> MultimodalData:
+def _load(path: str, nonfinite: str, unlabeled: str | None = None) -> MultimodalData:
     # the pickle warning becomes one "warning:" line instead of a two-line Python warning
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         try:
-            return load_dataset(path, nonfinite=nonfinite)
+            return load_dataset(path, nonfinite=nonfinite, unlabeled=unlabeled)
         finally:
             for w in caught:
                 print(f"warning: {w.message}", file=sys.stderr)
@@ -144,23 +165,26 @@ def _synth(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(DEFAULT_TEXT_MODEL)
     encoder = None if args.fast_text else load_text_model(DEFAULT_TEXT_MODEL)
     out = write_synthetic(args.out, size=args.size, seed=args.seed, tokenizer=tokenizer,
-                          text_encoder=encoder, aligned=args.aligned)
+                          text_encoder=encoder, aligned=args.aligned,
+                          unlabeled_factor=args.unlabeled_factor)
     print(f"wrote {out} (synthetic {args.size}, seed {args.seed}, "
           f"{'aligned' if args.aligned else 'unaligned'}, "
+          f"unlabeled pool {args.unlabeled_factor}x train, "
           f"{'fast text' if args.fast_text else DEFAULT_TEXT_MODEL + ' text'}) "
           f"in {time.perf_counter() - start:.1f} s")
     return 0
 
 
 def _validate(args: argparse.Namespace) -> int:
-    print(summary(_load(args.path, args.nonfinite)))
+    print(summary(_load(args.path, args.nonfinite, args.unlabeled)))
     return 0
 
 
 def _convert(args: argparse.Namespace) -> int:
-    data = _load(args.input, args.nonfinite)
+    data = _load(args.input, args.nonfinite, args.unlabeled)
     out = write_parquet(data, args.outdir)
-    print(f"wrote {out}/train.parquet, valid.parquet, test.parquet; digest {data.digest}")
+    pool = ", unlabeled.parquet" if UNLABELED in data.splits else ""
+    print(f"wrote {out}/train.parquet, valid.parquet, test.parquet{pool}; digest {data.digest}")
     return 0
 
 

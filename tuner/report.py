@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "chosen trial's max_epochs)")
     p.add_argument("--data", help="the data to re-train on (default: the search's); its sha256 "
                    "must equal the search's data hash")
+    p.add_argument("--unlabeled", metavar="PATH",
+                   help="the unlabeled data the re-runs draw from (MIRD's unlabeled_rate), as "
+                        "tuner.search's flag (default: the search's --unlabeled, if it had one)")
     p.add_argument("--nonfinite", choices=("error", "zero"), default="error",
                    help="NaN/inf in features: as tuner.search's flag of the same name")
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per re-run (default 1)")
@@ -246,15 +249,18 @@ def twin_config(flat: dict[str, Any]) -> dict[str, Any]:
     return TrialConfig.from_flat(twin).to_flat()
 
 
-def load_search_data(client, info: SearchInfo, spec: str | None, nonfinite: str) -> MultimodalData:
-    """The search's data (or ``spec``), checked against the search's data hash."""
+def load_search_data(client, info: SearchInfo, spec: str | None, nonfinite: str,
+                     unlabeled: str | None = None) -> MultimodalData:
+    """The search's data (or ``spec``) with its unlabeled data (the search's ``--unlabeled``, or
+    ``unlabeled``), checked against the search's data hash (which covers the unlabeled split)."""
     from tuner.search import _load_data
 
     if spec is None:
         spec = info.space(client).get("data") or info.parent.data.tags.get("data_source")
         if not spec:
             raise UsageError(f"search {info.name!r}: records no data source; pass --data")
-    data = _load_data(spec, nonfinite)
+    unlabeled = unlabeled or info.parent.data.tags.get("unlabeled_path")
+    data = _load_data(spec, nonfinite, unlabeled)
     if info.data_digest and data.digest != info.data_digest:
         raise UsageError(f"{spec}: not the search's data (sha256 {data.digest[:12]}... here, "
                          f"{info.data_digest[:12]}... recorded by search {info.name!r})")
@@ -659,6 +665,11 @@ def write_markdown(out: Path, *, info: SearchInfo, chosen, choice_note: str, con
         f"report run `{report_run}`",
         f"- Data: `{info.parent.data.tags.get('data_source', '?')}`, "
         f"data hash (sha256) `{info.data_digest}`",
+        f"- Unlabeled rows (`unlabeled_rate` {config.get('unlabeled_rate', 0)}): "
+        + (f"labeled training rows with their labels hidden (`unlabeled_source: train`, not the "
+           f"paper's method)" if config.get("unlabeled_source") == "train"
+           else f"the data's `unlabeled` split "
+                f"({info.parent.data.tags.get('unlabeled_data', 'not recorded')})"),
         f"- Code: git `{info.parent.data.tags.get('git_commit', '?')}` (search)",
         f"- Seeds: {', '.join(map(str, seeds))} ({len(seeds)} per variant)",
         f"- Command: `{command}`",
@@ -758,7 +769,7 @@ def run_report(args: argparse.Namespace, command: str) -> int:
         config["max_epochs"] = args.max_epochs
     reg = config["regulariser"]
     variants = {reg: config, BASELINE: twin_config(config)}
-    data = load_search_data(client, info, args.data, args.nonfinite)
+    data = load_search_data(client, info, args.data, args.nonfinite, args.unlabeled)
 
     name = args.name or f"report-{info.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(args.out or Path("reports") / name)

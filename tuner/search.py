@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="an MMSA pickle (aligned_50.pkl / unaligned_50.pkl), a Parquet "
                    "folder from `tuner.data convert`, or synthetic:mosi / synthetic:small "
                    "(default: the space's data, synthetic data generated on first use)")
+    p.add_argument("--unlabeled", metavar="PATH",
+                   help="unlabeled clips for MIRD's split rate s (unlabeled_rate), added as the "
+                        "data's 'unlabeled' split: an MMSA pickle (its 'unlabeled' split, else its "
+                        "'train' split; labels ignored), a .parquet file, or a Parquet folder (its "
+                        "unlabeled.parquet, else train.parquet); widths must equal train's. "
+                        "Default: the data's own 'unlabeled' split, if any")
     p.add_argument("--nonfinite", choices=("error", "zero"), default="error",
                    help="NaN/inf in features: stop with an error (default) or replace by 0 as "
                         "MMSA's loader does for -inf in MOSI audio")
@@ -150,13 +156,14 @@ def prepare_space(args: argparse.Namespace) -> SearchSpace:
     return apply_overrides(space, sets)
 
 
-def resolve_data(spec: str, nonfinite: str = "error") -> MultimodalData:
-    """Load (and validate) the data a space names; synthetic sets are generated on first use
-    into ./data/ as Parquet."""
+def resolve_data(spec: str, nonfinite: str = "error", unlabeled: str | None = None) -> MultimodalData:
+    """Load (and validate) the data a space names, with ``unlabeled`` (a path) as its unlabeled
+    split if given; synthetic sets are generated on first use into ./data/ as Parquet, and
+    re-generated when a copy made before unlabeled pools existed lacks ``unlabeled.parquet``."""
     if spec.startswith("synthetic:"):
         size = spec.split(":", 1)[1] or "mosi"
         path = Path("data") / f"synthetic-{size}"
-        if not (path / "train.parquet").exists():
+        if not (path / "train.parquet").exists() or not (path / "unlabeled.parquet").exists():
             import transformers
 
             from trainables.data.synthetic import write_synthetic
@@ -167,16 +174,16 @@ def resolve_data(spec: str, nonfinite: str = "error") -> MultimodalData:
             print(f"Generating the synthetic {size} data set into {path}/ (once) ...", flush=True)
             write_synthetic(path, size=size, seed=0, tokenizer=load_tokenizer(),
                             text_encoder=load_text_model())
-        return load_dataset(path, nonfinite=nonfinite)
-    return load_dataset(Path(spec).expanduser(), nonfinite=nonfinite)
+        return load_dataset(path, nonfinite=nonfinite, unlabeled=unlabeled)
+    return load_dataset(Path(spec).expanduser(), nonfinite=nonfinite, unlabeled=unlabeled)
 
 
-def _load_data(spec: str, nonfinite: str) -> MultimodalData:
+def _load_data(spec: str, nonfinite: str, unlabeled: str | None = None) -> MultimodalData:
     """:func:`resolve_data`, with the pickle warning as one ``warning:`` line on stderr."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         try:
-            return resolve_data(spec, nonfinite)
+            return resolve_data(spec, nonfinite, unlabeled)
         finally:
             for w in caught:
                 print(f"warning: {w.message}", file=sys.stderr)
@@ -188,6 +195,38 @@ def check_models(space: SearchSpace, data: MultimodalData) -> None:
 
     for name in space.backbones:
         get_backbone(name).check_inputs(data.dims)
+
+
+def _searched_values(space: SearchSpace, key: str) -> list[Any]:
+    """Every value ``key`` can take in the space's trials (fixed, grid, ranges; a continuous
+    range contributes its bounds), or [] when the space leaves it at its default."""
+    if key in space.fixed:
+        return [space.fixed[key]]
+    values = list(space.grid.get(key, []))
+    spec = space.ranges.get(key)
+    if spec is not None:
+        values += list(spec.choices) if spec.choices is not None else [spec.low, spec.high]
+    return values
+
+
+def check_unlabeled(space: SearchSpace, data: MultimodalData | None) -> None:
+    """A space whose trials can draw unlabeled rows (``unlabeled_rate`` > 0) from the data
+    (``unlabeled_source: data``, the default) needs data with an ``unlabeled`` split: stop before
+    any trial, naming the ways to give one. ``unlabeled_source: train`` (the labeled-rows
+    fallback) must be asked for explicitly. ``data`` None (a synthetic dry run): synthetic sets
+    carry a pool."""
+    if data is None or data.unlabeled is not None:
+        return
+    rates = [v for v in _searched_values(space, "unlabeled_rate")
+             if isinstance(v, (int, float)) and v > 0]
+    sources = _searched_values(space, "unlabeled_source") or ["data"]
+    if rates and "data" in sources:
+        raise UsageError(
+            f"unlabeled_rate up to {max(rates):g} (space {space.name!r}) needs unlabeled data, but "
+            f"{data.source} has no 'unlabeled' split; give one with --unlabeled PATH (an MMSA "
+            "pickle, .parquet file or Parquet folder), as an 'unlabeled' split in the pickle or "
+            "unlabeled.parquet in the Parquet folder, or re-use labeled training rows with their "
+            "labels hidden (not the paper's method) with --set fixed.unlabeled_source=train")
 
 
 def text_models(space: SearchSpace) -> dict[str, list[str]]:
@@ -482,6 +521,10 @@ def run_search(space: SearchSpace, data: MultimodalData, args: argparse.Namespac
                 "cpu_per_trial": space.resources.cpu, "gpu_per_trial": space.resources.gpu,
                 "metric": space.metric, "mode": space.mode},
         tags={"git_commit": git_commit(), "data_digest": data.digest, "data_source": data.source,
+              "unlabeled_data": (f"{len(data.unlabeled)} rows" if data.unlabeled is not None
+                                 else "none"),
+              **({"unlabeled_path": str(Path(args.unlabeled).expanduser().resolve())}
+                 if getattr(args, "unlabeled", None) else {}),
               "command": shlex.join([sys.executable, "-m", "tuner.search", *sys.argv[1:]])},
         files={"space.yaml": Path(space.source).read_text() if Path(space.source).is_file()
                else "", "effective_space.yaml": yaml.safe_dump(_space_dict(space))},
@@ -721,8 +764,9 @@ def main(argv: list[str] | None = None) -> int:
         space = prepare_space(args)
         data = None
         if not (args.dry_run and space.data.startswith("synthetic:")):
-            data = _load_data(space.data, args.nonfinite)  # a user's file is checked even then
+            data = _load_data(space.data, args.nonfinite, args.unlabeled)  # checked even then
             check_models(space, data)
+        check_unlabeled(space, data)
         if not args.dry_run:
             check_tracking_uri(args.mlflow_uri)
             check_address(args.address)

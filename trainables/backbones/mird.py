@@ -1,36 +1,40 @@
 """MIRD backbone: private/shared disentangled representations with modality reconstruction.
 
-"Multimodal Information-theoretic Representation Disentanglement" (MIRD; MI minimisation). The
-model is split into a backbone (this file) and a regulariser
-(:mod:`trainables.regularisers.mird`: CLUB terms, reconstruction losses and the log-loss
-combination), so that MIRD's regulariser can sit on another backbone and this backbone can be
-trained with any regulariser.
+Qian et al., "Mutual Information-based Representations Disentanglement for Unaligned Multimodal
+Language Sequences" (MIRD; ``shared/papers/mird-qian.txt``), §3.2-3.6. The model is split into a
+backbone (this file) and a regulariser (:mod:`trainables.regularisers.mird`: CLUB terms,
+reconstruction losses and the log-loss combination, Eq. 10-22), so that MIRD's regulariser can
+sit on another backbone and this backbone can be trained with any regulariser.
 
-    z_m  = W_m LSTM_m(X^m)                         private code per modality m ∈ {L, A, V}
-    z_S  = W_S dropout(pool(BERT(MAG(E(ids), Â, V̂))))   shared code (word-anchored BERT)
-    X̂^m = Dec_m([z_m; z_S])                        reconstruction of each modality
-    ŷ    = w^T dropout(ReLU(W_h [z_L; z_A; z_V; z_S])) + b
+    z^m  = W_m LSTM_m(X^m)                              private code, m ∈ {L, A, V}   (Eq. 1)
+    z^S  = W_S dropout(pool(BERT(MAG(E(ids), X̃^A, X̃^V))))  shared code (WSA-BERT) (Eq. 2-7)
+    X̂^m = Dec_m([z^m; z^S])                             reconstruction              (Eq. 8)
+    ŷ    = w^T dropout(ReLU(W_h [z^L; z^A; z^V; z^S])) + b   two-layer regressor  (Eq. 16-17)
 
-Shared code z_S. The pretrained text encoder (``text_model``; the packaged MiniLM by default)
-reads ``batch.text_bert``. A forward hook on its embedding layer shifts every token embedding e_t
-by the audio/vision on that token with a Multimodal Adaptation Gate (Rahman et al., ACL 2020;
-PAPERS.md): h = ReLU(W_ha[â; e]) ⊙ W_a â + ReLU(W_hv[v̂; e]) ⊙ W_v v̂, e' = dropout(LayerNorm(e +
-min(β‖e‖/‖h‖, 1)·h)), and the encoder's layers run on e'. The hook leaves the encoder's own code
-(attention masks, attention implementation) untouched, so any BERT-architecture model works.
-Audio/vision on the token steps (``align``):
+Shared code z^S. The pretrained text encoder (``text_model``; the packaged MiniLM by default)
+reads ``batch.text_bert``. A forward hook on its embedding layer shifts every token embedding w_k
+by the audio/vision on that token with the paper's adaptive gates (Eq. 3-6, after MAG, Rahman et
+al., ACL 2020): G^m = σ(W_g^m [w; x̃^m]) (``gate="sigmoid"``, Eq. 3; ``"relu"`` is Rahman et al.'s
+MAG), H = G^V ⊙ W_V x̃^V + G^A ⊙ W_A x̃^A (Eq. 4), w' = w + min(ε‖w‖/‖h‖, 1)·h (Eq. 5-6,
+ε = ``beta_shift`` = 1 as §4.3), followed by MAG's LayerNorm and dropout (not in Eq. 5: a
+departure kept because the shift lands on the embedding layer's normalised output). The
+encoder's layers run on w'. Departure: the paper injects into BERT's *middle* word
+representations W^mid ("at the intermediate stage"; the layer is not given); we inject after the
+embedding layer, as MAG-BERT does. The hook leaves the encoder's own code untouched, so any
+BERT-architecture model works. Audio/vision on the token steps (``align``, Eq. 2):
 
-- ``"sparsemax"`` (default): word-anchored sparse attention, as in the authors' ``WSA`` module —
-  each token's embedding queries the modality's frames, q_t·W_k x_f / √H, :func:`sparsemax` over
-  the valid frames (exact zeros elsewhere), and â_t is the weighted mean of the raw frames. Works
-  on aligned and unaligned data alike. The authors' version attends over padding frames too and
-  does not scale the scores; we mask and scale.
+- ``"sparsemax"`` (default): X̃^m = Sparsemax(f_sim(W, X^m))·X^m, the paper's word-anchored
+  sparse attention — each token's embedding queries the modality's frames, q_t·W_k x_f / √H,
+  :func:`sparsemax` over the valid frames (exact zeros elsewhere), and x̃_t is the weighted mean
+  of the raw frames. f_sim is "a fully connected network and inner product similarity"; we add
+  the 1/√H scale and mask padding frames (the authors' code attends over padding too).
 - ``"resample"``: :func:`~trainables.data.batches.resample_to_length` cuts each row's valid frames
   into as many equal segments as it has tokens (the EF-LSTM's alignment); cheaper, no parameters.
 
-z_S pools the encoder's last hidden states with sparsemax attention over the words (``pool=
-"sparsemax"``: a learned score per token, masked by the attention mask), then dropout and a linear
-map to ``z_dim``. The authors' code pools with BERT's [CLS] pooler instead (``pool="cls"`` takes
-the [CLS] state).
+z^S averages the encoder's last hidden states over the words (``pool="mean"``, Eq. 7: "Pooling
+(·) is the average pooling function", masked by the attention mask), then dropout and a linear
+map to ``z_dim``. Options: ``pool="sparsemax"`` (a learned score per token, sparsemax over the
+words) and ``pool="cls"`` (the [CLS] state, as the authors' code pools with BERT's pooler).
 
 Pretrained weights (PAPERS.md trap). As we read the authors' code, it calls ``from_pretrained``
 on the whole multimodal model, whose shared BERT sits under ``mult_encoder.model.`` where no
@@ -40,13 +44,13 @@ really holds the pretrained weights (a test compares them), and it has its own p
 ``text_lr`` (the paper: 1e-5 for BERT, 1e-3 for the rest; MAG, pooling, encoders, decoders and
 head are in the ``lr`` group).
 
-Private codes. Each z_m is a packed single-layer LSTM over the modality's valid steps (its final
-state), then a linear map (the authors' ``encoderLSTM`` + ``fc1``). Departure: the authors' text
-private encoder is a second, separately fine-tuned BERT (or an LSTM over token embeddings); ours is
-the LSTM over the ``text`` features (GloVe/BERT features in MMSA files), which keeps one
-transformer per model.
+Private codes (Eq. 1: "LSTM and subsequent fully connected networks"). Each z^m is a packed
+single-layer LSTM over the modality's valid steps (its final state), then a linear map. For text
+the paper's input is the word sequence; ours is the ``text`` features (GloVe/BERT features in
+MMSA files), which keeps one transformer per model (the authors' code uses a second, separately
+fine-tuned BERT or an LSTM over token embeddings).
 
-Reconstruction (decided for cost, documented departure). Decoders are single-layer LSTMs fed
+Reconstruction (Eq. 8, 19; decided for cost, documented departure). Decoders are single-layer LSTMs fed
 [z_m; z_S] at every step (the authors feed it once and then the previous state) with a linear
 read-out. They decode at a reduced time resolution of R_m = min(``recon_steps``, padded length of
 m) steps, and the target is the input resampled onto R_m steps with
@@ -72,8 +76,9 @@ Features (every entry (B, width); the widths are in ``feature_dims``):
 so a regulariser computes the reconstruction MSE of m as ``mse(recon_<m>, target_<m>)`` from
 ``BackboneOutput.features`` alone (see :data:`RECON_PREFIX`, :data:`TARGET_PREFIX`).
 
-Defaults: the authors' ``run_training_recon_mim_sl.py`` (z sizes 64 = the paper's d, β_shift 1.0,
-dropout 0.5 in MAG, before z_S and in the head); ``recon_steps``, ``align``/``pool`` are ours.
+Defaults: the paper (d = 64, ε = 1, average pooling, sigmoid gates, sparsemax alignment); where it
+is silent, the authors' ``run_training_recon_mim_sl.py`` (dropout 0.5 in MAG, before z^S and in
+the head); ``recon_steps`` is ours.
 """
 
 from __future__ import annotations
@@ -119,8 +124,11 @@ class MIRDConfig:
     z_dim: int = 64
     #: audio/vision onto the token steps: word-anchored sparsemax attention or equal-segment means
     align: Literal["sparsemax", "resample"] = "sparsemax"
-    #: pooling of the encoder's token states into z_S: sparsemax attention over words or [CLS]
-    pool: Literal["sparsemax", "cls"] = "sparsemax"
+    #: pooling of the encoder's token states into z_S: the paper's average over the words
+    #: (Eq. 7), sparsemax attention over words, or the [CLS] state (the authors' code)
+    pool: Literal["mean", "sparsemax", "cls"] = "mean"
+    #: MAG's gate activation: the paper's sigmoid (Eq. 3) or ReLU (Rahman et al.'s MAG)
+    gate: Literal["sigmoid", "relu"] = "sigmoid"
     #: MAG's β: the shift h is scaled to at most β·‖e‖
     beta_shift: float = 1.0
     #: dropout after MAG's LayerNorm
@@ -205,8 +213,10 @@ class MAGGate(nn.Module):
     """Multimodal Adaptation Gate (Rahman et al., ACL 2020): shifts each token embedding by its
     audio and vision, e' = dropout(LayerNorm(e + α·h)), α = min(β‖e‖/‖h‖, 1)."""
 
-    def __init__(self, hidden: int, audio: int, vision: int, beta_shift: float, dropout: float) -> None:
+    def __init__(self, hidden: int, audio: int, vision: int, beta_shift: float, dropout: float,
+                 gate: str = "sigmoid") -> None:
         super().__init__()
+        self.activation = torch.sigmoid if gate == "sigmoid" else torch.relu
         self.gate_audio = nn.Linear(audio + hidden, hidden)
         self.gate_vision = nn.Linear(vision + hidden, hidden)
         self.proj_audio = nn.Linear(audio, hidden)
@@ -217,13 +227,13 @@ class MAGGate(nn.Module):
 
     def forward(self, e: torch.Tensor, audio: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
         """e (B, L, H), audio (B, L, d_a), vision (B, L, d_v) -> (B, L, H)."""
-        g_a = torch.relu(self.gate_audio(torch.cat([audio, e], dim=-1)))  # (B, L, H)
-        g_v = torch.relu(self.gate_vision(torch.cat([vision, e], dim=-1)))  # (B, L, H)
-        h = g_a * self.proj_audio(audio) + g_v * self.proj_vision(vision)  # (B, L, H)
+        g_a = self.activation(self.gate_audio(torch.cat([audio, e], dim=-1)))  # (B, L, H), Eq. 3
+        g_v = self.activation(self.gate_vision(torch.cat([vision, e], dim=-1)))  # (B, L, H)
+        h = g_a * self.proj_audio(audio) + g_v * self.proj_vision(vision)  # (B, L, H), Eq. 4
         # a zero shift has no direction to scale: the floor keeps α finite (and α·h = 0 there)
         ratio = self.beta_shift * e.norm(dim=-1) / h.norm(dim=-1).clamp(min=1e-6)  # (B, L)
-        alpha = ratio.clamp(max=1.0).unsqueeze(-1)  # (B, L, 1)
-        return self.dropout(self.norm(e + alpha * h))
+        alpha = ratio.clamp(max=1.0).unsqueeze(-1)  # (B, L, 1), Eq. 6 (ε = beta_shift)
+        return self.dropout(self.norm(e + alpha * h))  # Eq. 5, then MAG's LayerNorm + dropout
 
 
 class SequenceDecoder(nn.Module):
@@ -267,7 +277,7 @@ class MIRD(Backbone):
             self.align = nn.ModuleDict(
                 {m: WordAnchoredAttention(widths[m], hidden) for m in ("audio", "vision")}
             )
-        self.mag = MAGGate(hidden, dims.audio, dims.vision, c.beta_shift, c.mag_dropout)
+        self.mag = MAGGate(hidden, dims.audio, dims.vision, c.beta_shift, c.mag_dropout, c.gate)
         self.pool_score = nn.Linear(hidden, 1) if c.pool == "sparsemax" else None
         self.shared_dropout = nn.Dropout(c.shared_dropout)
         self.shared_out = nn.Linear(hidden, c.z_dim)
@@ -327,7 +337,10 @@ class MIRD(Backbone):
             ).last_hidden_state  # (B, L, H)
         finally:
             handle.remove()
-        if self.pool_score is None:
+        if self.config.pool == "mean":  # Eq. 7: average pooling over the words
+            mask = attention.unsqueeze(-1).to(states.dtype)  # (B, L, 1)
+            pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # (B, H)
+        elif self.pool_score is None:
             pooled = states[:, 0]  # (B, H): the [CLS] state
         else:
             scores = self.pool_score(states).squeeze(-1)  # (B, L)

@@ -18,6 +18,7 @@ import torch
 __all__ = [
     "DROPPABLE",
     "SPLITS",
+    "UNLABELED",
     "Batch",
     "ModalityDims",
     "MultimodalData",
@@ -31,6 +32,9 @@ __all__ = [
 ]
 
 SPLITS = ("train", "valid", "test")
+#: the optional fourth split: unlabeled clips (MIRD's external pool; labels absent or ignored,
+#: stored as zeros). Same feature widths and padded lengths as train.
+UNLABELED = "unlabeled"
 
 
 @dataclass
@@ -79,13 +83,21 @@ class ModalityDims:
 
 @dataclass
 class MultimodalData:
-    """The validated train/valid/test splits of one data set, plus where it came from."""
+    """The validated train/valid/test splits of one data set, plus where it came from.
+
+    ``splits`` may also hold :data:`UNLABELED` (an unlabeled pool, e.g. MIRD's external clips).
+    """
 
     splits: dict[str, SplitArrays]
     #: the file or folder the data was read from (or "synthetic:...")
     source: str
     #: sha256 over the arrays' bytes; identifies the data in MLflow
     digest: str
+
+    @property
+    def unlabeled(self) -> SplitArrays | None:
+        """The unlabeled pool, or None when the data has none."""
+        return self.splits.get(UNLABELED)
 
     @property
     def dims(self) -> ModalityDims:

@@ -5,6 +5,13 @@ The schema (MMSA, Yu et al. 2021; CMU-MOSI / MOSEI / SIMS feature files)::
     {split: {"id", "raw_text", "text", "text_bert"?, "audio", "vision",
              "audio_lengths"?, "vision_lengths"?, "regression_labels", ...}}   split in train/valid/test
 
+plus an optional fourth split ``unlabeled`` (MIRD's pool of unlabeled clips): the same keys
+without labels (``regression_labels``, if present, is ignored; ``id`` and ``raw_text`` may be
+missing and then become ``unlabeled_<i>`` and ``""``). Its feature widths must equal train's; its
+padded sequence lengths are cut or zero-padded to train's (a row's length is clipped with it), so
+its rows can share a batch with train rows. :func:`unlabeled_from_mmsa` validates such a split
+on its own, for a pool from another file (``--unlabeled PATH``).
+
 ``text`` (N, L, d_t) features; ``text_bert`` (N, 3, L) input ids / attention mask / segment ids
 (stored as float64 by MMSA); ``audio`` (N, L_a, d_a); ``vision`` (N, L_v, d_v); lengths (N,)
 ints; ``regression_labels`` (N,) in [-3, 3]. Other keys (``annotations``,
@@ -41,7 +48,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from trainables.data.batches import SPLITS, MultimodalData, SplitArrays
+from trainables.data.batches import SPLITS, UNLABELED, MultimodalData, SplitArrays
 
 __all__ = [
     "DataError",
@@ -50,6 +57,8 @@ __all__ = [
     "arrays_from_mmsa",
     "data_digest",
     "read_mmsa_pickle",
+    "unlabeled_from_mmsa",
+    "with_unlabeled",
 ]
 
 #: labels must lie in [-LABEL_RANGE, LABEL_RANGE] (MOSI/MOSEI sentiment scale)
@@ -126,17 +135,39 @@ def arrays_from_mmsa(raw: Any, source: str, nonfinite: str = "error") -> Multimo
     splits: dict[str, SplitArrays] = {}
     for split in SPLITS:
         splits[split] = _validate_split(raw[split], source, split, nonfinite, splits.get("train"))
+    if raw.get(UNLABELED) is not None:
+        splits[UNLABELED] = _validate_split(raw[UNLABELED], source, UNLABELED, nonfinite,
+                                            splits["train"], labeled=False)
     return MultimodalData(splits=splits, source=source, digest=data_digest(splits))
+
+
+def unlabeled_from_mmsa(part: Any, source: str, split: str, train: SplitArrays,
+                        nonfinite: str = "error") -> SplitArrays:
+    """Validate one split of another file as an unlabeled pool for data whose train split is
+    ``train`` (widths must match; labels are ignored). ``split`` names it in messages."""
+    if nonfinite not in NONFINITE_CHOICES:
+        raise DataError(f"nonfinite: expected one of 'error', 'zero', found {nonfinite!r}")
+    return _validate_split(part, source, split, nonfinite, train, labeled=False)
+
+
+def with_unlabeled(data: MultimodalData, pool: SplitArrays, source: str) -> MultimodalData:
+    """``data`` with ``pool`` as its unlabeled split (replacing one it had); the digest covers it
+    and the source names where it came from."""
+    splits = {name: arrays for name, arrays in data.splits.items() if name != UNLABELED}
+    splits[UNLABELED] = pool
+    return MultimodalData(splits=splits, source=f"{data.source} + unlabeled {source}",
+                          digest=data_digest(splits))
 
 
 def data_digest(splits: Mapping[str, SplitArrays]) -> str:
     """sha256 (hex) over every array of every split: dtype, shape and bytes, strings as UTF-8.
 
     Depends on the content only (not on the file format or path), so a pickle and its Parquet
-    conversion have the same digest.
+    conversion have the same digest. An unlabeled split is included when present (data without
+    one keeps the digest it always had).
     """
     h = hashlib.sha256(b"mifusion-data-v1")
-    for split in SPLITS:
+    for split in (*SPLITS, UNLABELED) if UNLABELED in splits else SPLITS:
         arrays = splits[split]
         for f in dataclasses.fields(SplitArrays):
             value = getattr(arrays, f.name)
@@ -281,16 +312,32 @@ def _lengths(part: Mapping, key: str, where: _Where, n: int, seq: np.ndarray) ->
     return lengths, seq
 
 
+def _fit_length(arr: np.ndarray, length: int) -> np.ndarray:
+    """(N, T, d) cut or zero-padded to (N, length, d) (an unlabeled pool onto train's lengths)."""
+    if arr.shape[1] >= length:
+        return arr[:, :length]
+    pad = np.zeros((arr.shape[0], length - arr.shape[1], *arr.shape[2:]), dtype=arr.dtype)
+    return np.concatenate([arr, pad], axis=1)
+
+
 def _validate_split(part: Any, source: str, split: str, nonfinite: str,
-                    train: SplitArrays | None) -> SplitArrays:
+                    train: SplitArrays | None, labeled: bool = True) -> SplitArrays:
+    """One split, validated. ``labeled=False`` (an unlabeled pool, ``train`` given): no labels
+    (zeros, whatever the part holds), ``id``/``raw_text`` optional, and every sequence cut or
+    zero-padded to train's padded length so its rows can join a train batch."""
     where = _Where(source, split)
     if not isinstance(part, Mapping):
         raise where.error(None, f"expected a dict of arrays (MMSA schema), found {type(part).__name__}")
-    for key in _REQUIRED:
+    required = _REQUIRED if labeled else tuple(_FEATURES)
+    for key in required:
         if key not in part or part[key] is None:
             found = ", ".join(sorted(str(k) for k in part)) or "no keys"
-            raise where.error(key, f"missing; expected the MMSA keys {', '.join(_REQUIRED)} "
+            what = "the MMSA keys" if labeled else "the MMSA keys of an unlabeled split"
+            raise where.error(key, f"missing; expected {what} {', '.join(required)} "
                                    f"(optional: {', '.join(_OPTIONAL)}), found {found}")
+    if not labeled:
+        assert train is not None
+        return _validate_unlabeled(part, where, nonfinite, train)
 
     # labels define N
     labels = _vector(_numeric(part, "regression_labels", where), "regression_labels", where, None)
@@ -379,3 +426,55 @@ def _validate_split(part: Any, source: str, split: str, nonfinite: str,
         vision_lengths=vision_lengths,
         labels=labels,
     )
+
+
+def _validate_unlabeled(part: Mapping, where: _Where, nonfinite: str,
+                        train: SplitArrays) -> SplitArrays:
+    """An unlabeled split: N from ``text``, widths checked against train, sequences fitted to
+    train's padded lengths, then the labeled validation with zero labels."""
+    text = _numeric(part, "text", where)
+    if text.ndim != 3:
+        raise where.error("text", f"expected rank 3 (N, L, d_t), found shape {_shape(text)}")
+    n = int(text.shape[0])
+    if n == 0:
+        raise where.error("text", "expected at least one example, found N=0")
+    fitted: dict[str, Any] = {}
+    for key, (len_sym, dim_sym) in _FEATURES.items():
+        arr = _numeric(part, key, where)
+        if arr.ndim != 3:
+            raise where.error(key, f"expected rank 3 (N={n}, {len_sym}, {dim_sym}), "
+                                   f"found shape {_shape(arr)}")
+        _check_rows(arr, key, where, n, f"(N, {len_sym}, {dim_sym})")
+        width = getattr(train, key).shape[2]
+        if arr.shape[2] != width:
+            raise where.error(key, f"expected width {dim_sym}={width} like train, i.e. "
+                                   f"(N={n}, {len_sym}, {width}), found {_shape(arr)}")
+        fitted[key] = _fit_length(arr, getattr(train, key).shape[1])
+    full = {key: int(np.asarray(part[key]).shape[1]) for key in _FEATURES}
+    for key in ("audio", "vision"):
+        length_key = f"{key}_lengths"
+        if part.get(length_key) is not None:
+            lengths = _integral(_vector(_numeric(part, length_key, where), length_key, where, n),
+                                length_key, where, "lengths")
+            if (lengths > full[key]).any():  # checked against the file's own padding
+                raise where.error(length_key, f"expected lengths <= {full[key]} (the padded "
+                                              f"length of '{key}'), found "
+                                              f"{int((lengths > full[key]).sum())} longer "
+                                              f"(max {int(lengths.max())})")
+            fitted[length_key] = np.minimum(lengths, getattr(train, key).shape[1])
+        elif full[key] != getattr(train, key).shape[1]:
+            fitted[length_key] = np.full(n, min(full[key], getattr(train, key).shape[1]))
+    if part.get("text_bert") is not None and train.text_bert is not None:  # else unused: dropped
+        tb = _numeric(part, "text_bert", where)
+        if tb.ndim != 3 or tb.shape[1] != 3 or tb.shape[0] != n or tb.shape[2] != full["text"]:
+            raise where.error("text_bert", f"expected (N={n}, 3, L={full['text']}) = ids, mask, "
+                                           f"segment ids, found {_shape(tb)}")
+        fitted["text_bert"] = np.moveaxis(_fit_length(np.moveaxis(tb, 2, 1),
+                                                      train.text.shape[1]), 1, 2)
+    ids = part.get("id")
+    fitted["id"] = (np.array([f"unlabeled_{i}" for i in range(n)], dtype=object)
+                    if ids is None else ids)
+    raw_text = part.get("raw_text")
+    fitted["raw_text"] = np.full(n, "", dtype=object) if raw_text is None else raw_text
+    fitted["regression_labels"] = np.zeros(n, dtype=np.float32)  # never read: labels hidden
+    return _validate_split(fitted, where.source, where.split, nonfinite, train)

@@ -2,7 +2,7 @@
 
 Layout of a folder written by :func:`write_parquet`::
 
-    OUTDIR/train.parquet  OUTDIR/valid.parquet  OUTDIR/test.parquet
+    OUTDIR/train.parquet  OUTDIR/valid.parquet  OUTDIR/test.parquet  [OUTDIR/unlabeled.parquet]
 
 Each file has one row per example. ``text``, ``text_bert`` (if the data has token ids),
 ``audio`` and ``vision`` are columns of Arrow's canonical fixed-shape tensor extension type
@@ -14,6 +14,12 @@ metadata holds the format version and the data digest (:func:`trainables.data.mm
 :func:`read_parquet` turns the tables back into the MMSA raw-dict form and validates them with
 the same function as a pickle (:func:`trainables.data.mmsa.arrays_from_mmsa`); a round trip gives
 equal arrays and the same digest.
+
+``unlabeled.parquet`` (optional) holds an unlabeled pool: the same columns without
+``regression_labels``. It is written when the data has an ``unlabeled`` split and read when
+present. The recorded digest covers it; a folder whose labeled files record the digest of the
+labeled splits alone (an ``unlabeled.parquet`` added later, e.g. to a synthetic set generated
+before pools existed) is accepted too.
 """
 
 from __future__ import annotations
@@ -25,10 +31,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from trainables.data.batches import SPLITS, MultimodalData
-from trainables.data.mmsa import DataError, arrays_from_mmsa
+from trainables.data.batches import SPLITS, UNLABELED, MultimodalData, SplitArrays
+from trainables.data.mmsa import DataError, arrays_from_mmsa, data_digest, unlabeled_from_mmsa
 
-__all__ = ["FORMAT_VERSION", "has_parquet_splits", "read_parquet", "split_file", "write_parquet"]
+__all__ = ["FORMAT_VERSION", "has_parquet_splits", "read_parquet", "read_unlabeled_parquet",
+           "split_file", "write_parquet"]
 
 #: bumped when the column layout changes; the reader refuses versions it does not know
 FORMAT_VERSION = "1"
@@ -61,7 +68,10 @@ def write_parquet(data: MultimodalData, outdir: str | Path) -> Path:
     """
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    for split in SPLITS:
+    if UNLABELED not in data.splits:
+        # a pool left by an earlier write would be read back as this data's
+        split_file(outdir, UNLABELED).unlink(missing_ok=True)
+    for split in (*SPLITS, UNLABELED) if UNLABELED in data.splits else SPLITS:
         arrays = data.splits[split]
         columns: dict[str, pa.Array] = {
             "id": pa.array(arrays.ids.tolist(), type=pa.string()),
@@ -73,7 +83,8 @@ def write_parquet(data: MultimodalData, outdir: str | Path) -> Path:
                 columns[key] = pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(value))
         columns["audio_lengths"] = pa.array(arrays.audio_lengths, type=pa.int64())
         columns["vision_lengths"] = pa.array(arrays.vision_lengths, type=pa.int64())
-        columns["regression_labels"] = pa.array(arrays.labels, type=pa.float32())
+        if split != UNLABELED:  # an unlabeled pool has no labels
+            columns["regression_labels"] = pa.array(arrays.labels, type=pa.float32())
         table = pa.table(columns).replace_schema_metadata({
             _META_FORMAT: _FORMAT_NAME,
             _META_VERSION: FORMAT_VERSION.encode(),
@@ -116,15 +127,41 @@ def read_parquet(folder: str | Path, nonfinite: str = "error") -> MultimodalData
                             f"{FORMAT_VERSION!r}; re-convert the data with this version")
         digests.add(meta.get(_META_DIGEST))
         raw[split] = _raw_split(table, path)
+    if split_file(folder, UNLABELED).is_file():
+        raw[UNLABELED] = _raw_split(_read_table(split_file(folder, UNLABELED)), split_file(folder, UNLABELED))
     data = arrays_from_mmsa(raw, str(folder), nonfinite=nonfinite)
     if len(digests) > 1:
         raise DataError(f"{folder}: the split files were written from different data (their digests "
                         f"differ); {_HINT}")
     (recorded,) = digests
-    if recorded is not None and recorded.decode() != data.digest:
+    accepted = {data.digest}
+    if UNLABELED in data.splits:  # a pool added to a folder written without one
+        accepted.add(data_digest({s: data.splits[s] for s in SPLITS}))
+    if recorded is not None and recorded.decode() not in accepted:
         raise DataError(f"{folder}: digest mismatch: expected {recorded.decode()[:12]}... (recorded "
                         f"when written), found {data.digest[:12]}... (the files were changed); {_HINT}")
     return data
+
+
+def _read_table(path: Path) -> pa.Table:
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({' '.join(str(exc).split())[:200]}); "
+                        f"{_HINT}") from None
+    version = (table.schema.metadata or {}).get(_META_VERSION)
+    if version is not None and version.decode() != FORMAT_VERSION:
+        raise DataError(f"{path}: format version {version.decode()!r}, this reader knows "
+                        f"{FORMAT_VERSION!r}; re-convert the data with this version")
+    return table
+
+
+def read_unlabeled_parquet(path: str | Path, train: SplitArrays, nonfinite: str = "error") -> SplitArrays:
+    """One Parquet split file's rows as an unlabeled pool for data whose train split is ``train``
+    (labels ignored; widths checked; see :func:`trainables.data.mmsa.unlabeled_from_mmsa`)."""
+    path = Path(path)
+    raw = _raw_split(_read_table(path), path)
+    return unlabeled_from_mmsa(raw, str(path), UNLABELED, train, nonfinite)
 
 
 def _raw_split(table: pa.Table, path: Path) -> dict[str, np.ndarray]:

@@ -29,7 +29,13 @@ token (zeros at padding), or, without an encoder, fixed pseudo-random 64-d vecto
 in which the lexicon's sentiment words also point along one "sentiment direction" (standing in
 for what a pretrained encoder knows about words; negation is not encoded).
 
-Deterministic: the same size, seed, aligned flag and encoder give byte-identical arrays.
+Unlabeled pool (MIRD's external clips, Qian et al. §4.1: five times the labeled training set):
+a fourth split ``unlabeled`` of ``unlabeled_factor`` (default 5) × train rows from the same
+generator (own random stream, new videos), without ``regression_labels``. Adding it leaves the
+train/valid/test arrays unchanged (their streams are the same as without it).
+
+Deterministic: the same size, seed, aligned flag, pool factor and encoder give byte-identical
+arrays.
 """
 
 from __future__ import annotations
@@ -43,11 +49,11 @@ from typing import Any
 
 import numpy as np
 
-from trainables.data.batches import SPLITS
+from trainables.data.batches import SPLITS, UNLABELED
 from trainables.data.mmsa import DataError, arrays_from_mmsa
 from trainables.data.parquet import write_parquet
 
-__all__ = ["KINDS", "SIZES", "SynthSize", "make_synthetic", "write_synthetic"]
+__all__ = ["KINDS", "SIZES", "UNLABELED_FACTOR", "SynthSize", "make_synthetic", "write_synthetic"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,8 @@ SIZES = {
     "small": SynthSize(96, 48, 48, text_len=32, audio_len=40, vision_len=40),
 }
 KINDS = ("plain", "neutral", "sarcastic")
+#: unlabeled rows per train row (the paper's pool is 5x the labeled training set)
+UNLABELED_FACTOR = 5
 _KIND_P = (0.55, 0.30, 0.15)
 AUDIO_DIM = 5
 VISION_DIM = 20
@@ -423,8 +431,9 @@ def _encoder_features(text_bert: np.ndarray, encoder: Any) -> np.ndarray:
 
 
 def make_synthetic(size: str = "small", seed: int = 0, tokenizer: Any = None,
-                   text_encoder: Any = None, aligned: bool = False) -> dict:
-    """The raw MMSA dict ``{train, valid, test: {...}}`` of a synthetic MOSI-like data set.
+                   text_encoder: Any = None, aligned: bool = False,
+                   unlabeled_factor: int = UNLABELED_FACTOR) -> dict:
+    """The raw MMSA dict ``{train, valid, test, unlabeled: {...}}`` of a synthetic MOSI-like set.
 
     size: ``"mosi"`` (1284/229/686 clips, text 50 tokens, audio 375×5, vision 500×20),
     ``"medium"`` (600/200/200) or ``"small"`` (96/48/48; text 32, audio 40, vision 40 frames).
@@ -432,21 +441,27 @@ def make_synthetic(size: str = "small", seed: int = 0, tokenizer: Any = None,
     of ``text_bert`` are then MiniLM/BERT-uncased ids). text_encoder: a transformers encoder
     whose last hidden state fills ``text``; ``None`` uses fixed pseudo-random 64-d vectors per
     token id (fast; for tests). aligned: audio/vision have one frame per text token and the
-    text's padded length, like ``aligned_50.pkl``.
+    text's padded length, like ``aligned_50.pkl``. unlabeled_factor: the ``unlabeled`` split has
+    this many times train's rows, no labels (0: no such split).
     """
     if size not in SIZES:
         raise DataError(f"synthetic size {size!r}: expected one of {', '.join(SIZES)}")
+    if unlabeled_factor < 0:
+        raise DataError(f"unlabeled_factor: expected an integer >= 0, found {unlabeled_factor}")
     spec = SIZES[size]
     tokenizer = tokenizer if tokenizer is not None else _packaged_tokenizer()
     audio_len = spec.text_len if aligned else spec.audio_len
     vision_len = spec.text_len if aligned else spec.vision_len
     polarity = _lexicon_polarity(tokenizer) if text_encoder is None else {}
-    streams = np.random.SeedSequence([int(seed), 0x5EED]).spawn(len(SPLITS))
+    # child i of a SeedSequence depends only on i: the pool's stream (the 4th) leaves the
+    # labeled splits as they were without it
+    splits = (*SPLITS, UNLABELED) if unlabeled_factor else SPLITS
+    streams = np.random.SeedSequence([int(seed), 0x5EED]).spawn(len(splits))
     raw: dict[str, dict[str, Any]] = {}
     next_video = 0
-    for split, stream in zip(SPLITS, streams):
+    for split, stream in zip(splits, streams):
         rng = np.random.default_rng(stream)
-        n = getattr(spec, split)
+        n = spec.train * unlabeled_factor if split == UNLABELED else getattr(spec, split)
         clips, next_video = _make_clips(rng, n, next_video)
         text_bert = _tokenize(tokenizer, clips.sentences, spec.text_len)
         if aligned:  # one frame per token (word-aligned, like aligned_50.pkl)
@@ -471,6 +486,8 @@ def make_synthetic(size: str = "small", seed: int = 0, tokenizer: Any = None,
             "regression_labels": clips.labels,
             "synthetic_kind": np.array([KINDS[k] for k in clips.kinds], dtype=object),
         }
+        if split == UNLABELED:
+            del raw[split]["regression_labels"]  # generated, then withheld: no labels
     return raw
 
 

@@ -1,34 +1,40 @@
 """MIRD regulariser: CLUB mutual-information minimisation + reconstruction, combined in logs.
 
-"Multimodal Information-theoretic Representation Disentanglement" (MIRD; PAPERS.md). With the
-private codes z_L, z_A, z_V, the shared code z_S and the inputs X^m, the paper trains
+Qian, Han, Li, He, Zheng, Zheng, "Mutual Information-based Representations Disentanglement for
+Unaligned Multimodal Language Sequences" (MIRD; ``shared/papers/mird-qian.txt``). With the
+private codes z^L, z^A, z^V, the shared code z^S and the inputs X^m, the paper minimises (Eq. 21)
 
-    L = log L_task + log L_recon + α · L_MI
-    L_MI = Σ_{pairs (u, v) of {z_S, z_L, z_A, z_V}} I_CLUB(u; v)  +  Σ_m I_CLUB(z_S; X^m)
+    L = L_reg + L_recon + α · L_mim
+    L_reg   = log MSE(ŷ, y)                                  (Eq. 18)
+    L_recon = Σ_m log L_recon^m                              (Eq. 19)
+    L_mim   = Σ_{pairs of {z^L, z^A, z^V, z^S}} Î(·;·)  +  Σ_m Î(X^m; z^S)      (Eq. 20)
 
-with CLUB (Cheng et al., ICML 2020; :class:`~trainables.regularisers._estimators.CLUB`):
-I_CLUB(x; y) = E_p[log q(y|x)] − E_p(x)E_p(y)[log q(y|x)], q(y|x) a Gaussian whose mean and
-log-variance come from MLPs, fitted by likelihood for T' = ``inner_steps`` (5) steps per batch at
-``club_lr`` (1e-3) before each model step. One CLUB network per pair; x is the first member:
-(z_S, z_L), (z_S, z_A), (z_S, z_V), (z_L, z_A), (z_L, z_V), (z_A, z_V) as in the authors' script,
-and (z_S, X̄^m) for the input terms, with X̄^m the masked mean of X^m over its valid steps (the
-backbone's ``"input_<m>"`` feature) — the authors' code summarises inputs by a mean over time too.
+each Î a CLUB estimate (Cheng et al., ICML 2020; :class:`~trainables.regularisers._estimators.CLUB`,
+Eq. 10-12): Î = mean_i log q(y_i|x_i) − mean_{i,j} log q(y_j|x_i), q a Gaussian whose mean and
+log-variance come from two-layer MLPs (§4.3: hidden 32), fitted by its negative log-likelihood
+(Eq. 13, 15, 22) for T' = ``inner_steps`` (5) Adam steps at ``club_lr`` (1e-3) before each model
+step (Algorithm 1). One CLUB network per pair. Directions (``pair_order="paper"``): q(z^S|z^m)
+for the shared pairs (Eq. 10), q(z^L|z^V), q(z^A|z^V), q(z^A|z^L) for the private pairs (the
+order of θ_var after Eq. 15), and q(z^S|X^m) for the input terms (Eq. 14-15). The input terms are
+the paper's (Eq. 14, 20; ablated in Table 4, row 2): CLUB between z^S and each X^m, with X^m
+summarised by its masked mean over valid time steps (the backbone's ``"input_<m>"`` feature) —
+the paper does not say how a sequence enters its two-layer estimator; a mean over time is the
+simplest summary a fully connected network can read.
 
 How the terms reach the loop (which calls ``combine(task_loss, penalty(out, batch))``):
 
-- :meth:`MIRDRegulariser.penalty` = α·L_MI + ``recon_weight``·Σ_m log L_recon^m, with the CLUB
+- :meth:`MIRDRegulariser.penalty` = α·L_mim + ``recon_weight``·Σ_m log L_recon^m, with the CLUB
   networks frozen (gradients reach the features, never q). L_recon^m = MSE(``recon_<m>``,
   ``target_<m>``) over *all* rows of the batch.
 - :meth:`MIRDRegulariser.combine` = log L_task + penalty.
 
-So the total is the paper's L. The reconstruction enters as a sum of per-modality logs, as in the
-authors' code (``pred.log() + recon_l.log() + recon_a.log() + recon_v.log() + mi``), which makes
-each modality's term invariant to its feature scale (the gradient of log L is ∇L / L). Every log is
-taken of max(L, 1e-8) so a zero loss cannot give −inf. Unlabeled rows (``batch.labeled`` False,
-the split rate s = ``TrialConfig.unlabeled_rate``) are left out of L_task by the loop and so
-contribute only reconstruction and MI terms; when a batch has no labeled row, the loop's task loss
-is 0 and its log term is dropped (0), not floored, so such a batch trains on the other terms only.
-``log_losses=False`` gives the plain sum L_task + Σ_m L_recon^m + α·L_MI instead.
+So the total is the paper's L (Eq. 21) when ``task_loss: mse`` (the MIRD space fixes it); L_mim is
+not logged, as the paper says (its estimates can be negative). Every log is taken of
+max(L, 1e-8) so a zero loss cannot give −inf. Unlabeled rows (``batch.labeled`` False; the split
+rate s = ``TrialConfig.unlabeled_rate``, Algorithm 1's X^unlabeled) are left out of L_task by the
+loop and so contribute only reconstruction and MI terms (§3.7); when a batch has no labeled row,
+the loop's task loss is 0 and its log term is dropped (0), not floored. ``log_losses=False``
+gives the plain sum L_task + Σ_m L_recon^m + α·L_mim instead.
 
 On other backbones the regulariser uses what exists: the CLUB pairs among whichever of
 ``text``/``audio``/``vision``/``shared`` the backbone has (the three unimodal pairs on EF-LSTM,
@@ -36,29 +42,30 @@ TFN, ...); the input terms need ``shared`` and ``input_<m>``; the reconstruction
 ``recon_<m>`` and ``target_<m>`` (only the ``mird`` backbone has them). The log combination of the
 task loss applies everywhere (it is part of the method).
 
-Departure (``standardise=True``, default): every feature enters CLUB standardised over the batch
-per dimension, (z − mean)/√(var + ε) with a relative ε (:func:`standardise`), with gradients
-through the statistics. MI is invariant to such maps, but CLUB with a learned q is not: the model
-could lower the estimate just by shrinking its codes faster than q's variance follows (the
-authors' q even bounds log σ² to [−1, 1], so codes much smaller than e^−½ read as independent
-whatever their dependence).
-Standardised, the penalty depends only on the codes' dependence structure. q's log σ² is
-soft-bounded to ±10 (the shared ``GaussianConditional``) rather than the authors' ±1, so that q
-can fit the conditional variance of standardised codes; the CLUB estimate then follows the true MI
-(tested on Gaussians) at the price of larger values for strongly dependent codes.
+Departures, each a named option (docs/fidelity.md has the full table):
 
-Other choices: the CLUB networks are updated *before* the model step on the current batch's
-features (the loop's order; the authors update them after it, on a fresh forward pass of the
-updated model); one AdamW over all CLUB networks (the authors use Adam); q's width is ``hidden``
-(the authors' ``MIestimator_hidden_size`` = 32 halved inside CLUB). The grid: α ∈ {0.01, 0.1, 1,
-10}, s ∈ {0..5} (PAPERS.md); the α default 0.1 is ours (the authors' script uses weight 1 for each
-pair).
+- ``standardise=True`` (default): every feature enters CLUB standardised over the batch per
+  dimension, (z − mean)/√(var + ε) with a relative ε (:func:`standardise`), with gradients
+  through the statistics. MI is invariant to such maps, but CLUB with a learned q is not: the
+  model could lower the estimate just by shrinking its codes faster than q's variance follows.
+  Standardised, the penalty depends only on the codes' dependence structure. q's log σ² is
+  soft-bounded to ±10 (the shared ``GaussianConditional``) so that q can fit the conditional
+  variance of standardised codes. ``standardise=False`` is the paper's raw codes.
+- ``pair_order="shared_first"``: q(z^m|z^S) and q(X̄^m|z^S) instead of the paper's directions
+  (both bound the same MI; the learned estimates differ).
+- The α default 0.1 is the paper's MOSI best (Fig. 7); the grid α ∈ {0.01, 0.1, 1, 10} and
+  s ∈ {0..5} are the paper's (§5.6-5.7).
+
+Where the paper is silent we follow it in spirit and say so: the estimator is updated on the
+current batch's detached features, before the model step (Algorithm 1's order; the authors'
+script updates it after the model step, on a fresh forward pass).
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -94,16 +101,16 @@ RECON_PREFIX, TARGET_PREFIX, INPUT_PREFIX = "recon_", "target_", "input_"
 
 @dataclass
 class MIRDRegulariserConfig:
-    """MIRD's regulariser hyper-parameters (PAPERS.md; the authors' script where the paper is
-    silent). The split rate s is ``TrialConfig.unlabeled_rate``, not a field here."""
+    """MIRD's regulariser hyper-parameters (the paper, §4.3 and Fig. 7; the authors' script where
+    the paper is silent). The split rate s is ``TrialConfig.unlabeled_rate``, not a field here."""
 
     #: α, the weight of the summed CLUB estimates [0.01, 0.1, 1, 10]
     alpha: float = 0.1
     #: T', CLUB likelihood steps per model step
     inner_steps: int = 5
-    #: AdamW learning rate of the CLUB networks (their own optimiser; see ``estimator_lr``)
+    #: Adam learning rate of the CLUB networks (their own optimiser, §4.3; see ``estimator_lr``)
     club_lr: float = 1e-3
-    #: hidden width of q's mean and log-variance MLPs
+    #: hidden width of q's mean and log-variance MLPs (§4.3: 32)
     hidden: int = 32
     #: weight of the (log) reconstruction terms
     recon_weight: float = 1.0
@@ -111,6 +118,9 @@ class MIRDRegulariserConfig:
     use_input_mi: bool = True
     #: standardise features over the batch before CLUB (see the module docstring)
     standardise: bool = True
+    #: CLUB's conditioning direction: ``paper`` q(z^S|z^m), q(z^S|X^m) (Eq. 10-15), or
+    #: ``shared_first`` q(z^m|z^S), q(X̄^m|z^S) (this code's earlier choice)
+    pair_order: Literal["paper", "shared_first"] = "paper"
     #: L = log L_task + Σ log L_recon + α L_MI (the paper); False: L_task + Σ L_recon + α L_MI
     log_losses: bool = True
 
@@ -134,9 +144,22 @@ class MIRDRegulariserConfig:
 # -------------------------------------------------------------------------------------- helpers
 
 
-def code_pairs(feature_dims: dict[str, int]) -> list[tuple[str, str]]:
-    """The pairs among the codes present, shared first: (shared, text), ..., (audio, vision)."""
+#: the paper's (x, y) pairs, q(y|x): θ_var's list after Eq. 15 — (V, L), (V, A), (L, A), then
+#: (m, S) with q(z^S|z^m) (Eq. 10-13)
+_PAPER_PAIRS = (("vision", "text"), ("vision", "audio"), ("text", "audio"),
+                ("vision", "shared"), ("text", "shared"), ("audio", "shared"))
+
+
+def code_pairs(feature_dims: dict[str, int], order: str = "shared_first") -> list[tuple[str, str]]:
+    """The pairs among the codes present, as (x, y) with CLUB's q(y|x).
+
+    ``"paper"``: the paper's direction, q(z^S|z^m) (Eq. 10-13) and q(z^L|z^V), q(z^A|z^V),
+    q(z^A|z^L) (the order of θ_var after Eq. 15). ``"shared_first"``: (shared, text), ...,
+    (audio, vision) — q(z^m|z^S) (the order the orthogonality baseline uses; symmetric there).
+    """
     present = [name for name in CODES if name in feature_dims]
+    if order == "paper":
+        return [(x, y) for x, y in _PAPER_PAIRS if x in present and y in present]
     return list(itertools.combinations(present, 2))
 
 
@@ -199,9 +222,12 @@ class MIRDRegulariser(Regulariser):
 
     def __init__(self, config: MIRDRegulariserConfig, feature_dims: dict[str, int]) -> None:
         super().__init__(config, feature_dims)
-        pairs = code_pairs(feature_dims)
+        pairs = code_pairs(feature_dims, config.pair_order)
         if config.use_input_mi and "shared" in feature_dims:
-            pairs += [("shared", INPUT_PREFIX + m) for m in MODALITIES if INPUT_PREFIX + m in feature_dims]
+            inputs = [INPUT_PREFIX + m for m in MODALITIES if INPUT_PREFIX + m in feature_dims]
+            # Eq. 14-15: q(z^S | X^m), X^m summarised by its masked mean over time
+            pairs += ([(x, "shared") for x in inputs] if config.pair_order == "paper"
+                      else [("shared", x) for x in inputs])
         if not pairs:
             raise ValueError(
                 "regulariser 'mird' needs at least two of the features "
@@ -217,6 +243,12 @@ class MIRDRegulariser(Regulariser):
     @property
     def inner_steps(self) -> int:
         return self.config.inner_steps
+
+    def build_optimizer(self, lr: float) -> torch.optim.Optimizer | None:
+        """Adam over the CLUB networks, as the paper (§4.3: Adam, lr 1e-3, for the MIM module)."""
+        params = self.estimator_parameters()
+        self.optimizer = torch.optim.Adam(params, lr=lr) if params else None
+        return self.optimizer
 
     # -- estimates ---------------------------------------------------------------------------------
 
