@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from trainables.data.batches import (
+    DROP_SETS,
     DROPPABLE,
     SPLITS,
     Batch,
@@ -21,6 +22,7 @@ from trainables.data.batches import (
     SplitArrays,
     TensorSplit,
     drop_modality,
+    drop_set,
     iterate_batches,
     resample_to_length,
 )
@@ -35,6 +37,7 @@ from trainables.data.parquet import has_parquet_splits, read_parquet, write_parq
 
 __all__ = [
     "DROPPABLE",
+    "DROP_SETS",
     "NONFINITE_CHOICES",
     "SPLITS",
     "Batch",
@@ -46,6 +49,7 @@ __all__ = [
     "arrays_from_mmsa",
     "data_digest",
     "drop_modality",
+    "drop_set",
     "iterate_batches",
     "load_dataset",
     "read_mmsa_pickle",
