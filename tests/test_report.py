@@ -1,4 +1,5 @@
-"""tuner.report: the modality drop (unit), then a tiny search followed by a 3-seed report."""
+"""tuner.report: the modality drop and the robustness measures (unit), then a tiny search followed
+by a 3-seed report."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from trainables.backbones import get_backbone
 from trainables.config import TrialConfig
-from trainables.data import DROPPABLE, TensorSplit, drop_modality, iterate_batches
+from trainables.data import DROP_SETS, DROPPABLE, TensorSplit, drop_modality, drop_set, iterate_batches
 
 
 class _Linear(nn.Module):
@@ -36,39 +37,86 @@ def _predict(model, arrays) -> np.ndarray:
         return torch.cat([model(b) for b in iterate_batches(split, 16, shuffle=False)]).numpy()
 
 
-@pytest.mark.parametrize("modality", DROPPABLE)
-def test_drop_removes_exactly_that_modality(small_data, modality):
+def test_the_drop_sets_are_the_papers():
+    """Each modality alone, MDM's text drops keeping A / V / A+V and Synergy's T, T+A, T+V."""
+    assert DROP_SETS == ("text", "audio", "vision", "text+audio", "text+vision")
+    assert [drop_set(d) for d in DROP_SETS] == [("text",), ("audio",), ("vision",),
+                                                ("text", "audio"), ("text", "vision")]
+    assert drop_set("vision+text") == ("text", "vision")  # the order a user writes is free
+
+
+@pytest.mark.parametrize("dropped", DROP_SETS)
+def test_drop_removes_exactly_that_set(small_data, dropped):
     test = small_data.splits["test"]
     dims = {"text": test.text.shape[2], "audio": test.audio.shape[2],
             "vision": test.vision.shape[2]}
-    others = tuple(m for m in DROPPABLE if m != modality)
+    removed = drop_set(dropped)
+    others = tuple(m for m in DROPPABLE if m not in removed)
     ignores = _Linear(dims, reads=others)
     uses = _Linear(dims, reads=DROPPABLE)
-    dropped = drop_modality(test, modality)
+    out = drop_modality(test, dropped)
 
-    # a model that ignores the modality is unaffected; one that reads it changes
-    np.testing.assert_array_equal(_predict(ignores, test), _predict(ignores, dropped))
-    assert np.abs(_predict(uses, test) - _predict(uses, dropped)).max() > 1e-4
+    # a model that ignores the set is unaffected; one that reads it changes
+    np.testing.assert_array_equal(_predict(ignores, test), _predict(ignores, out))
+    assert np.abs(_predict(uses, test) - _predict(uses, out)).max() > 1e-4
     # the input is not modified, and the other modalities are the same arrays
-    assert np.abs(getattr(test, modality)).sum() > 0
-    assert not np.any(getattr(dropped, modality))
+    for m in removed:
+        assert np.abs(getattr(test, m)).sum() > 0
+        assert not np.any(getattr(out, m))
     for m in others:
-        assert getattr(dropped, m) is getattr(test, m)
-    np.testing.assert_array_equal(dropped.labels, test.labels)
+        assert getattr(out, m) is getattr(test, m)
+    if "text" not in removed:
+        assert out.text_bert is test.text_bert and out.raw_text is test.raw_text
+    np.testing.assert_array_equal(out.labels, test.labels)
 
 
-def test_text_drop_masks_tokens_except_cls_and_sep(small_data):
+def test_text_drop_masks_every_word_and_keeps_the_steps(small_data):
+    """Text removed = every word id [MASK] (103), [CLS]/[SEP]/[PAD], the attention mask and the
+    segment ids as they were: a transformer still has the token steps that MAG puts audio and
+    vision on."""
     test = small_data.splits["test"]
     dropped = drop_modality(test, "text")
     ids, mask, segments = dropped.text_bert[:, 0], dropped.text_bert[:, 1], dropped.text_bert[:, 2]
+    before = test.text_bert[:, 0]
     lengths = test.text_bert[:, 1].sum(axis=1)
     rows = np.arange(len(test))
-    assert np.all(mask.sum(axis=1) == 2) and not np.any(segments)
+    np.testing.assert_array_equal(mask, test.text_bert[:, 1])
+    np.testing.assert_array_equal(segments, test.text_bert[:, 2])
     assert np.all(ids[:, 0] == 101)  # [CLS]
     assert np.all(ids[rows, lengths - 1] == 102)  # [SEP], the last attended token
-    assert np.all(ids.astype(bool).sum(axis=1) == 2)  # every word id is [PAD] (0)
+    words = (mask > 0) & ~np.isin(before, (0, 101, 102))
+    assert words.sum() > len(test)  # the input had words
+    assert np.all(ids[words] == 103) and np.all(ids[~words] == before[~words])
     assert set(dropped.raw_text) == {""}
-    assert test.text_bert[:, 1].sum() > 2 * len(test)  # the input still has its words
+    assert not np.any(dropped.text)
+
+
+def test_mag_still_reads_audio_and_vision_with_text_dropped(small_data):
+    """MAG puts audio and vision on the token steps: after the text drop it still receives all
+    of them (MDM's "text dropped, A / V / A+V kept"), and dropping audio too changes its output.
+    Dropping the token steps themselves would have dropped A and V with the text."""
+    cfg = TrialConfig.from_flat({"backbone": "mag_bert", "backbone.text_model": "tiny-bert"})
+    torch.manual_seed(0)
+    model = get_backbone("mag_bert")(cfg.backbone_cfg, small_data.dims).eval()
+    test = model.prepare_split(small_data.splits["test"])
+
+    def run(arrays):
+        split = TensorSplit.from_arrays(arrays)
+        with torch.no_grad():
+            outs = [model(b) for b in iterate_batches(split, 16, shuffle=False)]
+        return {k: torch.cat([o.features[k] for o in outs]).numpy() for k in outs[0].features} | {
+            "prediction": torch.cat([o.prediction for o in outs]).numpy()}
+
+    full, no_text = run(test), run(model.drop_inputs(test, "text"))
+    for m in ("audio", "vision"):  # the gate's A / V on every word step, as with the text
+        np.testing.assert_allclose(no_text[m], full[m], rtol=0, atol=1e-6)
+        assert np.abs(full[m]).max() > 1e-3
+    assert np.abs(no_text["text"] - full["text"]).max() > 1e-4
+    no_text_audio = run(model.drop_inputs(test, "text+audio"))
+    assert np.abs(no_text_audio["prediction"] - no_text["prediction"]).max() > 1e-5
+    # only W_a's bias is left: the same vector in every row
+    np.testing.assert_allclose(no_text_audio["audio"], no_text_audio["audio"][:1].repeat(len(test), 0),
+                               rtol=0, atol=1e-6)
 
 
 def test_drop_changes_a_real_backbone_only_through_that_modality(small_data):
@@ -96,9 +144,9 @@ def test_probe_checkpoint_matches_evaluate_checkpoint(small_data, tmp_path):
         trainer.fit()
         trainer.save(tmp_path / reg)
         best = tmp_path / reg / BEST_FILE
-        dropped, scores = probe_checkpoint(best, small_data, DROPPABLE, "test", device="cpu")
-        assert set(dropped) == set(DROPPABLE)
-        for modality in DROPPABLE:
+        dropped, scores = probe_checkpoint(best, small_data, DROP_SETS, "test", device="cpu")
+        assert list(dropped) == list(DROP_SETS)
+        for modality in DROP_SETS:
             assert dropped[modality] == evaluate_checkpoint(best, small_data, "test", "cpu",
                                                             drop=modality)
         assert evaluate_checkpoint(best, small_data, "test", "cpu") == trainer.test_metrics
@@ -135,8 +183,110 @@ def test_the_report_never_chooses_a_trial_that_did_not_finish_cleanly():
 
 
 def test_drop_rejects_an_unknown_modality(small_data):
-    with pytest.raises(ValueError, match="modality: expected one of text, audio, vision"):
-        drop_modality(small_data.splits["test"], "video")
+    for bad in ("video", "text+video", "text+text", "", "text+"):
+        with pytest.raises(ValueError, match="modality: expected one of text, audio, vision"):
+            drop_modality(small_data.splits["test"], bad)
+
+
+def _trained_ef_lstm(small_data, directory: Path) -> Path:
+    from trainables.loop import BEST_FILE, Trainer
+
+    cfg = TrialConfig.from_flat({"backbone": "ef_lstm", "backbone.hidden": 8, "lr": 0.01,
+                                 "max_epochs": 2, "regulariser": "none", "seed": 0})
+    trainer = Trainer(cfg, small_data, device="cpu")
+    trainer.fit()
+    trainer.save(directory)
+    return directory / BEST_FILE
+
+
+def test_robustness_of_a_model_that_ignores_audio(small_data, tmp_path):
+    """A trained EF-LSTM whose audio path is zeroed (its audio projection W_a, b_a = 0, so no
+    audio value reaches the LSTM) next to the same model as trained: through the report's own
+    probe and tables, the ratio for `audio` is exactly 1 and dropping `text+audio` is dropping
+    `text`; the model that reads audio is changed by the audio drop."""
+    from trainables.loop import load_best
+    from trainables.trainable import evaluate_checkpoint
+    from tuner.report import (ROBUSTNESS_METRICS, Rerun, metric_name, probe_reruns,
+                              robustness_ratio, robustness_table)
+
+    reads = _trained_ef_lstm(small_data, tmp_path / "reads")
+    best = load_best(reads)
+    model = best["weights"]["model"]
+    assert model["proj.audio.weight"].abs().sum() > 0
+    model["proj.audio.weight"].zero_()
+    model["proj.audio.bias"].zero_()
+    (tmp_path / "ignores").mkdir()
+    ignores = tmp_path / "ignores" / reads.name
+    torch.save(best, ignores)
+
+    class Client:  # the MLflow client of probe_reruns: records what would be logged
+        logged: dict[str, list] = {}
+
+        def log_batch(self, run_id, metrics):
+            self.logged[run_id] = metrics
+
+    reruns = []
+    for variant, path in (("ignores_audio", ignores), ("reads_audio", reads)):
+        full = evaluate_checkpoint(path, small_data, "test", "cpu")
+        reruns.append(Rerun(variant, 0, f"run-{variant}", "completed",
+                            {k[len("test_"):]: v for k, v in full.items()}, path))
+    client = Client()
+    probe_reruns(reruns, small_data, client)
+    ignoring, reading = reruns
+
+    assert list(ignoring.drop) == list(DROP_SETS)
+    assert ignoring.drop["audio"] == ignoring.test  # every metric, not only Acc-2
+    assert ignoring.drop["text+audio"] == ignoring.drop["text"]
+    assert ignoring.drop["text"] != ignoring.test
+    assert reading.drop["audio"]["mae"] != reading.test["mae"]
+    for k in ROBUSTNESS_METRICS:
+        assert robustness_ratio(ignoring, "audio", k) == 1.0
+
+    rows = robustness_table(reruns, ["ignores_audio", "reads_audio"])
+    assert [(r["dropped"], r["metric"]) for r in rows] == [
+        (d, k) for d in DROP_SETS for k in ROBUSTNESS_METRICS]
+    assert [r["kept"] for r in rows[::2]] == ["audio+vision", "text+vision", "text+audio",
+                                             "vision", "audio"]
+    measures = [f"{v}_{m}_{s}" for v in ("ignores_audio", "reads_audio")
+                for m in ("ratio",) for s in ("mean", "std", "n")]
+    assert list(rows[0]) == ["dropped", "kept", "metric", *measures, "ratio_p_value",
+                             *[c.replace("_ratio_", "_acc2_") for c in measures], "acc2_p_value"]
+    by = {(r["dropped"], r["metric"]): r for r in rows}
+    for k in ROBUSTNESS_METRICS:
+        assert by["audio", k]["ignores_audio_ratio_mean"] == 1.0
+        assert by["audio", k]["ignores_audio_acc2_mean"] == ignoring.test[k]
+        assert by["text+audio", k]["ignores_audio_acc2_mean"] == by["text", k]["ignores_audio_acc2_mean"]
+        assert by["text+audio", k]["ignores_audio_ratio_mean"] == by["text", k]["ignores_audio_ratio_mean"]
+        for d in DROP_SETS:
+            assert by[d, k]["reads_audio_acc2_mean"] == reading.drop[d][k]
+            assert by[d, k]["reads_audio_ratio_mean"] == pytest.approx(reading.drop[d][k] / reading.test[k])
+
+    # what each re-run logs to MLflow: the same names with '+' written '_' (MLflow-safe)
+    assert metric_name("text+audio") == "text_audio" and metric_name("audio") == "audio"
+    logged = {m.key: m.value for m in client.logged["run-ignores_audio"]}
+    assert logged["robustness_audio_acc2_has0"] == 1.0
+    assert logged["test_drop_text_audio_acc2_has0"] == logged["test_drop_text_acc2_has0"]
+    assert {f"robustness_{metric_name(d)}_{k}" for d in DROP_SETS for k in ROBUSTNESS_METRICS
+            } <= set(logged)
+    assert not any("+" in key for key in logged)
+
+
+def test_robustness_outputs_show_every_drop_set(tmp_path):
+    """The plot and report.md carry every drop set, both measures and both papers."""
+    from tuner.report import ROBUSTNESS_METRICS, Rerun, markdown_table, plot_robustness, robustness_table
+
+    rng = np.random.default_rng(0)
+    reruns = [Rerun(v, s, "", "completed", {k: 0.8 for k in ROBUSTNESS_METRICS}, None,
+                    drop={d: {k: float(rng.uniform(0.4, 0.8)) for k in ROBUSTNESS_METRICS}
+                          for d in DROP_SETS})
+              for v in ("mdm", "none") for s in range(3)]
+    rows = robustness_table(reruns, ["mdm", "none"])
+    path = plot_robustness(rows, ["mdm", "none"], tmp_path)
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    for measure in ("ratio", "acc2"):
+        table = markdown_table(rows, ["mdm", "none"], ["dropped", "kept", "metric"], measure)
+        for d in DROP_SETS:
+            assert f"| {d} |" in table
 
 
 # ------------------------------------------------------------------ a tiny search, then the report
@@ -238,20 +388,27 @@ def test_report_after_a_tiny_search(tmp_path, monkeypatch, tiny_search_space, sm
             assert p == pytest.approx(mannwhitneyu(samples["mdm"], samples["none"],
                                                    alternative="two-sided").pvalue)
 
-    # robustness: one row per modality x Acc-2 variant, each run's ratio logged to its run
+    # robustness: one row per drop set x Acc-2 variant, with the ratio (MDM) and the raw Acc-2
+    # (Synergy); each run's values logged to its run under MLflow-safe names (+ -> _)
     with open(out / "robustness.csv") as f:
         robust = list(csv.DictReader(f))
     assert [(r["dropped"], r["metric"]) for r in robust] == [
-        (m, k) for m in ("text", "audio", "vision") for k in ("acc2_has0", "acc2_non0")]
-    assert all(0.0 <= float(r["p_value"]) <= 1.0 for r in robust)
+        (d, k) for d in ("text", "audio", "vision", "text+audio", "text+vision")
+        for k in ("acc2_has0", "acc2_non0")]
+    assert all(0.0 <= float(r[f"{m}_p_value"]) <= 1.0 for r in robust for m in ("ratio", "acc2"))
     for r in reruns:
-        ratio = r.data.metrics["robustness_text_acc2_has0"]
-        assert ratio == pytest.approx(r.data.metrics["test_drop_text_acc2_has0"]
-                                      / r.data.metrics["test_acc2_has0"])
+        for d in ("text", "text_audio", "text_vision"):
+            ratio = r.data.metrics[f"robustness_{d}_acc2_has0"]
+            assert ratio == pytest.approx(r.data.metrics[f"test_drop_{d}_acc2_has0"]
+                                          / r.data.metrics["test_acc2_has0"])
     for row in robust:
-        values = [r.data.metrics[f"robustness_{row['dropped']}_{row['metric']}"]
-                  for r in by_variant["mdm"]]
-        assert float(row["mdm_mean"]) == pytest.approx(np.mean(values))
+        name = f"{row['dropped'].replace('+', '_')}_{row['metric']}"
+        values = [r.data.metrics[f"robustness_{name}"] for r in by_variant["mdm"]]
+        assert float(row["mdm_ratio_mean"]) == pytest.approx(np.mean(values))
+        raw = [r.data.metrics[f"test_drop_{name}"] for r in by_variant["mdm"]]
+        assert float(row["mdm_acc2_mean"]) == pytest.approx(np.mean(raw))
+        assert rep.data.metrics[f"robustness_{name}_mean_mdm"] == pytest.approx(np.mean(values))
+        assert rep.data.metrics[f"test_drop_{name}_mean_mdm"] == pytest.approx(np.mean(raw))
 
     # MDM's critic: the k most and k least dependent test examples, with their labels
     with open(out / "critic_scores.csv") as f:
@@ -278,6 +435,7 @@ def test_report_after_a_tiny_search(tmp_path, monkeypatch, tiny_search_space, sm
     assert "tuner.report --experiment tinyreport --top-k 3" in md
     for name in pngs + ["metrics.csv", "robustness.csv", "critic_scores.csv"]:
         assert f"({name})" in md, name
+    assert "Colombo et al." in md and "Shankar" in md and "| text+vision | audio |" in md
 
     # other data than the search's is refused before anything trains
     import dataclasses

@@ -11,7 +11,6 @@ the retry machinery does not re-run a deterministic divergence.
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,18 +20,12 @@ import torch
 from ray import tune
 
 from trainables.config import TrialConfig
-from trainables.data.batches import (
-    DROPPABLE,
-    MultimodalData,
-    TensorSplit,
-    drop_modality,
-    iterate_batches,
-)
+from trainables.data.batches import DROP_SETS, MultimodalData, TensorSplit, iterate_batches
 from trainables.loop import Trainer, load_best
 
 __all__ = ["critic_scores", "evaluate_checkpoint", "probe_checkpoint", "train_fusion",
            "trial_node_id",
-           "trial_num_threads", "with_modality_dropped"]
+           "trial_num_threads"]
 
 
 def trial_num_threads() -> int | None:
@@ -78,23 +71,29 @@ def train_fusion(config: dict[str, Any], data: MultimodalData) -> None:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
 
 
-def with_modality_dropped(data: MultimodalData, modality: str,
-                          split: str = "test") -> MultimodalData:
-    """``data`` with ``modality`` removed from one split (see
-    :func:`trainables.data.batches.drop_modality`); the other splits are shared, not copied."""
-    splits = dict(data.splits)
-    splits[split] = drop_modality(splits[split], modality)
-    return dataclasses.replace(data, splits=splits)
+def _evaluate_dropped(trainer: Trainer, data: MultimodalData, split: str, dropped: str,
+                      weights: dict[str, Any]) -> dict[str, float]:
+    """``trainer``'s metrics on ``split`` with the modalities of ``dropped`` removed: the split as
+    the model reads it (:meth:`prepare_split`), then :meth:`drop_inputs` (the model's own token
+    ids); the trainer's own copy of the split is restored."""
+    full = trainer.splits[split]
+    arrays = trainer.model.drop_inputs(trainer.model.prepare_split(data.splits[split]), dropped)
+    trainer.splits[split] = TensorSplit.from_arrays(arrays)
+    try:
+        return trainer.evaluate(split, weights)
+    finally:
+        trainer.splits[split] = full
 
 
 def evaluate_checkpoint(best_file: str | Path, data: MultimodalData, split: str = "test",
                         device: str | None = None, drop: str | None = None) -> dict[str, float]:
     """Metrics of the weights in a ``best.pt`` on one split (``{split}_mae``, ...); ``drop``
-    names a modality removed from that split first (the robustness evaluation)."""
+    names a modality or a ``+``-joined set (``"text+audio"``) removed from that split first (the
+    robustness evaluation; see :func:`trainables.data.batches.drop_modality`)."""
     best = load_best(best_file)
-    if drop is not None:
-        data = with_modality_dropped(data, drop, split)
     trainer = Trainer(TrialConfig.from_flat(best["config"]), data, device=device)
+    if drop is not None:
+        return _evaluate_dropped(trainer, data, split, drop, best["weights"])
     return trainer.evaluate(split, best["weights"])
 
 
@@ -108,22 +107,18 @@ def critic_scores(best_file: str | Path, data: MultimodalData, split: str = "tes
 
 @torch.inference_mode()
 def probe_checkpoint(best_file: str | Path, data: MultimodalData,
-                     drops: tuple[str, ...] = DROPPABLE, split: str = "test",
+                     drops: tuple[str, ...] = DROP_SETS, split: str = "test",
                      device: str | None = None) -> tuple[dict[str, dict[str, float]],
                                                          np.ndarray | None]:
     """What the report asks of one ``best.pt``, with one model build: the metrics on ``split``
-    with each modality of ``drops`` removed (``{modality: {f"{split}_mae": ...}}``), and the
-    critic's per-example scores on the full split (None when the regulariser has no ``scores``).
+    with each drop set of ``drops`` removed (``{"text+audio": {f"{split}_mae": ...}, ...}``), and
+    the critic's per-example scores on the full split (None when the regulariser has no
+    ``scores``). Only evaluates: the weights are the checkpoint's, chosen on validation before.
     """
     best = load_best(best_file)
     trainer = Trainer(TrialConfig.from_flat(best["config"]), data, device=device)
-    full = trainer.splits[split]
-    dropped = {}
-    for modality in drops:
-        arrays = trainer.model.prepare_split(drop_modality(data.splits[split], modality))
-        trainer.splits[split] = TensorSplit.from_arrays(arrays)
-        dropped[modality] = trainer.evaluate(split, best["weights"])
-    trainer.splits[split] = full
+    dropped = {name: _evaluate_dropped(trainer, data, split, name, best["weights"])
+               for name in drops}
     scores = getattr(trainer.reg, "scores", None)
     if scores is None:
         return dropped, None

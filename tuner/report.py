@@ -7,9 +7,12 @@ reports:
 
 - test metrics (MAE, Corr, Acc-2 has0/non0, F1 has0/non0, Acc-7) as mean ± sample std over the
   seeds per variant, with the two-sided Mann–Whitney U p-value per metric (as MDM's tables);
-- modality-drop robustness: each re-run's best-validation checkpoint evaluated on test with text,
-  audio or vision removed (:func:`trainables.data.batches.drop_modality`), as the ratio
-  Acc-2(drop) / Acc-2(full) (MDM's robustness ratio);
+- modality-drop robustness as the papers measure it: each re-run's best-validation checkpoint
+  evaluated on test with a set of modalities removed (:data:`trainables.data.DROP_SETS`: text,
+  audio, vision, text+audio, text+vision; :func:`trainables.data.batches.drop_modality`), as the
+  ratio Acc-2(drop) / Acc-2(full) (MDM, Colombo et al. 2021, Sec. 5.3: text dropped, A, V or A+V
+  kept) and as the raw Acc-2(drop) (Synergy, Shankar 2021, Sec. 5.5, Table 4: T, T+V, T+A
+  dropped). Evaluation only: nothing of it chooses a trial, an epoch or a weight;
 - for a regulariser with a critic (MDM), the test examples its statistic network scores as most
   and least dependent;
 - PNG plots: validation curves of the search's trials (pruned ones marked), best-so-far over
@@ -47,17 +50,18 @@ import numpy as np
 import yaml
 
 from trainables.config import ConfigError, TrialConfig
-from trainables.data import DROPPABLE, DataError, MultimodalData
+from trainables.data import DROP_SETS, DROPPABLE, DataError, MultimodalData, drop_set
 from tuner.search import UsageError  # one error type (one line, exit 2) for the project's CLIs
 from tuner.tracking import NEVER_BEST, all_runs, finite, parse_param
 
-__all__ = ["REPORT_METRICS", "build_parser", "main", "mann_whitney", "train_rerun"]
+__all__ = ["REPORT_METRICS", "ROBUSTNESS_METRICS", "build_parser", "main", "mann_whitney",
+           "robustness_table", "train_rerun"]
 
 log = logging.getLogger("tuner.report")
 
 #: the test metrics of the table, in its row order (keys of trainables.metrics.compute_metrics)
 REPORT_METRICS = ("mae", "corr", "acc2_has0", "acc2_non0", "f1_has0", "f1_non0", "acc7")
-#: the Acc-2 variants whose drop/full ratio is the robustness measure
+#: the Acc-2 variants of the robustness measures (ratio drop/full and raw Acc-2 with the drop)
 ROBUSTNESS_METRICS = ("acc2_has0", "acc2_non0")
 #: the label of the twin without regulariser
 BASELINE = "none"
@@ -314,7 +318,7 @@ class Rerun:
     status: str
     test: dict[str, float]
     best_file: Path | None
-    drop: dict[str, dict[str, float]] = field(default_factory=dict)  # modality -> test metrics
+    drop: dict[str, dict[str, float]] = field(default_factory=dict)  # drop set -> test metrics
     scores: np.ndarray | None = None
 
 
@@ -368,8 +372,9 @@ def run_reruns(variants: dict[str, dict[str, Any]], seeds: list[int], data: Mult
 
 
 def probe_reruns(reruns: list[Rerun], data: MultimodalData, client) -> None:
-    """Modality-drop test metrics and critic scores of each re-run's best checkpoint (logged to
-    its MLflow run)."""
+    """Drop-set test metrics and critic scores of each re-run's best checkpoint (logged to its
+    MLflow run as ``test_drop_<set>_<metric>`` and ``robustness_<set>_<acc2 variant>``, the set's
+    ``+`` written ``_``). Runs after every re-run has chosen its checkpoint on validation."""
     from mlflow.entities import Metric
 
     from trainables.trainable import probe_checkpoint
@@ -377,24 +382,43 @@ def probe_reruns(reruns: list[Rerun], data: MultimodalData, client) -> None:
     for rerun in reruns:
         if rerun.best_file is None:
             continue
-        dropped, rerun.scores = probe_checkpoint(rerun.best_file, data, DROPPABLE, "test")
-        rerun.drop = {m: {k[len("test_"):]: v for k, v in metrics.items()}
-                      for m, metrics in dropped.items()}
+        dropped, rerun.scores = probe_checkpoint(rerun.best_file, data, DROP_SETS, "test")
+        rerun.drop = {d: {k[len("test_"):]: v for k, v in metrics.items()}
+                      for d, metrics in dropped.items()}
         if rerun.run_id:
             now = int(time.time() * 1000)
-            batch = [Metric(f"test_drop_{m}_{k}", v, now, 0)
-                     for m, values in rerun.drop.items() for k, v in values.items()
+            batch = [Metric(f"test_drop_{metric_name(d)}_{k}", v, now, 0)
+                     for d, values in rerun.drop.items() for k, v in values.items()
                      if k in REPORT_METRICS and finite(v)]
-            batch += [Metric(f"robustness_{m}_{k}", ratio, now, 0)
-                      for m in rerun.drop for k in ROBUSTNESS_METRICS
-                      if finite(ratio := robustness_ratio(rerun, m, k))]
+            batch += [Metric(f"robustness_{metric_name(d)}_{k}", ratio, now, 0)
+                      for d in rerun.drop for k in ROBUSTNESS_METRICS
+                      if finite(ratio := robustness_ratio(rerun, d, k))]
             client.log_batch(rerun.run_id, metrics=batch)
 
 
-def robustness_ratio(rerun: Rerun, modality: str, metric: str) -> float:
+def metric_name(dropped: str) -> str:
+    """A drop set in an MLflow metric key, where ``+`` is not allowed: ``text+audio`` ->
+    ``text_audio`` (the CSV and the report keep ``text+audio``)."""
+    return "_".join(drop_set(dropped))
+
+
+def kept(dropped: str) -> str:
+    """The modalities a drop set leaves (MDM's x-axis): ``text+vision`` -> ``audio``."""
+    removed = drop_set(dropped)
+    return "+".join(m for m in DROPPABLE if m not in removed) or "none"
+
+
+def dropped_metric(rerun: Rerun, dropped: str, metric: str) -> float:
+    """``metric`` on test with ``dropped`` removed (Synergy's raw Acc-2^corrupt)."""
+    return rerun.drop.get(dropped, {}).get(metric, math.nan)
+
+
+def robustness_ratio(rerun: Rerun, dropped: str, metric: str) -> float:
+    """``metric`` with ``dropped`` removed over ``metric`` on the full test set (MDM's
+    Acc-2^corrupt / Acc-2)."""
     full = rerun.test.get(metric, math.nan)
-    dropped = rerun.drop.get(modality, {}).get(metric, math.nan)
-    return dropped / full if finite(full) and full > 0 and finite(dropped) else math.nan
+    value = dropped_metric(rerun, dropped, metric)
+    return value / full if finite(full) and full > 0 and finite(value) else math.nan
 
 
 # ---------------------------------------------------------------------------------- statistics
@@ -435,18 +459,26 @@ def metrics_table(reruns: list[Rerun], variants: list[str]) -> list[dict[str, An
     return rows
 
 
+#: the two robustness measures: column prefix -> per-rerun value (drop set, Acc-2 variant)
+ROBUSTNESS_MEASURES = {"ratio": robustness_ratio, "acc2": dropped_metric}
+
+
 def robustness_table(reruns: list[Rerun], variants: list[str]) -> list[dict[str, Any]]:
-    """One row per dropped modality × Acc-2 variant: the ratio drop/full per variant."""
+    """One row per drop set (:data:`DROP_SETS`) × Acc-2 variant: per variant the ratio
+    Acc-2(drop) / Acc-2(full) (MDM) and the raw Acc-2(drop) (Synergy), each as mean, std, n,
+    with a Mann–Whitney p-value per measure."""
     rows = []
-    for modality in DROPPABLE:
+    for dropped in DROP_SETS:
         for metric in ROBUSTNESS_METRICS:
-            row: dict[str, Any] = {"dropped": modality, "metric": metric}
-            samples = {}
-            for v in variants:
-                samples[v] = [robustness_ratio(r, modality, metric) for r in reruns
-                              if r.variant == v]
-                row[f"{v}_mean"], row[f"{v}_std"], row[f"{v}_n"] = mean_std(samples[v])
-            row["p_value"] = mann_whitney(samples[variants[0]], samples[variants[1]])
+            row: dict[str, Any] = {"dropped": dropped, "kept": kept(dropped), "metric": metric}
+            for measure, value_of in ROBUSTNESS_MEASURES.items():
+                samples = {}
+                for v in variants:
+                    samples[v] = [value_of(r, dropped, metric) for r in reruns if r.variant == v]
+                    (row[f"{v}_{measure}_mean"], row[f"{v}_{measure}_std"],
+                     row[f"{v}_{measure}_n"]) = mean_std(samples[v])
+                row[f"{measure}_p_value"] = mann_whitney(samples[variants[0]],
+                                                         samples[variants[1]])
             rows.append(row)
     return rows
 
@@ -489,15 +521,18 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
         writer.writerows(rows)
 
 
-def markdown_table(rows: list[dict[str, Any]], variants: list[str], keys: list[str]) -> str:
-    """Rows as Markdown: the ``keys`` columns, then ``mean ± std (n)`` per variant, then p."""
+def markdown_table(rows: list[dict[str, Any]], variants: list[str], keys: list[str],
+                   measure: str = "") -> str:
+    """Rows as Markdown: the ``keys`` columns, then ``mean ± std (n)`` per variant, then p;
+    ``measure`` picks the columns ``{variant}_{measure}_mean`` ... and ``{measure}_p_value``."""
+    col = f"{measure}_" if measure else ""
     header = keys + [f"{v} (mean ± std, n)" for v in variants] + ["p (Mann–Whitney U)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [str(row[k]) for k in keys]
-        cells += [f"{_fmt(row[f'{v}_mean'])} ± {_fmt(row[f'{v}_std'])} ({row[f'{v}_n']})"
-                  for v in variants]
-        cells.append(_fmt(row["p_value"]))
+        cells += [f"{_fmt(row[f'{v}_{col}mean'])} ± {_fmt(row[f'{v}_{col}std'])} "
+                  f"({row[f'{v}_{col}n']})" for v in variants]
+        cells.append(_fmt(row[f"{col}p_value"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -628,23 +663,36 @@ def plot_optuna(info: SearchInfo, storage: str, out: Path) -> tuple[list[Path], 
     return paths, notes
 
 
+def _letters(modalities: str) -> str:
+    """The papers' letters: ``text+audio`` -> ``T+A``."""
+    return "+".join(m[0].upper() for m in modalities.split("+"))
+
+
 @_in_default_style
 def plot_robustness(rows: list[dict[str, Any]], variants: list[str], out: Path) -> Path:
+    """Bars per drop set and variant: top row the ratio Acc-2(drop) / Acc-2(full) (MDM), bottom
+    row the raw Acc-2(drop) (Synergy); one column per Acc-2 variant."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(ROBUSTNESS_METRICS), figsize=(10, 4), sharey=True)
+    fig, axes = plt.subplots(len(ROBUSTNESS_MEASURES), len(ROBUSTNESS_METRICS),
+                             figsize=(12, 8), sharey="row", squeeze=False)
     width = 0.8 / len(variants)
-    x = np.arange(len(DROPPABLE))
-    for ax, metric in zip(np.ravel(axes), ROBUSTNESS_METRICS):
-        for j, v in enumerate(variants):
-            sel = [next(r for r in rows if r["dropped"] == m and r["metric"] == metric)
-                   for m in DROPPABLE]
-            ax.bar(x + (j - (len(variants) - 1) / 2) * width, [r[f"{v}_mean"] for r in sel],
-                   width, yerr=[r[f"{v}_std"] for r in sel], capsize=3, label=v)
-        ax.axhline(1.0, color="0.4", lw=0.8, ls=":")
-        ax.set_xticks(x, [f"-{m}" for m in DROPPABLE])
-        ax.set_title(f"{metric}(drop) / {metric}(full)")
-    np.ravel(axes)[0].set_ylabel("robustness ratio (mean ± std over seeds)")
-    np.ravel(axes)[0].legend()
+    x = np.arange(len(DROP_SETS))
+    titles = {"ratio": "{m}(drop) / {m}(full)  [MDM]", "acc2": "{m}(drop)  [Synergy]"}
+    for i, measure in enumerate(ROBUSTNESS_MEASURES):
+        for ax, metric in zip(axes[i], ROBUSTNESS_METRICS):
+            sel = [next(r for r in rows if r["dropped"] == d and r["metric"] == metric)
+                   for d in DROP_SETS]
+            for j, v in enumerate(variants):
+                ax.bar(x + (j - (len(variants) - 1) / 2) * width,
+                       [r[f"{v}_{measure}_mean"] for r in sel], width,
+                       yerr=[r[f"{v}_{measure}_std"] for r in sel], capsize=3, label=v)
+            if measure == "ratio":
+                ax.axhline(1.0, color="0.4", lw=0.8, ls=":")
+            ax.set_xticks(x, [f"drop {_letters(d)}\nkeep {_letters(kept(d))}" for d in DROP_SETS])
+            ax.set_title(titles[measure].format(m=metric))
+        axes[i][0].set_ylabel(("robustness ratio" if measure == "ratio" else "Acc-2 with the drop")
+                              + "\n(mean ± std over seeds)")
+    axes[0][0].legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     path = out / "robustness.png"
     fig.savefig(path, dpi=120)
@@ -696,13 +744,30 @@ def write_markdown(out: Path, *, info: SearchInfo, chosen, choice_note: str, con
         "",
         "## Modality-drop robustness",
         "",
-        "Acc-2 with one modality removed from the test set divided by Acc-2 on the full test set, "
-        "for each re-run's best-validation checkpoint. Removed means: audio / vision features "
-        "set to 0; text features set to 0, BERT token ids reduced to `[CLS] [SEP]` (every other "
-        "position [PAD] with attention mask 0) and the raw text emptied; sequence lengths kept. "
+        "Each re-run's best-validation checkpoint is evaluated once more on the test set with a "
+        "set of modalities removed (`dropped`; `kept` is what remains). Two protocols:",
+        "",
+        "- **MDM** (Colombo et al., EMNLP 2021, Sec. 5.3, Fig. 2 and 4): train on all modalities, "
+        "drop text at inference and keep A (`text+vision`), V (`text+audio`) or A+V (`text`); "
+        "the measure is the ratio Acc-2(drop) / Acc-2(full) (1 = no loss).",
+        "- **Synergy** (Shankar, 2021, Sec. 5.5, Table 4): drop T (`text`), T+V (`text+vision`) "
+        "or T+A (`text+audio`); the measure is the raw binary accuracy Acc-2(drop).",
+        "",
+        "The single drops `audio` and `vision` are in neither paper and are reported as well. "
+        "Removed means: audio / vision features set to 0; text features set to 0 and every word "
+        "of the BERT token input replaced by `[MASK]` (attention mask, `[CLS]`/`[SEP]` and the "
+        "token steps kept, so MAG still receives audio and vision on every word step; the "
+        "papers do not say how they removed text), raw text emptied; sequence lengths kept. "
+        "Nothing here chooses anything: trials and epochs were chosen on validation before. "
         "File: [robustness.csv](robustness.csv).",
         "",
-        markdown_table(robust_rows, variants, ["dropped", "metric"]),
+        "Ratio Acc-2(drop) / Acc-2(full) (MDM):",
+        "",
+        markdown_table(robust_rows, variants, ["dropped", "kept", "metric"], "ratio"),
+        "",
+        "Acc-2 with the drop (Synergy):",
+        "",
+        markdown_table(robust_rows, variants, ["dropped", "kept", "metric"], "acc2"),
         "",
         "![robustness](robustness.png)",
         "",
@@ -806,8 +871,10 @@ def run_report(args: argparse.Namespace, command: str) -> int:
     write_csv(score_rows, out / "critic_scores.csv")
     write_csv([{"variant": r.variant, "seed": r.seed, "status": r.status, "run_id": r.run_id,
                 **{f"test_{m}": r.test.get(m, math.nan) for m in REPORT_METRICS},
-                **{f"robustness_{m}_{k}": robustness_ratio(r, m, k)
-                   for m in DROPPABLE for k in ROBUSTNESS_METRICS}} for r in reruns],
+                **{f"robustness_{metric_name(d)}_{k}": robustness_ratio(r, d, k)
+                   for d in DROP_SETS for k in ROBUSTNESS_METRICS},
+                **{f"test_drop_{metric_name(d)}_{k}": dropped_metric(r, d, k)
+                   for d in DROP_SETS for k in ROBUSTNESS_METRICS}} for r in reruns],
               out / "runs.csv")
 
     plots = plot_search_curves(client, info, out)
@@ -827,9 +894,12 @@ def run_report(args: argparse.Namespace, command: str) -> int:
                         Metric(f"test_{row['metric']}_std_{v}", row[f"{v}_std"], now, 0)]
         summary.append(Metric(f"test_{row['metric']}_pvalue", row["p_value"], now, 0))
     for row in robust_rows:
-        key = f"robustness_{row['dropped']}_{row['metric']}"
-        summary += [Metric(f"{key}_mean_{v}", row[f"{v}_mean"], now, 0) for v in labels]
-        summary.append(Metric(f"{key}_pvalue", row["p_value"], now, 0))
+        stem = f"{metric_name(row['dropped'])}_{row['metric']}"  # not `name`: the report's
+        for measure, prefix in (("ratio", "robustness"), ("acc2", "test_drop")):
+            key = f"{prefix}_{stem}"
+            summary += [Metric(f"{key}_mean_{v}", row[f"{v}_{measure}_mean"], now, 0)
+                        for v in labels]
+            summary.append(Metric(f"{key}_pvalue", row[f"{measure}_p_value"], now, 0))
     summary = [m for m in summary if finite(m.value)]
     for start in range(0, len(summary), 1000):
         client.log_batch(report_run, metrics=summary[start:start + 1000])
@@ -842,8 +912,13 @@ def run_report(args: argparse.Namespace, command: str) -> int:
     print(f"Test metrics over seeds {', '.join(map(str, seeds))} ({reg} vs {BASELINE}; "
           "p: two-sided Mann-Whitney U):")
     print(plain_table(metric_rows))
-    print("\nRobustness, Acc-2(drop) / Acc-2(full):")
-    print(plain_table(robust_rows))
+    for measure, title in (("ratio", "Acc-2(drop) / Acc-2(full) (MDM)"),
+                           ("acc2", "Acc-2(drop) (Synergy)")):
+        print(f"\nRobustness, {title}:")
+        print(plain_table([{k: r[k] for k in ("dropped", "kept", "metric")}
+                           | {k: r[k] for k in r if k.startswith(tuple(f"{v}_{measure}_"
+                                                                     for v in labels))}
+                           | {"p_value": r[f"{measure}_p_value"]} for r in robust_rows]))
     if score_rows:
         print(f"\n{reg} critic scores, most and least dependent test examples:")
         print(plain_table([{k: r[k] for k in ("group", "rank", "id", "label", "score_mean")}

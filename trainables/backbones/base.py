@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from trainables.data.batches import Batch, ModalityDims, SplitArrays
+from trainables.data.batches import Batch, ModalityDims, SplitArrays, drop_modality
 
 __all__ = ["MODALITIES", "Backbone", "BackboneOutput", "InputMismatchError"]
 
@@ -73,6 +73,13 @@ class Backbone(nn.Module):
         """The split as this backbone reads it (once per split, before batching); default: as is.
         MAG re-tokenises ``raw_text`` when its encoder's vocabulary is not uncased BERT's."""
         return arrays
+
+    def drop_inputs(self, arrays: SplitArrays, dropped: str) -> SplitArrays:
+        """A split already prepared by :meth:`prepare_split` with the modalities of ``dropped``
+        (``"text"``, ``"text+audio"``, ...) removed, for the robustness evaluation (see
+        :func:`~trainables.data.batches.drop_modality`); default: a text drop turns every word id
+        into the uncased BERT [MASK]. A backbone with its own vocabulary passes its own ids."""
+        return drop_modality(arrays, dropped)
 
     def forward(self, batch: Batch) -> BackboneOutput:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -72,7 +72,13 @@ from torch import nn
 
 from trainables.backbones.base import Backbone, BackboneOutput, InputMismatchError
 from trainables.config import ConfigError
-from trainables.data.batches import Batch, ModalityDims, SplitArrays, resample_to_length
+from trainables.data.batches import (
+    Batch,
+    ModalityDims,
+    SplitArrays,
+    drop_modality,
+    resample_to_length,
+)
 from trainables.text import (
     DEFAULT_TEXT_MODEL,
     load_text_model,
@@ -273,6 +279,17 @@ class MAGBert(Backbone):
             return arrays
         max_len = arrays.text_bert.shape[2] if arrays.text_bert is not None else arrays.text.shape[1]
         return dataclasses.replace(arrays, text_bert=self.tokenize(list(arrays.raw_text), int(max_len)))
+
+    def drop_inputs(self, arrays: SplitArrays, dropped: str) -> SplitArrays:
+        """As the base class, with this encoder's own [MASK] and [CLS]/[SEP]/[PAD] ids (the ids of
+        a prepared split are in its vocabulary). The words become [MASK] but keep their steps, so
+        the gate still shifts every step by the audio and vision on it: "text dropped, A and V
+        kept" (MDM Sec. 5.3), not "everything dropped"."""
+        mask_id = self.tokenizer.mask_token_id
+        if mask_id is None:  # a tokenizer without [MASK]: its unknown-word token
+            mask_id = self.tokenizer.unk_token_id
+        return drop_modality(arrays, dropped, mask_id=int(mask_id),
+                             keep_ids=tuple(int(i) for i in self.special_ids.tolist()))
 
     def _check_ids(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
         """Once per model: refuse uncased-BERT ids when the encoder has another vocabulary."""

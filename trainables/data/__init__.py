@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from trainables.data.batches import (
+    DROP_SETS,
     DROPPABLE,
     SPLITS,
     UNLABELED,
@@ -24,6 +25,7 @@ from trainables.data.batches import (
     SplitArrays,
     TensorSplit,
     drop_modality,
+    drop_set,
     iterate_batches,
     resample_to_length,
 )
@@ -46,6 +48,7 @@ from trainables.data.parquet import (
 
 __all__ = [
     "DROPPABLE",
+    "DROP_SETS",
     "NONFINITE_CHOICES",
     "SPLITS",
     "UNLABELED",
@@ -58,6 +61,7 @@ __all__ = [
     "arrays_from_mmsa",
     "data_digest",
     "drop_modality",
+    "drop_set",
     "iterate_batches",
     "load_dataset",
     "load_unlabeled",

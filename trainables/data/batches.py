@@ -16,7 +16,10 @@ import numpy as np
 import torch
 
 __all__ = [
+    "BERT_UNCASED_KEEP_IDS",
+    "BERT_UNCASED_MASK_ID",
     "DROPPABLE",
+    "DROP_SETS",
     "SPLITS",
     "UNLABELED",
     "Batch",
@@ -25,6 +28,7 @@ __all__ = [
     "SplitArrays",
     "TensorSplit",
     "drop_modality",
+    "drop_set",
     "iterate_batches",
     "concat_batches",
     "resample_to_length",
@@ -298,47 +302,64 @@ def resample_to_length(
     return torch.where(valid.unsqueeze(-1), mean, mean.new_zeros(()))
 
 
-#: the modalities :func:`drop_modality` can remove
+#: the modalities :func:`drop_modality` can remove (alone or as a ``+``-joined set)
 DROPPABLE = ("text", "audio", "vision")
+#: the sets the report removes from the test split, in its row order: each modality alone, and the
+#: papers' text-with-one-other sets. MDM (Colombo et al., 2021, Sec. 5.3) always drops text and
+#: keeps A (``text+vision``), V (``text+audio``) or A+V (``text``); Synergy (Shankar, 2021,
+#: Sec. 5.5, Table 4) drops T, T+V and T+A.
+DROP_SETS = ("text", "audio", "vision", "text+audio", "text+vision")
+#: [PAD], [CLS], [SEP] of the uncased BERT vocabulary (MMSA's ``text_bert``): kept by a text drop
+BERT_UNCASED_KEEP_IDS = (0, 101, 102)
+#: [MASK] of the uncased BERT vocabulary: what every word id becomes in a text drop
+BERT_UNCASED_MASK_ID = 103
 
 
-def drop_modality(arrays: SplitArrays, modality: str) -> SplitArrays:
-    """A copy of ``arrays`` with one modality removed, for the robustness evaluation.
+def drop_set(dropped: str) -> tuple[str, ...]:
+    """The modalities a drop-set name removes, in :data:`DROPPABLE` order:
+    ``"text+audio"`` -> ``("text", "audio")``; ``"audio"`` -> ``("audio",)``."""
+    parts = dropped.split("+") if isinstance(dropped, str) else []
+    if not parts or any(p not in DROPPABLE for p in parts) or len(set(parts)) != len(parts):
+        raise ValueError(f"modality: expected one of {', '.join(DROPPABLE)} or a '+'-joined set "
+                         f"of them (e.g. text+audio), got {dropped!r}")
+    return tuple(m for m in DROPPABLE if m in parts)
+
+
+def drop_modality(arrays: SplitArrays, dropped: str, *, mask_id: int = BERT_UNCASED_MASK_ID,
+                  keep_ids: tuple[int, ...] = BERT_UNCASED_KEEP_IDS) -> SplitArrays:
+    """A copy of ``arrays`` with a modality, or a ``+``-joined set of them (``"text+audio"``),
+    removed, for the robustness evaluation.
 
     What "removed" means, per input (lengths are kept, so sequence models still run over the
     same number of steps, only of zeros):
 
     - ``audio`` / ``vision``: every feature value is 0.
-    - ``text``: the text features (``text``, GloVe/BERT vectors) are 0; the token input
-      ``text_bert`` (ids, attention mask, segment ids) keeps only the first and the last attended
-      position of each row ([CLS] and [SEP] in MMSA's right-padded BERT ids), all other ids become
-      0 ([PAD] in the BERT vocabulary) with attention mask 0, and segment ids are 0, so a
-      transformer sees the empty sentence ``[CLS] [SEP]``; ``raw_text`` becomes ``""``, so a
-      backbone that re-tokenises the raw text (MAG with a non-BERT vocabulary) sees the same
-      empty sentence.
+    - ``text``: the text features (``text``, GloVe/BERT vectors) are 0; in the token input
+      ``text_bert`` every attended id that is not in ``keep_ids`` ([CLS], [SEP], [PAD]) becomes
+      ``mask_id`` ([MASK]), the attention mask and segment ids are kept, so a transformer reads
+      ``[CLS] [MASK] ... [MASK] [SEP]``: as many token steps as the sentence had, none with a
+      word. The steps are kept because MAG and MIRD feed audio and vision to the transformer *on
+      the token steps*: removing the steps would remove A and V too, and MDM's protocol
+      (text dropped, A, V or A+V kept) could not be measured. ``raw_text`` becomes ``""``.
 
-    The input arrays are not modified.
+    ``text_bert`` must already be in the model's vocabulary: a backbone that re-tokenises
+    ``raw_text`` (:meth:`~trainables.backbones.base.Backbone.prepare_split`) is given the prepared
+    split and its own ``mask_id`` / ``keep_ids``
+    (:meth:`~trainables.backbones.base.Backbone.drop_inputs`). The input arrays are not modified;
+    a modality not in ``dropped`` is the same array object.
     """
-    if modality not in DROPPABLE:
-        raise ValueError(f"modality: expected one of {', '.join(DROPPABLE)}, got {modality!r}")
-    if modality in ("audio", "vision"):
-        return dataclasses.replace(arrays, **{modality: np.zeros_like(getattr(arrays, modality))})
-    tokens = arrays.text_bert
-    if tokens is not None:
-        ids, mask = tokens[:, 0], tokens[:, 1]  # (N, L) each
-        attended = mask > 0
-        n, length = ids.shape
-        rows = np.arange(n)
-        first = np.where(attended.any(axis=1), attended.argmax(axis=1), 0)  # (N,)
-        last = np.where(attended.any(axis=1), length - 1 - attended[:, ::-1].argmax(axis=1), 0)
-        new = np.zeros_like(tokens)
-        for pos in (first, last):
-            new[rows, 0, pos] = ids[rows, pos]
-            new[rows, 1, pos] = 1
-        tokens = new
-    return dataclasses.replace(
-        arrays,
-        text=np.zeros_like(arrays.text),
-        text_bert=tokens,
-        raw_text=np.full(arrays.raw_text.shape, "", dtype=arrays.raw_text.dtype),
-    )
+    removed = drop_set(dropped)
+    changes: dict = {m: np.zeros_like(getattr(arrays, m)) for m in removed if m != "text"}
+    if "text" in removed:
+        tokens = arrays.text_bert
+        if tokens is not None:
+            ids, mask = tokens[:, 0], tokens[:, 1]  # (N, L) each
+            words = (mask > 0) & ~np.isin(ids, np.asarray(keep_ids, dtype=ids.dtype))  # (N, L)
+            tokens = tokens.copy()
+            tokens[:, 0] = np.where(words, np.asarray(mask_id, dtype=ids.dtype), ids)
+        changes.update(
+            text=np.zeros_like(arrays.text),
+            text_bert=tokens,
+            raw_text=np.full(arrays.raw_text.shape, "", dtype=arrays.raw_text.dtype),
+        )
+    return dataclasses.replace(arrays, **changes)
