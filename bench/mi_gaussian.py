@@ -7,7 +7,8 @@ training-batch estimate is not an in-sample one):
 
 - DV, NWJ: MDM's regulariser (:class:`trainables.regularisers.mdm.MDM`) with ``estimator="kl"``
   (Donsker–Varadhan, Eq. 6) or ``"f"`` (NWJ, Eq. 7), ``output="none"`` (the unbounded critic;
-  the paper's sigmoid caps the estimates at 1 and 1 − 1/e nats) and dropout ``--dropout`` (0).
+  the paper's sigmoid caps the estimates at 1 and 1 − 1/e nats), dropout ``--dropout`` (0) and
+  ``input="unimodal"`` (the critic reads the features given, with no backbone in between).
   X is the "text" features, Y the "audio" ones and "vision" is empty (width 0), so MDM's total
   correlation KL(p(t, a, v) ‖ p(t)p(a)p(v)) is exactly I(X; Y). The joint and product samples
   (rows of each modality permuted independently) and the critic steps are MDM's own
@@ -94,7 +95,7 @@ def as_features(x: torch.Tensor, y: torch.Tensor) -> BackboneOutput:
 
 def _mdm_trace(estimator: str, d: int, rho: float, args, seed: int) -> list[float]:
     torch.manual_seed(seed)
-    cfg = build_dataclass(MDMConfig, {"estimator": estimator, "output": "none",
+    cfg = build_dataclass(MDMConfig, {"estimator": estimator, "output": "none", "input": "unimodal",
                                       "dropout": args.dropout, "critic_lr": args.lr})
     reg = MDM(cfg, {"text": d, "audio": d, "vision": 0})
     reg.build_optimizer(cfg.estimator_lr)

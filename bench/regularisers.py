@@ -3,8 +3,11 @@
 Every regulariser (none, mdm, mmim, mird, orthogonal, synergy) at its default config, on the same
 backbone at its default config, through the real :class:`trainables.loop.Trainer` (``train_epoch``:
 forward, the regulariser's ``inner_steps`` estimator updates, penalty, model step). Defaults that
-drive the cost: MDM runs ``unroll`` = 10 critic steps per batch, MIRD 5 CLUB steps, MMIM and
-synergy 1 estimator step; orthogonal and none have no estimator.
+drive the cost: MDM runs ``unroll`` = 10 critic steps per batch, each on a fresh batch and its
+modality-shuffled copy (all 20 encoded in one no-grad forward pass), and encodes the model step's
+B̄ with gradients (Algorithm 1 of Colombo et al. 2021); MIRD 5 CLUB steps; MMIM one q-only pass
+over the epoch before the model pass (its Algorithm 1); synergy 1 estimator step; orthogonal and
+none have no estimator.
 
 Data: ``--size mosi`` is the MOSI-sized synthetic set (1284/229/686 clips), read from
 ``data/synthetic-mosi`` when that folder exists (``python -m tuner.data synth --out
@@ -15,6 +18,13 @@ with the machine.
     python bench/regularisers.py                                  # ef_lstm tfn lmf, mosi, 1 thread
     python bench/regularisers.py --backbones tfn --epochs 3 --threads 2
     python bench/regularisers.py --size small                     # seconds, for a quick look
+    # MDM as Algorithm 1 (the default) against the cheaper named departures, in one run:
+    python bench/regularisers.py --backbones tfn --regularisers mdm \
+        mdm:input=unimodal,critic_batches=same mdm:critic_batches=same
+
+A regulariser may carry config overrides after a colon (``NAME:key=value,key=value``, the keys of
+its config without the ``regulariser.`` prefix); ``--set KEY=VALUE`` sets a trial key for every
+run (e.g. ``--set backbone.text_model=minilm``).
 
 Times: CPU seconds are the process's (``time.process_time``, all threads), wall seconds beside
 them. The ratio to ``none`` uses CPU seconds, which a second user of the machine disturbs less
@@ -39,23 +49,43 @@ sys.path.insert(0, str(REPO))  # run as a script
 from bench.backbones import load_data, machine_line  # noqa: E402  (one machine line, one data set)
 
 
-def inner_steps_of(reg_name: str) -> int:
+def parse_spec(spec: str) -> tuple[str, dict[str, object]]:
+    """``"mdm:input=unimodal,unroll=3"`` -> ("mdm", {"regulariser.input": "unimodal", ...})."""
+    import yaml
+
+    name, _, rest = spec.partition(":")
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"{spec!r}: expected NAME:key=value,key=value")
+        overrides[f"regulariser.{key.strip()}"] = yaml.safe_load(value)
+    return name, overrides
+
+
+def flat_config(backbone: str, spec: str, args) -> dict:
+    name, overrides = parse_spec(spec)
+    return {"backbone": backbone, "regulariser": name, "seed": 0, "batch_size": args.batch,
+            "max_epochs": max(args.epochs, 1), "patience": 0, **args.set, **overrides}
+
+
+def inner_steps_of(spec: str) -> int:
     from trainables.config import TrialConfig
 
-    cfg = TrialConfig.from_flat({"regulariser": reg_name})
+    name, overrides = parse_spec(spec)
+    cfg = TrialConfig.from_flat({"regulariser": name, **overrides})
     return int(getattr(cfg.regulariser_cfg, "unroll", getattr(cfg.regulariser_cfg, "inner_steps", 0)))
 
 
-def bench_one(backbone: str, reg_name: str, data, args) -> dict:
+def bench_one(backbone: str, reg_spec: str, data, args) -> dict:
     import numpy as np
 
     from trainables.data import TensorSplit
     from trainables.config import TrialConfig
     from trainables.loop import Trainer
 
-    cfg = TrialConfig.from_flat({"backbone": backbone, "regulariser": reg_name, "seed": 0,
-                                 "batch_size": args.batch, "max_epochs": max(args.epochs, 1),
-                                 "patience": 0})
+    flat = flat_config(backbone, reg_spec, args)
+    cfg = TrialConfig.from_flat(flat)
     trainer = Trainer(cfg, data, device="cpu", num_threads=args.threads)
     train_arrays = data.splits["train"]
     n_rows = len(train_arrays)
@@ -109,8 +139,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
     p.add_argument("--max-batches", type=int, default=0,
                    help="time only this many batches per epoch and extrapolate (default 0: full epochs)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a trial key for every run, e.g. backbone.text_model=minilm (repeatable)")
     p.add_argument("--out", type=Path, default=None, help="also write the table to this file")
     args = p.parse_args(argv)
+    import yaml
+
+    sets = {}
+    for item in args.set:
+        key, eq, value = item.partition("=")
+        if not eq:
+            p.error(f"--set {item!r}: expected KEY=VALUE")
+        sets[key] = yaml.safe_load(value)
+    args.set = sets
 
     from trainables.regularisers import known_regularisers
 
@@ -118,7 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         if name not in known_backbones():
             p.error(f"unknown backbone {name!r}; known: {', '.join(known_backbones())}")
     regs = ["none"] + [r for r in args.regularisers if r != "none"]
-    for name in regs:
+    for spec in regs:
+        try:
+            name, _ = parse_spec(spec)
+        except ValueError as exc:
+            p.error(str(exc))
         if name not in known_regularisers():
             p.error(f"unknown regulariser {name!r}; known: {', '.join(known_regularisers())}")
 

@@ -169,3 +169,30 @@ def test_reuse_workers_auto_means_a_local_ray_only(monkeypatch):
     assert not reuse_workers(auto, None)
     space = space_from_dict({**BASE, "search": {"reuse_workers": True}}, "x.yaml")
     assert space.search.reuse_workers is True
+
+
+@pytest.mark.parametrize("name", ["smoke", "mdm", "mmim", "mird", "synergy"])
+def test_every_paper_space_narrows_to_each_of_its_models(name):
+    """``--backbone X`` / ``--regulariser Y``: keys of the space that apply to no remaining model
+    are dropped (not an error), and every narrowed space still validates and has points."""
+    from tuner.spaces import narrow
+
+    space = load_space(name)
+    for backbone in space.backbones:
+        narrowed, _ = narrow(space, [backbone])
+        assert narrowed.backbones == [backbone] and narrowed.grid_points()
+    for reg in space.regularisers:
+        narrowed, dropped = narrow(space, None, [reg])
+        assert narrowed.regularisers == [reg] and narrowed.grid_points()
+        if reg == "none":
+            assert not any(k.startswith(("grid.regulariser.", "ranges.regulariser.")) for k in narrowed.grid) and \
+                all(not k.startswith("regulariser.") for k in (*narrowed.grid, *narrowed.ranges, *narrowed.fixed))
+            assert any(d.startswith(("grid.regulariser.", "fixed.regulariser.")) for d in dropped) or \
+                not any(k.startswith("regulariser.") for k in (*space.grid, *space.fixed))
+
+
+def test_narrowing_keeps_typos_an_error():
+    from tuner.spaces import SpaceError, apply_overrides
+
+    with pytest.raises(SpaceError, match="wieght"):
+        apply_overrides(load_space("mdm"), ["grid.regulariser.wieght=[1.0]"])

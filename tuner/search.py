@@ -30,7 +30,7 @@ import yaml
 
 from trainables.config import ConfigError
 from trainables.data import DataError, MultimodalData, load_dataset
-from tuner.spaces import PRUNERS, SAMPLERS, SearchSpace, SpaceError, apply_overrides, load_space
+from tuner.spaces import PRUNERS, SAMPLERS, SearchSpace, SpaceError, apply_overrides, load_space, narrow
 
 __all__ = ["main", "build_parser", "resolve_data", "run_search"]
 
@@ -150,10 +150,14 @@ def prepare_space(args: argparse.Namespace) -> SearchSpace:
             if missing:
                 raise UsageError(f"--{flag} {missing[0]}: not in space {space.name!r} "
                                  f"({', '.join(known)})")
-            sets.append(f"{key}=[{', '.join(chosen)}]")
     if args.data:
         sets.append(f"data={args.data}")
-    return apply_overrides(space, sets)
+    space = apply_overrides(space, sets)  # checked against the whole space as written
+    space, dropped = narrow(space, args.backbone, args.regulariser)
+    if dropped:
+        print(f"--backbone/--regulariser: dropped {', '.join(dropped)} (no remaining model has "
+              "that field)", file=sys.stderr)
+    return space
 
 
 def resolve_data(spec: str, nonfinite: str = "error", unlabeled: str | None = None) -> MultimodalData:

@@ -408,6 +408,43 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(value)
 
 
+def narrow(space: SearchSpace, backbones: list[str] | None = None,
+           regularisers: list[str] | None = None) -> tuple[SearchSpace, list[str]]:
+    """``space`` restricted to some of its backbones / regularisers (``--backbone``,
+    ``--regulariser``). The space was checked as written (typos are errors); keys that apply to
+    no remaining backbone x regulariser pair are dropped, and start points of removed models are
+    dropped. Returns the narrowed space and the dropped keys (``section.key``), for the plan."""
+    for flag, key, chosen in (("backbone", "backbones", backbones), ("regulariser", "regularisers", regularisers)):
+        missing = [c for c in chosen or [] if c not in getattr(space, key)]
+        if missing:
+            raise SpaceError(f"--{flag} {missing[0]}: not in space {space.name!r} "
+                             f"({', '.join(getattr(space, key))})")
+    kept_b = list(backbones or space.backbones)
+    kept_r = list(regularisers or space.regularisers)
+    pairs = list(itertools.product(kept_b, kept_r))
+    dropped: list[str] = []
+    sections = {}
+    for section in ("grid", "ranges", "fixed"):
+        values = {}
+        for key, value in getattr(space, section).items():
+            if any(SearchSpace.applies(key, b, r) for b, r in pairs):
+                values[key] = value
+            else:
+                dropped.append(f"{section}.{key}")
+        sections[section] = values
+    sampled = {"backbone", "regulariser", *sections["grid"], *sections["ranges"]}
+    starts = []
+    for point in space.start_points:
+        if point.get("backbone", kept_b[0]) in kept_b and point.get("regulariser", kept_r[0]) in kept_r:
+            kept = {k: v for k, v in point.items() if k in sampled}
+            if kept:
+                starts.append(kept)
+    narrowed = dataclasses.replace(space, backbones=kept_b, regularisers=kept_r, start_points=starts,
+                                   **sections)
+    narrowed.check()
+    return narrowed, dropped
+
+
 def apply_overrides(space: SearchSpace, overrides: list[str]) -> SearchSpace:
     """Apply ``--set section.key=value`` overrides (e.g. ``fixed.lr=0.001``,
     ``grid.regulariser.weight=[1,0.1]``, ``search.pruner=none``) and re-validate."""
