@@ -34,7 +34,9 @@ What the defaults do (each "as the paper" unless it says otherwise):
   invertible whenever the four weight matrices are (LeakyReLU is a bijection), which they are at
   their orthogonal initialisation and almost surely after it (:class:`InvertibleMLP` has the exact
   inverse). ``g_network="coupling"`` uses RealNVP affine couplings instead (invertible by
-  construction, whatever the weights). Z_i and Z have different widths, so one matrix cannot project
+  construction, whatever the weights). Invertibility is what stops the minimising g_i from mapping
+  both samples to one point (Sec. 4.1); a trained MLP's weights can still drift towards singular,
+  which ``coupling`` rules out. Z_i and Z have different widths, so one matrix cannot project
   both: g_i has one projection per input width and one invertible network for both (the paper is
   silent on this).
 - Z in L_d is the fused representation (D3: g_i(Z^j), Z the fused vector of D1); ``joint="concat"``
