@@ -236,10 +236,14 @@ def test_kurtosis_loss_rises_with_the_kurtosis_of_the_fused_code():
             losses.append(reg.kurtosis_loss(_unit_variance(kind, n, d, g) @ mix).item())
         assert losses == sorted(losses) and len(set(losses)) == 4, dict(zip(kinds, losses))
         assert losses[1] > 1.1 * losses[0] and losses[2] > 1.1 * losses[1], dict(zip(kinds, losses))
-    # and the penalty's kurtosis term is that κ itself (γ_κ = 1), not a distance to a Gaussian's
-    reg = make_reg(dims={**DIMS, "fused": d})
+    # and the kurtosis term is κ itself, in units of a Gaussian's d(d+2) ("raw": κ), not a distance
+    # to a Gaussian's value
     z = _unit_variance("uniform", n, d, torch.Generator().manual_seed(3))
-    assert reg.kurtosis_loss(z).item() == pytest.approx(mardia_kurtosis(z).item(), rel=1e-4)
+    kappa = mardia_kurtosis(z).item()
+    assert make_reg(dims={**DIMS, "fused": d}).kurtosis_loss(z).item() == pytest.approx(kappa / (d * (d + 2)),
+                                                                                        rel=1e-4)
+    raw = make_reg(dims={**DIMS, "fused": d}, kurtosis_units="raw")
+    assert raw.kurtosis_loss(z).item() == pytest.approx(kappa, rel=1e-4)
 
 
 def _train_dv(shift: float, steps: int = 400, seed: int = 0) -> tuple[DonskerVaradhanKL, torch.Tensor]:
@@ -609,7 +613,7 @@ def test_config_and_registry():
     for key, value in [("divergence", "js"), ("cov_decay", 1.0), ("diag_load", 0.0), ("beta", -1.0),
                        ("bandwidths", []), ("proj_dim", 1), ("kurtosis", "zero"),
                        ("cov_update", "mean"), ("g_network", "flow"), ("l2_reduction", "max"),
-                       ("kurtosis_dim", 0)]:
+                       ("kurtosis_dim", 0), ("kurtosis_units", "sigma")]:
         with pytest.raises(ConfigError, match=key):
             build_dataclass(SynergyConfig, {key: value})
     with pytest.raises(ValueError, match="fused"):

@@ -67,6 +67,12 @@ What the defaults do (each "as the paper" unless it says otherwise):
   holding detached values, and gradients flow through this batch's term of D5 only (never across
   batches). D5 adds Σ/N without a (1 − α) factor, so S settles near Σ/(1 − α) and κ near (1 − α)²
   times Mardia's value; the weight γ_κ absorbs that constant.
+  Units: D6 writes L_κ = κ, and the paper gives no γ_κ; by default (``kurtosis_units="gaussian"``)
+  L_κ = κ / (k(k+2)), κ in units of a Gaussian's value k(k+2) for the k-wide fused code. A constant
+  factor, so the minimiser is the paper's; it keeps γ_κ meaning the same across backbones (k is 16
+  to 944 here). ``kurtosis_units="raw"`` is κ itself: on TFN (k = 64, fused std ~0.04 at the start)
+  raw κ's gradient is ~100-400× the task loss's even at β = 0.01, so with the gradient clip the
+  task cannot train (valid MAE stays at the constant predictor's on the synthetic set).
   Named options that depart: ``kurtosis="gaussian_target"`` penalises (κ/κ_G − 1)², the relative
   distance to the value κ_G a Gaussian batch with this batch's covariance would give under the same
   S (it also penalises light tails, which the paper does not); ``"gaussian_ratio"`` penalises
@@ -172,6 +178,9 @@ class SynergyConfig:
     l2_reduction: Literal["norm", "sum", "mse"] = "norm"
     #: L_κ: "minimise" (κ itself, the paper), "gaussian_target" ((κ/κ_G − 1)²), "gaussian_ratio" (κ/κ_G)
     kurtosis: Literal["minimise", "gaussian_target", "gaussian_ratio"] = "minimise"
+    #: units of L_κ = κ ("minimise"): "gaussian" divides by k(k+2), a Gaussian's κ (a constant: the
+    #: same minimiser; γ_κ then means the same on every fused width), "raw" is κ itself
+    kurtosis_units: Literal["gaussian", "raw"] = "gaussian"
     #: None: κ of the full fused vector (the paper); k: of a fixed random orthonormal k-dim projection
     kurtosis_dim: int | None = None
     #: cap on each difference vector's norm (D4), in multiples of the batch's RMS difference norm
@@ -620,14 +629,17 @@ class Synergy(Regulariser):
         return kappa, reference
 
     def kurtosis_loss(self, fused: torch.Tensor, update: bool = False) -> torch.Tensor:
-        """L_κ (D6): κ ("minimise", the paper), (κ/κ_G − 1)² ("gaussian_target") or κ/κ_G
+        """L_κ (D6): κ ("minimise", the paper; divided by the constant k(k+2) with
+        ``kurtosis_units="gaussian"``), (κ/κ_G − 1)² ("gaussian_target") or κ/κ_G
         ("gaussian_ratio"); 0 for a batch of one row."""
         if fused.shape[0] < 2:
             return fused.new_zeros(())
         kappa, reference = self.kurtosis(fused, update)
-        how = self.config.kurtosis
+        c = self.config
+        how = c.kurtosis
         if how == "minimise":
-            return kappa
+            k = self.kappa_cov.shape[0]
+            return kappa / (k * (k + 2)) if c.kurtosis_units == "gaussian" else kappa
         ratio = kappa / reference
         return (ratio - 1.0) ** 2 if how == "gaussian_target" else ratio
 
