@@ -561,9 +561,11 @@ def test_batches_of_one_and_two_are_finite(divergence, b):
     assert int(reg.kappa_count) == (0 if b == 1 else 2)
 
 
+@pytest.mark.parametrize("divergence", ["mmd", "kl"])
+@pytest.mark.parametrize("kurtosis", ["minimise", "gaussian_target", "gaussian_ratio"])
 @pytest.mark.parametrize("kind", ["constant", "huge", "tiny"])
-def test_degenerate_features_stay_finite(kind):
-    reg = make_reg()
+def test_degenerate_features_stay_finite(kind, kurtosis, divergence):
+    reg = make_reg(kurtosis=kurtosis, divergence=divergence)
     reg.train()
     out = features()
     scale = {"constant": 0.0, "huge": 1e4, "tiny": 1e-4}[kind]

@@ -640,7 +640,7 @@ class Synergy(Regulariser):
         if how == "minimise":
             k = self.kappa_cov.shape[0]
             return kappa / (k * (k + 2)) if c.kurtosis_units == "gaussian" else kappa
-        ratio = kappa / reference
+        ratio = kappa / reference.clamp(min=1e-12)  # a constant batch has κ = κ_G = 0
         return (ratio - 1.0) ** 2 if how == "gaussian_target" else ratio
 
     def terms(self, out: BackboneOutput, frozen: bool = True,
