@@ -69,8 +69,8 @@ What the defaults do (each "as the paper" unless it says otherwise):
   times Mardia's value; the weight γ_κ absorbs that constant.
   Units: D6 writes L_κ = κ, and the paper gives no γ_κ; by default (``kurtosis_units="gaussian"``)
   L_κ = κ / (k(k+2)), κ in units of a Gaussian's value k(k+2) for the k-wide fused code. A constant
-  factor, so the minimiser is the paper's; it keeps γ_κ meaning the same across backbones (k is 16
-  to 944 here). ``kurtosis_units="raw"`` is κ itself: on TFN (k = 64, fused std ~0.04 at the start)
+  factor, so the minimiser is the paper's; it keeps γ_κ meaning the same across backbones (k is 32
+  to 944 in the synergy space). ``kurtosis_units="raw"`` is κ itself: on TFN (k = 64, fused std ~0.04 at the start)
   raw κ's gradient is ~100-400× the task loss's even at β = 0.01, so with the gradient clip the
   task cannot train (valid MAE stays at the constant predictor's on the synthetic set).
   Named options that depart: ``kurtosis="gaussian_target"`` penalises (κ/κ_G − 1)², the relative
