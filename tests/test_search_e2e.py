@@ -126,7 +126,7 @@ def test_dry_run_prints_the_plan(tmp_path, monkeypatch, tiny_space, capsys):
 
 
 @pytest.mark.parametrize("name, trials", [("mdm", 312), ("mmim", 1320), ("mird", 36),
-                                          ("synergy", 240)])
+                                          ("synergy", 420)])
 def test_grid_dry_run_counts_the_papers_grid(tmp_path, monkeypatch, capsys, name, trials):
     monkeypatch.chdir(tmp_path)
     assert main(["--space", name, "--sampler", "grid", "--dry-run"]) == 0

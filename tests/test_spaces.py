@@ -41,8 +41,8 @@ def test_every_shipped_space_loads():
     ("mmim", 2 * 3 * 2 * 2 + 2 * 3 * 2 * 3 * 3 * 2 * 2 * 3),
     # mird: 4 α x 6 split rates; orthogonal and none: 6 split rates each
     ("mird", 4 * 6 + 6 + 6),
-    # 6 backbones x (none: 2 batch x 5 lr + synergy: 2 x 5 x 3 β)
-    ("synergy", 6 * (2 * 5 + 2 * 5 * 3)),
+    # 6 backbones x (none: 2 batch x 5 lr + synergy: 2 x 5 x 3 β x 2 divergences, MMD and KL)
+    ("synergy", 6 * (2 * 5 + 2 * 5 * 3 * 2)),
 ])
 def test_paper_grids_have_the_papers_size(name, expected):
     space = load_space(name)

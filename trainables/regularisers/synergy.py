@@ -1,126 +1,108 @@
 """Synergy / C-Network regulariser (Shankar, "Neural Dependency Coding inspired Multimodal Fusion",
-arXiv 2110.00385).
+arXiv 2110.00385): Sec. 4.1 (the three C-network losses), Sec. 2.2 (KL via Donsker–Varadhan, MMD),
+Sec. 2.3 (Mardia's kurtosis), App. C (network shapes) and the algorithm of App. D.
 
-A plug-in loss for any fusion backbone with unimodal representations Z_1..Z_M (here M = 3: text,
-audio, vision, of different widths d_m) and a fused representation Z_f. A small "C-network" — M
-predictors Q_i and M invertible networks g_i — scores how mutually dependent the representations
-are; the model is trained on
+The paper prints no equation numbers. The code cites sections and the steps of the App. D
+algorithm, labelled here in the order the paper lists them:
 
-    L = L_task + β · L_reg,    L_reg = γ_L2 · L_L2 + γ_d · L_d + γ_κ · L_κ
+    D1  encode X_i to Z_i, fuse to Z                                    (the backbone; the loop)
+    D2  L_L2 = Σ_j ‖Q_i(Z^j_{−i}) − Z^j_i‖²                              prediction_loss
+    D3  L_d  = d(p(g_i(Z^j_i)), p(g_i(Z^j)))                             alignment_loss
+    D4  Z^j_diff = clip(Z^j − Z̄)                                         kurtosis
+    D5  S = α·S + Σ_j Z^j_diff Z^jᵀ_diff / N                             kurtosis
+    D6  L_κ = 1/N Σ_j [((Z^j − Z̄)ᵀ (S + diag(c))⁻¹ (Z^j − Z̄))²]         kurtosis, kurtosis_loss
+    D7  L_reg = γ_L2·L_L2 + γ_d·L_d + γ_κ·L_κ                            _weighted
+    D8  θ_C ← θ_C − η_MI ∇_θC L_reg          (the C-network: Q_i, g_i)   estimator_step
+    D9  θ ← θ − η_task ∇_θ [L_task + β·L_reg]  (everything but θ_C)      penalty (+ the loop)
 
-with the three terms
+``docs/fidelity.md`` (section "Synergy / C-network") has the same list as a table: where each step
+lives, and which named option departs from it and why.
 
-    L_L2 = Σ_i  mean_b ‖Q_i(Z_{−i}) − Z_i‖² / d_i             Z_{−i} = [Z_j]_{j≠i} concatenated
-    L_d  = Σ_i  D( g_i(Z_i), g_i(Z) )                          D = MMD² (Gaussian kernel) or KL
-    L_κ  = ( κ(Z_f) / κ_G − 1 )²                               κ = Mardia's kurtosis
-    κ(z) = E[ ‖clamp(L⁻¹(z − μ), −c, c)‖⁴ ],                   L Lᵀ = Σ + ε·(tr Σ / k)·I
-    κ_G  = (tr C + ‖δ‖²)² + 2 tr C² + 4 δᵀCδ                   κ's value for a Gaussian batch
-    C = L⁻¹ Σ_b L⁻ᵀ,  δ = L⁻¹(μ_b − μ)                         (k(k+2) when μ_b = μ, Σ_b = Σ)
+What the defaults do (each "as the paper" unless it says otherwise):
 
-μ, Σ are moving averages over batches, μ_b, Σ_b this batch's mean and covariance.
-
-Training, in the loop's call order (see ``Regulariser``): ``inner_steps`` times per batch,
-:meth:`Synergy.estimator_step` updates the C-network (Q_i and the flows of g_i) on
-γ_L2 · L_L2 + γ_d · L_d with its own AdamW (``c_lr``) on detached features; then
-:meth:`Synergy.penalty` gives β · L_reg with the C-network frozen (gradients reach the features,
-never Q or g).
-
-About the sources. The project's summary of the paper (PAPERS.md) is what this file implements; the
-paper's full text (its equations and their numbers, its β/γ values) could not be read from this
-environment — only its abstract, whose revised version says it studies "synergy maximizing loss
-functions". Equation numbers are therefore not cited here; the terms are named as in PAPERS.md, and
-each reading below says what it rests on, so that it can be checked against the paper.
-
-Signs (the central choice). PAPERS.md writes the C-network as "updated on L_reg" and the model on
-"L_task + β · L_reg": the same L_reg with the same sign for both, i.e. a *cooperative* game in which
-every term is minimised by both players, not a GAN-style min-max. We follow that:
-
-- Q_i minimises L_L2 (it is a regression; maximising it has no meaning), and the model minimises it
-  too, so each modality's representation becomes predictable from the others (mutual dependency).
-- g_i minimises L_d. That g is required to be *invertible* is what makes a minimising g sound:
-  a free network minimising a discrepancy would map both samples to one point (D = 0); an invertible
-  one cannot discard information, only choose the view in which the distributions are compared. (A
-  maximising critic — MMD-GAN — would not need invertibility.) The model minimises L_d as well.
-- L_κ has no C-network parameters (only buffers); only the model sees it.
-
-A direct consequence, documented rather than hidden: minimising L_L2 rewards small features (MSE
-scales with their square), so β trades predictability against the task loss, which is what keeps
-the features informative. L_d with the median heuristic is invariant to a common scaling of all
-features, and L_κ to any scaling of the fused one.
-
-Design choices (each a config field unless marked):
-
-- Z in L_d is the fused representation (``joint="fused"``, default): PAPERS.md distinguishes the
-  unimodal Z_i from Z, and "g_i(Z_i) aligned with g_i(Z)" then says that the fused space keeps the
-  distribution of every modality. ``joint="concat"`` uses Z = [Z_1; ...; Z_M] instead.
-- g_i = f_i ∘ P: one fixed random projection P (Gaussian, variance 1/d_in, a buffer) per input
-  width — Z_i and Z have different widths, so one matrix cannot take both — to ``proj_dim`` = k
-  dims, followed by the same invertible network f_i for both. f_i is ``coupling_layers`` RealNVP
-  affine coupling layers (Dinh et al. 2017) on alternating halves, each with an MLP conditioner of
-  width ``hidden``; the log-scales are soft-clamped to ±2 (``_MAX_LOG_SCALE``) so that no layer can
-  overflow exp, and the last conditioner layer starts at zero (each f_i starts as the identity).
-  ``f_i.inverse`` is exact up to float rounding (tested).
-- D = "mmd" (default): the unbiased MMD² between the two samples with the mean of the Gaussian
-  kernels exp(−‖x − y‖² / 2σ_b²) (so each D ≤ 2 and L_d ≤ 6), σ_b = ``bandwidths``[b] × the median
-  pairwise distance of the pooled sample (``median_heuristic=True``; the median is detached, so the
-  model cannot move the bandwidth) or σ_b = ``bandwidths``[b] itself (``median_heuristic=False``).
-  The two samples are paired (row b of both comes from one example), so the cross term leaves out
-  the pairs (b, b): the estimate is then unbiased for the MMD between the *marginals* (Gretton et
-  al. 2012's MMD²_u); it can be slightly negative. D = "kl": KL(N(g_i(Z_i)) ‖ N(g_i(Z))) between Gaussian fits (unbiased
-  covariances, diagonally loaded as below). Unlike the MMD it is unbounded and grows linearly with
-  the variance ratio of the two samples: at initialisation the fused representation of TFN and
-  EF-LSTM is 10²–10⁴ times narrower than the unimodal ones and the KL is ~10⁴–10⁵ per modality
-  (the MMD saturates near its bound instead), so with "kl" γ_d must be orders of magnitude smaller,
-  or the gradient clip does the weighting.
-- Q_i: an MLP Z_{−i} → ``hidden`` → ReLU → d_i; the MSE is averaged over the d_i dimensions so that
-  wider modalities do not dominate.
-- Kurtosis on the fused representation, first mapped by a fixed random orthonormal projection to
-  k = min(``kurtosis_dim``, d_f) dims (the identity when d_f ≤ ``kurtosis_dim``). Mardia's κ is
-  affine invariant, and an orthonormal projection of a Gaussian is Gaussian, so a Gaussian Z_f still
-  reads as Gaussian; the projection keeps the k × k covariance well estimated from a batch (with
-  d_f ≥ batch size the sample covariance is singular and κ degenerate).
-- ``kurtosis_target="gaussian"`` (default) penalises the relative deviation from the Gaussian value,
-  (κ/κ_G − 1)², which has a minimum; ``"value"`` penalises κ/κ_G itself (always pushes the tails
-  lighter). Normalising by κ_G keeps the term O(1) for any width, so γ_κ means the same on every
-  backbone.
-- The Gaussian value κ_G is E‖w‖⁴ for w ~ N(δ, C): the value κ would have if this batch were
-  Gaussian with its own mean and covariance, whitened by the same (moving, loaded) statistics —
-  not the textbook k(k+2), which holds only when the batch matches the running statistics exactly
-  and the loading is negligible. Two things break k(k+2) in training: (1) the moving statistics lag
-  the features, and a batch wider or shifted relative to them has a larger κ although it is
-  perfectly Gaussian (against k(k+2), L_κ averaged ~3·10⁴ over the first epoch of TFN on the
-  synthetic data);
-  (2) a direction of (near-)zero variance — the constant coordinate of TFN's fused vector
-  [h_a; 1] ⊗ [h_v; 1] ⊗ [h_t; 1], a dead ReLU unit, a rank-deficient batch — contributes nothing to
-  κ, so against k(k+2) it reads as "too light tails" and the penalty would push the other directions
-  to heavier ones. κ_G is differentiable, so κ/κ_G is a scale-free shape statistic: scaling the
-  batch's deviations changes κ and κ_G alike, and the gradient can lower L_κ only by changing the
-  tails, not by shrinking or growing the batch. The clamp lowers κ but not κ_G; at ±5σ that matters
-  only for outliers or a batch far wider than the running statistics.
-- Clipped differences: each coordinate of the whitened difference L⁻¹(z − μ) is clamped to
-  ±``kurtosis_clip`` (in standard deviations) before the fourth moment, so that one outlier row
-  cannot dominate κ or its gradient (Gaussian coordinates exceed 5σ with probability 6e-7, so the
-  Gaussian value is unchanged). A clamped coordinate passes no gradient.
-- Diagonal loading: Σ + ε·(tr Σ / k)·I + 1e-6·I, ε = ``diag_load`` — relative, so that it keeps κ
-  scale-free; the absolute floor keeps an all-constant batch invertible.
-- Moving mean and covariance (``cov_decay`` = α): μ = α·μ_run + (1 − α)·μ_batch and likewise Σ
-  (the batch covariance is the maximum-likelihood one, as in Mardia's b_2). The running buffers hold
-  detached values, so gradients flow only through this batch's part and never across batches; they
-  are ``state_dict`` buffers (with ``kappa_count``, the number of updates), so a checkpoint restores
-  them. :meth:`Synergy.penalty` updates them once per model step in training mode (like BatchNorm's
-  running statistics); ``estimator_step`` and evaluation never do. The first batch uses its own
-  statistics.
+- L_L2 (Sec. 4.1, D2): Q_i predicts Z_i from Z_{−i} = [Z_j]_{j≠i}; the squared error norm (summed
+  over Z_i's dimensions) is averaged over the batch and summed over the modalities
+  (``l2_reduction="norm"``). Sec. 4.1 writes the per-example ‖Q_i(Z_{−i}) − Z_i‖²; D2 sums it over
+  the batch, which differs by the factor N and would tie γ_L2 to the batch size (a grid key):
+  ``"sum"`` is D2 literally, ``"mse"`` also averages over dimensions (this module's earlier default).
+- Q_i (App. C): "a four layer MLP with LeakyRelu activation": four Linear layers, LeakyReLU
+  between them, no output activation. The paper gives no widths; the hidden width is ``hidden``.
+- g_i (Sec. 4.1 and App. C): "a random projection of the features into a smaller dimensional
+  vector space and then ... an invertible neural network", and App. C: g is "a four layer MLP with
+  LeakyRelu activation". Both hold for ``g_network="mlp"`` (default): a fixed Gaussian projection
+  P to ``proj_dim`` = k dims, then four square k × k Linear layers with LeakyReLU between them —
+  invertible whenever the four weight matrices are (LeakyReLU is a bijection), which they are at
+  their orthogonal initialisation and almost surely after it (:class:`InvertibleMLP` has the exact
+  inverse). ``g_network="coupling"`` uses RealNVP affine couplings instead (invertible by
+  construction, whatever the weights). Invertibility is what stops the minimising g_i from mapping
+  both samples to one point (Sec. 4.1); a trained MLP's weights can still drift towards singular,
+  which ``coupling`` rules out. Z_i and Z have different widths, so one matrix cannot project
+  both: g_i has one projection per input width and one invertible network for both (the paper is
+  silent on this).
+- Z in L_d is the fused representation (D3: g_i(Z^j), Z the fused vector of D1); ``joint="concat"``
+  uses [Z_text; Z_audio; Z_vision] instead.
+- d (Sec. 4.1, "we use the MMD discrepancy ... and KL divergence"; Tables 2-3 report both, SMMD and
+  SKL): ``divergence="mmd"`` (default; the paper's better variant and its ablation's) is the
+  Gaussian-kernel MMD² of Sec. 2.2. The paper names no kernel or bandwidth: ours is the mean of
+  Gaussian kernels at ``bandwidths`` × the median pairwise distance. Sec. 2.2 prints the estimator
+  as sums over all pairs; we use the unbiased means (no (i, i) pairs; the cross term also leaves out
+  the pairs (j, j), because the two samples are paired rows of one batch), so the value does not grow
+  with N². ``divergence="kl"`` is the paper's KL: Sec. 2.2's neural Donsker–Varadhan estimate
+  KL(P ‖ Q) ≥ E_P[T] − log E_Q[e^T] (:class:`DonskerVaradhanKL`), P = p(g_i(Z_i)), Q = p(g_i(Z))
+  (d(p; q) = E_p log p/q, Sec. 2.2), one critic T_i per modality. The paper prints the bound without
+  the log (E_P[T] − E_Q[e^T]), which is not a bound on KL; the text names Donsker–Varadhan and MINE,
+  whose bound has the log. The critic's shape is not given: we use App. C's four-layer LeakyReLU
+  MLP. ``divergence="gaussian_kl"`` is the closed-form KL between Gaussian fits (not the paper's:
+  it sees only means and covariances, and is unbounded in their ratio).
+- The kurtosis (Sec. 2.3, Sec. 4.1, D4-D6) of the fused representation Z, with the batch mean Z̄
+  (D4), differences Z^j − Z̄ whose norm is capped (D4, Sec. 4.1 "(a) we cap the max norm of the
+  difference vectors"), the covariance S updated as S ← α·S + Σ_j Z_diff Z_diffᵀ / N (D5,
+  ``cov_update="sum"``), diagonal loading S + diag(c) (D6, Sec. 4.1 "(b)"), and the unclipped
+  differences in L_κ (D6). L_κ = κ is *minimised* (``kurtosis="minimise"``; Sec. 4.1: the
+  representations "should have low kurtosis").
+  Choices where the paper is silent: S starts at 0 (so after the first batch S is that batch's
+  clipped covariance); the cap is ``kurtosis_clip`` × the batch's root-mean-square difference norm
+  (detached; no value is given, and a relative cap keeps κ independent of the feature scale); c is
+  ε·(tr S / k) + 1e-6 with ε = ``diag_load`` (relative, detached); α = ``cov_decay``; S is a buffer
+  holding detached values, and gradients flow through this batch's term of D5 only (never across
+  batches). D5 adds Σ/N without a (1 − α) factor, so S settles near Σ/(1 − α) and κ near (1 − α)²
+  times Mardia's value; the weight γ_κ absorbs that constant.
+  Units: D6 writes L_κ = κ, and the paper gives no γ_κ; by default (``kurtosis_units="gaussian"``)
+  L_κ = κ / (k(k+2)), κ in units of a Gaussian's value k(k+2) for the k-wide fused code. A constant
+  factor, so the minimiser is the paper's; it keeps γ_κ meaning the same across backbones (k is 32
+  to 944 in the synergy space). ``kurtosis_units="raw"`` is κ itself: on TFN (k = 64, fused std ~0.04 at the start)
+  raw κ's gradient is ~100-400× the task loss's even at β = 0.01, so with the gradient clip the
+  task cannot train (valid MAE stays at the constant predictor's on the synthetic set).
+  Named options that depart: ``kurtosis="gaussian_target"`` penalises (κ/κ_G − 1)², the relative
+  distance to the value κ_G a Gaussian batch with this batch's covariance would give under the same
+  S (it also penalises light tails, which the paper does not); ``"gaussian_ratio"`` penalises
+  κ/κ_G (scale-free). ``cov_update="ema"``: S ← α·S + (1 − α)·Σ/N, which keeps κ on Mardia's scale
+  (d(d+2) for a Gaussian). ``clip_in_kappa=True`` also caps the differences inside L_κ (Sec. 4.1
+  says the norms are capped "during estimation"; D6 uses the raw differences). ``kurtosis_dim=k``
+  first maps Z by a fixed random orthonormal projection to k dims (not the paper's: a cheaper,
+  better conditioned k × k S on wide fused vectors; κ is affine invariant, so a Gaussian stays
+  Gaussian). Sec. 4.1 also allows unimodal Z_i in the kurtosis; D6 uses the fused Z only, and so do we.
+  With minimising κ and a lagging S, shrinking the fused code also lowers κ; the task loss and β
+  decide how far that goes (the paper does not discuss it).
+- Who minimises what (D7-D9): the C-network (Q_i, g_i) takes one AdamW step (lr ``c_lr`` = η_MI)
+  on γ_L2·L_L2 + γ_d·L_d per batch in :meth:`Synergy.estimator_step` (L_κ has no C-network
+  parameters), on detached features; the model's step minimises L_task + β·L_reg with the C-network
+  frozen (:meth:`Synergy.penalty`: gradients reach the features, never Q or g). The KL critics T_i
+  are not C-network parameters in the paper's sense: they *maximise* the DV bound (Sec. 2.2,
+  "gradient ascent on the Donsker–Varadhan bound"), in the same ``estimator_step`` and optimiser,
+  on detached g outputs, while g_i minimise the estimate with T_i frozen.
+  One difference of order: D computes L_reg once and uses it for both D8 and D9; the loop's contract
+  (``Regulariser``) recomputes L_reg in ``penalty`` after the C-network step, so D9 sees the
+  C-network one step later than in D. S is updated once per model step (in ``penalty``, training
+  mode only), as D5 does once per batch.
 - Batches too small for a distribution: L_d and L_κ need ≥ 2 rows and are 0 for a batch of one
-  (which also leaves the running statistics alone); L_L2 is per example and always defined. With 2
-  rows the covariances have rank ≤ 1 and the loading makes them invertible: finite, if noisy.
-- All of it runs in float32 with autocast off (Cholesky and the kernels are not fp16-safe); the
-  penalty is returned in float32.
+  (which also leaves S alone); L_L2 is per example and always defined.
+- All of it runs in float32 with autocast off (Cholesky, kernels and logsumexp are not fp16-safe).
 
-Defaults and their sources: β = 0.1, γ_L2 = γ_d = γ_κ = 1, ``c_lr`` = 1e-3 (the middle of the
-paper's learning-rate grid) and all network sizes are ours — PAPERS.md lists β and γ among the grid
-but gives no values. The paper's grid (batch {32, 64}, lr {1e-2, 5e-3, 1e-3, 5e-4, 1e-4}, gradient
-clip 5) is for the trial config (``batch_size``, ``lr``, ``grad_clip``), not for this dataclass;
-``kurtosis_clip`` = 5 is unrelated to that gradient clip.
+Defaults the paper does not give (ours): β = 0.1, γ_L2 = γ_d = γ_κ = 1, ``c_lr`` = 1e-3, α = 0.9,
+every width, ``kurtosis_clip`` = 3, ``diag_load`` = 1e-3. The paper's grid (App. C: batch {32, 64},
+lr {1e-2, 5e-3, 1e-3, 5e-4, 1e-4}, gradient clip 5, AdamW) is for the trial config, not for this
+dataclass.
 """
 
 from __future__ import annotations
@@ -141,9 +123,13 @@ from trainables.regularisers.base import Regulariser
 
 __all__ = [
     "AffineCoupling",
+    "DonskerVaradhanKL",
+    "InvertibleMLP",
     "InvertibleNet",
     "Synergy",
     "SynergyConfig",
+    "clip_norms",
+    "four_layer_mlp",
     "gaussian_kl",
     "gaussian_kurtosis",
     "gaussian_mmd",
@@ -159,19 +145,20 @@ _ABS_LOAD = 1e-6
 
 @dataclass
 class SynergyConfig:
-    """Synergy / C-Network hyper-parameters. β, the γ's, ``c_lr`` and the sizes are ours (the paper's
-    values were not available); see the module docstring for every choice."""
+    """Synergy / C-Network hyper-parameters. The defaults are the paper's method; β, the γ's,
+    ``c_lr``, α and the sizes are ours (the paper gives no values). See the module docstring."""
 
-    #: β in L = L_task + β·L_reg (the grid-able weight)
+    #: β in L = L_task + β·L_reg (D9; the grid-able weight)
     beta: float = 0.1
-    #: γ_L2: weight of the cross-modal prediction MSE
+    #: γ_L2: weight of the cross-modal prediction loss (D7)
     gamma_l2: float = 1.0
-    #: γ_d: weight of the distribution alignment D(g_i(Z_i), g_i(Z))
+    #: γ_d: weight of the distribution alignment d(g_i(Z_i), g_i(Z)) (D7)
     gamma_d: float = 1.0
-    #: γ_κ: weight of the kurtosis term
+    #: γ_κ: weight of the kurtosis term (D7)
     gamma_kappa: float = 1.0
-    #: D: "mmd" (Gaussian-kernel MMD²) or "kl" (KL between Gaussian fits)
-    divergence: Literal["mmd", "kl"] = "mmd"
+    #: d in L_d: "mmd" (MMD², Sec. 2.2), "kl" (Donsker–Varadhan neural estimate, Sec. 2.2, the
+    #: paper's KL), "gaussian_kl" (closed-form KL between Gaussian fits; not the paper's)
+    divergence: Literal["mmd", "kl", "gaussian_kl"] = "mmd"
     #: kernel widths: multiples of the median pairwise distance, or absolute σ's (median_heuristic off)
     bandwidths: tuple[float, ...] = (0.5, 1.0, 2.0)
     #: scale ``bandwidths`` by the (detached) median pairwise distance of the pooled sample
@@ -180,23 +167,35 @@ class SynergyConfig:
     joint: Literal["fused", "concat"] = "fused"
     #: width k of g_i's random projection (and of its invertible network)
     proj_dim: int = 16
-    #: hidden width of the predictors Q_i and of the coupling conditioners
+    #: invertible part of g_i: "mlp" (four square LeakyReLU layers, App. C) or "coupling" (RealNVP)
+    g_network: Literal["mlp", "coupling"] = "mlp"
+    #: hidden width of the predictors Q_i, the KL critics T_i and the coupling conditioners
     hidden: int = 64
-    #: affine coupling layers in each invertible network f_i (0: g_i is the projection alone)
+    #: affine coupling layers in each invertible network f_i (g_network "coupling" only; 0: g_i = P)
     coupling_layers: int = 4
-    #: width the fused representation is projected to before the kurtosis
-    kurtosis_dim: int = 16
-    #: clamp of each whitened coordinate, in standard deviations
-    kurtosis_clip: float = 5.0
-    #: "gaussian": penalise (κ/κ_G − 1)²; "value": penalise κ/κ_G (κ_G: κ's Gaussian value, k(k+2))
-    kurtosis_target: Literal["gaussian", "value"] = "gaussian"
-    #: relative diagonal loading ε of every covariance: Σ + ε·(tr Σ / k)·I
+    #: L_L2 reduction: "norm" (batch mean of ‖·‖², Sec. 4.1), "sum" (batch sum, D2), "mse" (mean
+    #: over the batch and the dimensions)
+    l2_reduction: Literal["norm", "sum", "mse"] = "norm"
+    #: L_κ: "minimise" (κ itself, the paper), "gaussian_target" ((κ/κ_G − 1)²), "gaussian_ratio" (κ/κ_G)
+    kurtosis: Literal["minimise", "gaussian_target", "gaussian_ratio"] = "minimise"
+    #: units of L_κ = κ ("minimise"): "gaussian" divides by k(k+2), a Gaussian's κ (a constant: the
+    #: same minimiser; γ_κ then means the same on every fused width), "raw" is κ itself
+    kurtosis_units: Literal["gaussian", "raw"] = "gaussian"
+    #: None: κ of the full fused vector (the paper); k: of a fixed random orthonormal k-dim projection
+    kurtosis_dim: int | None = None
+    #: cap on each difference vector's norm (D4), in multiples of the batch's RMS difference norm
+    kurtosis_clip: float = 3.0
+    #: also cap the differences inside L_κ (D6 uses the raw ones)
+    clip_in_kappa: bool = False
+    #: "sum": S ← α·S + Σ/N (D5); "ema": S ← α·S + (1 − α)·Σ/N
+    cov_update: Literal["sum", "ema"] = "sum"
+    #: relative diagonal loading ε: S + diag(c), c = ε·(tr S / k) + 1e-6 (D6)
     diag_load: float = 1e-3
-    #: α of the moving mean/covariance of the fused representation
+    #: α, the decay of S (D5)
     cov_decay: float = 0.9
-    #: C-network updates per model step
+    #: C-network updates per model step (D8: one)
     inner_steps: int = 1
-    #: AdamW learning rate of the C-network (its own optimiser; see ``estimator_lr``)
+    #: η_MI, the AdamW learning rate of the C-network and the KL critics (see ``estimator_lr``)
     c_lr: float = 1e-3
 
     @property
@@ -218,8 +217,9 @@ class SynergyConfig:
             raise ConfigError(f"hidden: expected an integer >= 1, got {self.hidden}")
         if self.coupling_layers < 0:
             raise ConfigError(f"coupling_layers: expected an integer >= 0, got {self.coupling_layers}")
-        if self.kurtosis_dim < 1:
-            raise ConfigError(f"kurtosis_dim: expected an integer >= 1, got {self.kurtosis_dim}")
+        if self.kurtosis_dim is not None and self.kurtosis_dim < 1:
+            raise ConfigError(f"kurtosis_dim: expected an integer >= 1 or null (the full width), "
+                              f"got {self.kurtosis_dim}")
         if not self.kurtosis_clip > 0:
             raise ConfigError(f"kurtosis_clip: expected a number > 0, got {self.kurtosis_clip}")
         if not self.diag_load > 0:
@@ -230,6 +230,51 @@ class SynergyConfig:
             raise ConfigError(f"inner_steps: expected an integer >= 0, got {self.inner_steps}")
         if not self.c_lr > 0:
             raise ConfigError(f"c_lr: expected a number > 0, got {self.c_lr}")
+
+
+# -- networks (App. C: "a four layer MLP with LeakyRelu activation") ------------------------------
+
+
+def four_layer_mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
+    """App. C's Q (and our KL critic): Linear d_in → h → h → h → d_out, LeakyReLU between layers."""
+    return nn.Sequential(
+        nn.Linear(d_in, hidden), nn.LeakyReLU(),
+        nn.Linear(hidden, hidden), nn.LeakyReLU(),
+        nn.Linear(hidden, hidden), nn.LeakyReLU(),
+        nn.Linear(hidden, d_out),
+    )
+
+
+class InvertibleMLP(nn.Module):
+    """The invertible part of g_i (Sec. 4.1, App. C): four square k × k Linear layers with LeakyReLU
+    between them. LeakyReLU is a bijection of R, so the map is invertible exactly when every weight
+    matrix is; they start orthogonal (biases 0), and a trained matrix is singular with probability 0.
+    ``inverse`` undoes it (``torch.linalg.solve`` per layer). The paper gives no slope: 0.2 keeps the
+    inverse well conditioned (PyTorch's default 0.01 shrinks negative values up to 10⁶-fold over the
+    three activations, which float32 cannot undo)."""
+
+    def __init__(self, dim: int, layers: int = 4, negative_slope: float = 0.2) -> None:
+        super().__init__()
+        self.negative_slope = negative_slope
+        self.linears = nn.ModuleList(nn.Linear(dim, dim) for _ in range(layers))
+        for lin in self.linears:
+            nn.init.orthogonal_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, lin in enumerate(self.linears):
+            x = lin(x)  # (n, k)
+            if i < len(self.linears) - 1:
+                x = F.leaky_relu(x, self.negative_slope)
+        return x
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        for i in reversed(range(len(self.linears))):
+            if i < len(self.linears) - 1:
+                y = torch.where(y >= 0, y, y / self.negative_slope)  # LeakyReLU⁻¹
+            lin = self.linears[i]
+            y = torch.linalg.solve(lin.weight, (y - lin.bias).T).T  # (n, k)
+        return y
 
 
 # -- the invertible network f_i ----------------------------------------------------------------
@@ -356,15 +401,47 @@ def gaussian_kl(x: torch.Tensor, y: torch.Tensor, diag_load: float = 1e-3) -> to
     return 0.5 * ((a**2).sum() + (m**2).sum() - k + logdet)
 
 
+class DonskerVaradhanKL(nn.Module):
+    """Neural KL estimate (Sec. 2.2; Belghazi et al. 2018's MINE on the Donsker–Varadhan bound):
+
+        KL(P ‖ Q) ≥ E_{x∼P}[T(x)] − log E_{y∼Q}[e^{T(y)}]
+
+    for every critic T, with equality at T = log dP/dQ + const. ``forward(x, y)`` is the bound on
+    samples x ∼ P (n, k) and y ∼ Q (m, k); ``learning_loss`` its negative (the critic ascends the
+    bound). A trained critic's estimate stays below the true KL (up to sampling noise). log E_Q[e^T]
+    is ``logsumexp(T) − log m``, so e^T is never formed. T is App. C's four-layer LeakyReLU MLP
+    (the paper does not say which critic it uses). The paper prints E_P[T] − E_Q[e^T] without the
+    log; with it, as here, it is the Donsker–Varadhan bound the text names.
+    """
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.critic = four_layer_mlp(dim, hidden, 1)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        t_p = self.critic(x).squeeze(-1)  # (n,)
+        t_q = self.critic(y).squeeze(-1)  # (m,)
+        return t_p.mean() - (torch.logsumexp(t_q, dim=0) - math.log(t_q.shape[0]))
+
+    def learning_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return -self.forward(x, y)
+
+
+def clip_norms(diff: torch.Tensor, max_norm: torch.Tensor | float) -> torch.Tensor:
+    """D4's clip: each row of ``diff`` (n, k) scaled down to norm ≤ ``max_norm`` (direction kept)."""
+    norms = (diff**2).sum(-1, keepdim=True).clamp(min=1e-24).sqrt()  # (n, 1); no NaN gradient at 0
+    return diff * (max_norm / norms).clamp(max=1.0)
+
+
 def gaussian_kurtosis(cov: torch.Tensor, diag_load: float = 1e-3, batch_cov: torch.Tensor | None = None,
                       offset: torch.Tensor | None = None) -> torch.Tensor:
-    """The expected :func:`mardia_kurtosis` (no clip) of Gaussian data N(mean + offset, batch_cov)
-    whitened with ``cov`` (k, k), loaded as :func:`load_covariance`: E‖w‖⁴ for w ~ N(δ, C),
+    """The expected :func:`mardia_kurtosis` of Gaussian data N(mean + offset, batch_cov) whitened
+    with ``cov`` (k, k), loaded as :func:`load_covariance`: E‖w‖⁴ for w ~ N(δ, C),
 
         (tr C + ‖δ‖²)² + 2 tr C² + 4 δᵀCδ,   C = L⁻¹ Σ_b L⁻ᵀ, δ = L⁻¹ offset.
 
     ``batch_cov`` defaults to ``cov`` and ``offset`` to 0, giving k(k+2) when the loading is
-    negligible."""
+    negligible. κ_G of ``kurtosis="gaussian_target"``/``"gaussian_ratio"``."""
     batch_cov = cov if batch_cov is None else batch_cov
     chol = torch.linalg.cholesky(load_covariance(cov, diag_load))  # (k, k)
     half = torch.linalg.solve_triangular(chol, batch_cov, upper=False)  # L⁻¹ Σ_b
@@ -377,20 +454,24 @@ def gaussian_kurtosis(cov: torch.Tensor, diag_load: float = 1e-3, batch_cov: tor
 
 
 def mardia_kurtosis(z: torch.Tensor, mean: torch.Tensor | None = None, cov: torch.Tensor | None = None,
-                    clip: float | None = None, diag_load: float = 1e-3) -> torch.Tensor:
-    """Mardia's multivariate kurtosis E[((z − μ)ᵀ Σ⁻¹ (z − μ))²] of z (n, k); d(d+2) for a Gaussian.
+                    diag_load: float = 1e-3, max_norm: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Mardia's multivariate kurtosis (Sec. 2.3; the estimator of Sec. 4.1 and D6)
 
-    μ and Σ default to the batch's (maximum-likelihood Σ, as in Mardia's b_2). Σ is loaded as in
-    :func:`load_covariance`; with ``clip`` each whitened coordinate is clamped to ±clip first.
+        κ = 1/n Σ_j [((z_j − μ)ᵀ (Σ + diag(c))⁻¹ (z_j − μ))²]       (d(d+2) for a Gaussian)
+
+    of z (n, k). μ and Σ default to the batch's (maximum-likelihood Σ, as in Sec. 4.1 and Mardia's
+    b_2); Σ is loaded as in :func:`load_covariance`. With ``max_norm`` the differences are first
+    capped as in :func:`clip_norms`.
     """
     if mean is None or cov is None:
         batch_mean, batch_cov = _mean_cov(z, unbiased=False)
         mean = batch_mean if mean is None else mean
         cov = batch_cov if cov is None else cov
+    diff = z - mean  # (n, k)
+    if max_norm is not None:
+        diff = clip_norms(diff, max_norm)
     chol = torch.linalg.cholesky(load_covariance(cov, diag_load))  # (k, k)
-    u = torch.linalg.solve_triangular(chol, (z - mean).T, upper=False)  # (k, n) whitened differences
-    if clip is not None:
-        u = u.clamp(-clip, clip)
+    u = torch.linalg.solve_triangular(chol, diff.T, upper=False)  # (k, n): L⁻¹(z − μ)
     return ((u**2).sum(0) ** 2).mean()
 
 
@@ -414,64 +495,82 @@ class Synergy(Regulariser):
         dims = {m: feature_dims[m] for m in MODALITIES}
         d_joint = feature_dims["fused"] if c.joint == "fused" else sum(dims.values())
         k = c.proj_dim
-        # Q_i: Z_{-i} -> Z_i
+        # Q_i: Z_{-i} -> Z_i, App. C's four-layer LeakyReLU MLP
         self.predictors = nn.ModuleDict({
-            m: nn.Sequential(nn.Linear(sum(dims[o] for o in MODALITIES if o != m), c.hidden), nn.ReLU(),
-                             nn.Linear(c.hidden, dims[m]))
+            m: four_layer_mlp(sum(dims[o] for o in MODALITIES if o != m), c.hidden, dims[m])
             for m in MODALITIES
         })
-        # f_i, the invertible part of g_i
-        self.flows = nn.ModuleDict({m: InvertibleNet(k, c.hidden, c.coupling_layers) for m in MODALITIES})
+        # the invertible part of g_i (Sec. 4.1, App. C)
+        self.flows = nn.ModuleDict({
+            m: InvertibleMLP(k) if c.g_network == "mlp" else InvertibleNet(k, c.hidden, c.coupling_layers)
+            for m in MODALITIES
+        })
+        # d = KL (Sec. 2.2): one Donsker–Varadhan critic per modality, trained to ascend its bound
+        self.critics = (nn.ModuleDict({m: DonskerVaradhanKL(k, c.hidden) for m in MODALITIES})
+                        if c.divergence == "kl" else None)
         # the fixed random projections of g_i: one per input width (buffers: saved, never trained)
         for m in MODALITIES:
             self.register_buffer(f"proj_{m}", torch.randn(dims[m], k) / math.sqrt(dims[m]))
             self.register_buffer(f"proj_joint_{m}", torch.randn(d_joint, k) / math.sqrt(d_joint))
-        # the kurtosis: fixed orthonormal projection of Z_f and its running mean/covariance
+        # the kurtosis: S of D5 over the fused vector (or a fixed orthonormal projection of it)
         d_f = feature_dims["fused"]
-        k_kappa = min(c.kurtosis_dim, d_f)
-        if k_kappa < d_f:
-            basis = torch.linalg.qr(torch.randn(d_f, k_kappa)).Q  # (d_f, k_kappa), orthonormal columns
+        if c.kurtosis_dim is not None and c.kurtosis_dim < d_f:
+            basis = torch.linalg.qr(torch.randn(d_f, c.kurtosis_dim)).Q  # (d_f, k_κ), orthonormal columns
+            k_kappa = c.kurtosis_dim
         else:
-            basis = torch.eye(d_f)
+            basis, k_kappa = None, d_f
         self.register_buffer("kappa_proj", basis)
-        self.register_buffer("kappa_mean", torch.zeros(k_kappa))
-        self.register_buffer("kappa_cov", torch.eye(k_kappa))
+        self.register_buffer("kappa_cov", torch.zeros(k_kappa, k_kappa))  # S, starting at 0
         self.register_buffer("kappa_count", torch.zeros((), dtype=torch.long))
 
     @property
     def inner_steps(self) -> int:
         return self.config.inner_steps
 
+    def c_network_parameters(self) -> list[nn.Parameter]:
+        """θ_C of D8: the predictors Q_i and the invertible networks of g_i (not the KL critics)."""
+        return [*self.predictors.parameters(), *self.flows.parameters()]
+
     # -- the three terms -----------------------------------------------------------------------
 
     @staticmethod
-    def _call(module: nn.Module, x: torch.Tensor, frozen: bool) -> torch.Tensor:
-        """``module(x)``; ``frozen`` runs it with detached parameters (gradients reach x, never them)."""
+    def _call(module: nn.Module, frozen: bool, *args: torch.Tensor) -> torch.Tensor:
+        """``module(*args)``; ``frozen`` runs it with detached parameters (gradients reach the
+        inputs, never the parameters)."""
         if not frozen:
-            return module(x)
-        return functional_call(module, {n: p.detach() for n, p in module.named_parameters()}, (x,))
+            return module(*args)
+        return functional_call(module, {n: p.detach() for n, p in module.named_parameters()}, args)
 
     def prediction_loss(self, features: dict[str, torch.Tensor], frozen: bool = True) -> torch.Tensor:
-        """L_L2 = Σ_i mean ‖Q_i(Z_{−i}) − Z_i‖² / d_i."""
+        """L_L2 (Sec. 4.1, D2): Σ_i of ‖Q_i(Z_{−i}) − Z_i‖² reduced over the batch as
+        ``l2_reduction`` says (default: the batch mean)."""
+        how = self.config.l2_reduction
         loss = features[MODALITIES[0]].new_zeros(())
         for m in MODALITIES:
             rest = torch.cat([features[o] for o in MODALITIES if o != m], dim=-1)  # (B, d_{-i})
-            loss = loss + F.mse_loss(self._call(self.predictors[m], rest, frozen), features[m])
+            sq = (self._call(self.predictors[m], frozen, rest) - features[m]) ** 2  # (B, d_i)
+            if how == "norm":
+                loss = loss + sq.sum(-1).mean()
+            elif how == "sum":
+                loss = loss + sq.sum()
+            else:
+                loss = loss + sq.mean()
         return loss
 
     def project(self, m: str, features: dict[str, torch.Tensor],
                 frozen: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(g_m(Z_m), g_m(Z)), each (B, proj_dim)."""
+        """(g_m(Z_m), g_m(Z)), each (B, proj_dim): the random projection, then the invertible net."""
         if self.config.joint == "fused":
             joint = features["fused"]  # (B, d_f)
         else:
             joint = torch.cat([features[o] for o in MODALITIES], dim=-1)  # (B, d_t + d_a + d_v)
         flow = self.flows[m]
-        uni = self._call(flow, features[m] @ getattr(self, f"proj_{m}"), frozen)
-        return uni, self._call(flow, joint @ getattr(self, f"proj_joint_{m}"), frozen)
+        uni = self._call(flow, frozen, features[m] @ getattr(self, f"proj_{m}"))
+        return uni, self._call(flow, frozen, joint @ getattr(self, f"proj_joint_{m}"))
 
     def alignment_loss(self, features: dict[str, torch.Tensor], frozen: bool = True) -> torch.Tensor:
-        """L_d = Σ_i D(g_i(Z_i), g_i(Z)); 0 for a batch of one row."""
+        """L_d (Sec. 4.1, D3) = Σ_i d(p(g_i(Z_i)), p(g_i(Z))); 0 for a batch of one row. The KL
+        critics are always frozen here (they ascend their bound in :meth:`critic_loss`)."""
         c = self.config
         loss = features[MODALITIES[0]].new_zeros(())
         if features[MODALITIES[0]].shape[0] < 2:
@@ -480,38 +579,69 @@ class Synergy(Regulariser):
             uni, joint = self.project(m, features, frozen)
             if c.divergence == "mmd":
                 loss = loss + gaussian_mmd(uni, joint, c.bandwidths, c.median_heuristic)
+            elif c.divergence == "kl":
+                loss = loss + self._call(self.critics[m], True, uni, joint)
             else:
                 loss = loss + gaussian_kl(uni, joint, c.diag_load)
         return loss
 
+    def critic_loss(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """−Σ_i DV_i on detached g outputs: what the KL critics minimise (0 unless ``divergence="kl"``
+        and the batch has ≥ 2 rows)."""
+        loss = features[MODALITIES[0]].new_zeros(())
+        if self.critics is None or features[MODALITIES[0]].shape[0] < 2:
+            return loss
+        for m in MODALITIES:
+            with torch.no_grad():
+                uni, joint = self.project(m, features, frozen=True)
+            loss = loss + self.critics[m].learning_loss(uni, joint)
+        return loss
+
     def kurtosis(self, fused: torch.Tensor, update: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(κ, κ_G): Mardia's κ of the projected fused representation under the blended statistics
-        μ = α·μ_run + (1 − α)·μ_b, Σ likewise (the batch's alone for the first batch), and the value
-        a Gaussian batch with the same μ_b, Σ_b would give. With ``update`` the running buffers take
-        the (detached) blend. Needs ≥ 2 rows."""
+        """(κ, κ_G) of the fused representation (D4-D6); needs ≥ 2 rows.
+
+        D4: differences from the batch mean Z̄, norms capped at ``kurtosis_clip`` × their RMS.
+        D5: S = α·S_run + Σ_j Z_diff Z_diffᵀ / N (``cov_update="sum"``; "ema" weights the batch
+        term by 1 − α; the first batch gives S = its own term). D6: κ with the unclipped
+        differences (clipped too with ``clip_in_kappa``) and S + diag(c). κ_G is the κ a Gaussian
+        batch with this batch's covariance would give under the same S. With ``update`` the buffer
+        S takes the (detached) new value."""
         c = self.config
-        z = fused @ self.kappa_proj  # (B, k)
-        mu_b, cov_b = _mean_cov(z, unbiased=False)  # (k,), (k, k)
+        z = fused if self.kappa_proj is None else fused @ self.kappa_proj  # (B, k)
+        n = z.shape[0]
+        diff = z - z.mean(0)  # (B, k): Z − Z̄, the batch mean (D4)
+        max_norm = c.kurtosis_clip * (diff**2).sum(-1).mean().detach().sqrt()
+        clipped = clip_norms(diff, max_norm)  # (B, k): D4
+        batch_term = clipped.T @ clipped / n  # (k, k): Σ_j Z_diff Z_diffᵀ / N
         if int(self.kappa_count) == 0:
-            mean, cov = mu_b, cov_b
+            s = batch_term
+        elif c.cov_update == "sum":
+            s = c.cov_decay * self.kappa_cov + batch_term  # D5
         else:
-            mean = c.cov_decay * self.kappa_mean + (1 - c.cov_decay) * mu_b
-            cov = c.cov_decay * self.kappa_cov + (1 - c.cov_decay) * cov_b
+            s = c.cov_decay * self.kappa_cov + (1.0 - c.cov_decay) * batch_term
         if update:
             with torch.no_grad():
-                self.kappa_mean.copy_(mean.detach())
-                self.kappa_cov.copy_(cov.detach())
+                self.kappa_cov.copy_(s.detach())
                 self.kappa_count += 1
-        reference = gaussian_kurtosis(cov, c.diag_load, cov_b, mu_b - mean)
-        return mardia_kurtosis(z, mean, cov, c.kurtosis_clip, c.diag_load), reference
+        zero = torch.zeros_like(z[0])
+        kappa = mardia_kurtosis(diff, zero, s, c.diag_load, max_norm if c.clip_in_kappa else None)  # D6
+        reference = gaussian_kurtosis(s, c.diag_load, diff.T @ diff / n)
+        return kappa, reference
 
     def kurtosis_loss(self, fused: torch.Tensor, update: bool = False) -> torch.Tensor:
-        """L_κ = (κ/κ_G − 1)² ("gaussian") or κ/κ_G ("value"); 0 for a batch of one row."""
+        """L_κ (D6): κ ("minimise", the paper; divided by the constant k(k+2) with
+        ``kurtosis_units="gaussian"``), (κ/κ_G − 1)² ("gaussian_target") or κ/κ_G
+        ("gaussian_ratio"); 0 for a batch of one row."""
         if fused.shape[0] < 2:
             return fused.new_zeros(())
         kappa, reference = self.kurtosis(fused, update)
-        ratio = kappa / reference
-        return (ratio - 1.0) ** 2 if self.config.kurtosis_target == "gaussian" else ratio
+        c = self.config
+        how = c.kurtosis
+        if how == "minimise":
+            k = self.kappa_cov.shape[0]
+            return kappa / (k * (k + 2)) if c.kurtosis_units == "gaussian" else kappa
+        ratio = kappa / reference.clamp(min=1e-12)  # a constant batch has κ = κ_G = 0
+        return (ratio - 1.0) ** 2 if how == "gaussian_target" else ratio
 
     def terms(self, out: BackboneOutput, frozen: bool = True,
               update: bool = False) -> dict[str, torch.Tensor]:
@@ -525,19 +655,21 @@ class Synergy(Regulariser):
             }
 
     def _weighted(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """L_reg (D7)."""
         c = self.config
         return c.gamma_l2 * terms["l2"] + c.gamma_d * terms["d"] + c.gamma_kappa * terms["kappa"]
 
     def regularisation(self, out: BackboneOutput) -> torch.Tensor:
-        """L_reg = γ_L2·L_L2 + γ_d·L_d + γ_κ·L_κ with the C-network frozen; leaves the buffers alone."""
+        """L_reg = γ_L2·L_L2 + γ_d·L_d + γ_κ·L_κ with the C-network frozen; leaves S alone."""
         return self._weighted(self.terms(out, frozen=True, update=False))
 
     # -- the Regulariser contract --------------------------------------------------------------
 
     def estimator_step(self, out: BackboneOutput, batch: Batch) -> dict[str, float]:
-        """One C-network update minimising γ_L2·L_L2 + γ_d·L_d (L_κ has no C-network parameters) on
-        detached features — detached here too, so even a caller that forgets cannot reach the
-        backbone. The running kurtosis statistics are not touched."""
+        """D8: one step of the C-network (Q_i, g_i) descending γ_L2·L_L2 + γ_d·L_d (L_κ has no
+        C-network parameters), and, with ``divergence="kl"``, of the critics ascending their DV
+        bounds, on detached features — detached here too, so even a caller that forgets cannot
+        reach the backbone. S is not touched."""
         if self.optimizer is None:
             raise RuntimeError("Synergy.estimator_step before build_optimizer(config.estimator_lr)")
         feats = {k: v.detach().float() for k, v in out.features.items()}
@@ -545,7 +677,7 @@ class Synergy(Regulariser):
         with torch.autocast(feats["fused"].device.type, enabled=False):
             l2 = self.prediction_loss(feats, frozen=False)
             d = self.alignment_loss(feats, frozen=False)
-            loss = c.gamma_l2 * l2 + c.gamma_d * d
+            loss = c.gamma_l2 * l2 + c.gamma_d * d + self.critic_loss(feats)
         if loss.requires_grad:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -553,8 +685,8 @@ class Synergy(Regulariser):
         return {"synergy_l2": float(l2.item()), "synergy_d": float(d.item())}
 
     def penalty(self, out: BackboneOutput, batch: Batch) -> torch.Tensor:
-        """β·L_reg with the C-network frozen: gradients reach the features, never Q or g. In training
-        mode this also moves the running kurtosis statistics (once per call)."""
+        """β·L_reg (D9) with the C-network and critics frozen: gradients reach the features, never
+        Q, g or T. In training mode this also updates S (D5, once per call)."""
         pen = self.config.beta * self._weighted(self.terms(out, frozen=True, update=self.training))
         if not pen.requires_grad:  # e.g. γ_L2 = 0 on a batch of one: stay connected for backward
             pen = pen + self._zero(out)
