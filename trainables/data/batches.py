@@ -33,6 +33,7 @@ __all__ = [
     "concat_batches",
     "resample_to_length",
     "shuffle_modalities",
+    "split_batch",
 ]
 
 SPLITS = ("train", "valid", "test")
@@ -247,6 +248,14 @@ def shuffle_modalities(batch: Batch, block_size: int | None = None,
             if x is not None:
                 fields[name] = x[perm.to(x.device)]
     return Batch(**fields)
+
+
+def split_batch(batch: Batch, size: int) -> Iterator[Batch]:
+    """Consecutive row slices of ``batch`` of at most ``size`` rows (views, no copy)."""
+    for start in range(0, len(batch), size):
+        yield Batch(**{f.name: (None if getattr(batch, f.name) is None
+                                else getattr(batch, f.name)[start:start + size])
+                       for f in dataclasses.fields(batch)})
 
 
 def concat_batches(batches: list[Batch]) -> Batch:
