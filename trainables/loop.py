@@ -240,6 +240,15 @@ class Trainer:
         index = torch.cat([torch.randperm(len(train), generator=self.generator)[:size] for _ in range(k)])
         return train.batch(index).to(self.device, non_blocking=True)
 
+    def _train_batches(self):
+        """One shuffled pass over train (the trial's generator), unlabeled rows mixed in at the
+        split rate, on the device."""
+        for batch in iterate_batches(self.splits["train"], self.cfg.batch_size, shuffle=True,
+                                     generator=self.generator):
+            if self.cfg.unlabeled_rate > 0:
+                batch = self._with_unlabeled(batch)
+            yield batch.to(self.device, non_blocking=True)
+
     def train_epoch(self) -> dict[str, float]:
         """One pass over train. Returns mean losses; raises nothing on divergence (see status)."""
         self.model.train()
@@ -248,11 +257,7 @@ class Trainer:
         totals: dict[str, torch.Tensor] = {}
         est_totals: dict[str, float] = {}
         n_batches = 0
-        for batch in iterate_batches(self.splits["train"], self.cfg.batch_size, shuffle=True,
-                                     generator=self.generator):
-            if self.cfg.unlabeled_rate > 0:
-                batch = self._with_unlabeled(batch)
-            batch = batch.to(self.device, non_blocking=True)
+        for batch in self._train_batches():
             with self._autocast():
                 out = self.model(batch)
             est_stats = self.reg.estimator_update(out, batch, self.encoder)
@@ -288,11 +293,7 @@ class Trainer:
         steps. Returns the mean of each batch's last estimates, as ``train_<key>``."""
         totals: dict[str, float] = {}
         n_batches = 0
-        for batch in iterate_batches(self.splits["train"], self.cfg.batch_size, shuffle=True,
-                                     generator=self.generator):
-            if self.cfg.unlabeled_rate > 0:
-                batch = self._with_unlabeled(batch)
-            batch = batch.to(self.device, non_blocking=True)
+        for batch in self._train_batches():
             with torch.no_grad(), self._autocast():
                 out = self.model(batch)
             det = float_detached(out)

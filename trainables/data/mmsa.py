@@ -363,11 +363,7 @@ def _validate_split(part: Any, source: str, split: str, nonfinite: str,
     # features: rank, N, width like train, finite
     feats: dict[str, np.ndarray] = {}
     for key, (len_sym, dim_sym) in _FEATURES.items():
-        arr = _numeric(part, key, where)
-        if arr.ndim != 3:
-            raise where.error(key, f"expected rank 3 (N={n}, {len_sym}, {dim_sym}), "
-                                   f"found shape {_shape(arr)}")
-        _check_rows(arr, key, where, n, f"(N, {len_sym}, {dim_sym})")
+        arr = _feature_array(part, key, where, n)
         if arr.shape[1] == 0:
             raise where.error(key, f"expected (N={n}, {len_sym} >= 1, {dim_sym}), found {_shape(arr)}")
         if train is not None:
@@ -428,6 +424,17 @@ def _validate_split(part: Any, source: str, split: str, nonfinite: str,
     )
 
 
+def _feature_array(part: Mapping, key: str, where: "_Where", n: int) -> np.ndarray:
+    """``part[key]`` as a numeric (N, L, d) array of ``n`` rows, or a one-line error."""
+    len_sym, dim_sym = _FEATURES[key]
+    arr = _numeric(part, key, where)
+    if arr.ndim != 3:
+        raise where.error(key, f"expected rank 3 (N={n}, {len_sym}, {dim_sym}), "
+                               f"found shape {_shape(arr)}")
+    _check_rows(arr, key, where, n, f"(N, {len_sym}, {dim_sym})")
+    return arr
+
+
 def _validate_unlabeled(part: Mapping, where: _Where, nonfinite: str,
                         train: SplitArrays) -> SplitArrays:
     """An unlabeled split: N from ``text``, widths checked against train, sequences fitted to
@@ -440,11 +447,7 @@ def _validate_unlabeled(part: Mapping, where: _Where, nonfinite: str,
         raise where.error("text", "expected at least one example, found N=0")
     fitted: dict[str, Any] = {}
     for key, (len_sym, dim_sym) in _FEATURES.items():
-        arr = _numeric(part, key, where)
-        if arr.ndim != 3:
-            raise where.error(key, f"expected rank 3 (N={n}, {len_sym}, {dim_sym}), "
-                                   f"found shape {_shape(arr)}")
-        _check_rows(arr, key, where, n, f"(N, {len_sym}, {dim_sym})")
+        arr = _feature_array(part, key, where, n)
         width = getattr(train, key).shape[2]
         if arr.shape[2] != width:
             raise where.error(key, f"expected width {dim_sym}={width} like train, i.e. "
