@@ -189,6 +189,138 @@ def test_bad_space_yaml(row, parquet_dir, tmp_path, monkeypatch, capsys):
     assert_refused(code, err, tmp_path, *expected)
 
 
+# ----------------------------------------------------------------------------- selection rule
+VALID = "valid_mae, valid_corr, valid_acc2_has0, valid_f1_has0, valid_acc2_non0, valid_f1_non0"
+SELECTION_ROWS = {
+    # every trial would run, pick its best epoch by training loss, and the search fail at its end
+    "train-metric": (dict(metric="train_loss"), [],
+                     ["space.yaml: metric: 'train_loss' is not a validation metric", VALID]),
+    # every trial would error (test metrics exist only once, for the best checkpoint)
+    "test-metric": (dict(metric="test_mae"), [],
+                    ["space.yaml: metric: 'test_mae' is not a validation metric", VALID]),
+    "unknown-metric": (dict(metric="valid_accuracy"), [],
+                       ["metric: 'valid_accuracy' is not a validation metric", "valid_acc7"]),
+    "set-test-metric": ({}, ["--set", "metric=test_corr"],
+                        ["metric: 'test_corr' is not a validation metric"]),
+    # the YAML's mode: min was chosen for valid_mae, not for the metric set on the command line
+    "set-metric-against-mode": (dict(metric="valid_mae", mode="min"),
+                                ["--set", "metric=valid_corr"],
+                                ["space.yaml: --set metric=valid_corr: the space's mode min was set "
+                                 "for metric valid_mae, but valid_corr is better when higher; "
+                                 "add --set mode=max"]),
+}
+
+
+@pytest.mark.parametrize("row", sorted(SELECTION_ROWS))
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_only_validation_metrics_select(row, dry_run, parquet_dir, tmp_path, monkeypatch, capsys):
+    changes, flags, expected = SELECTION_ROWS[row]
+    path = write_space(tmp_path, tiny_space(parquet_dir, **changes))
+    flags = [*flags, *(["--dry-run"] if dry_run else [])]
+    code, err = run_main(["--space", str(path), *flags], tmp_path, monkeypatch, capsys)
+    assert_refused(code, err, tmp_path, *expected)
+    assert "warning: " not in err
+
+
+def _dry_run(space: dict, flags: list[str], tmp_path, monkeypatch, capsys) -> tuple[dict, str]:
+    path = write_space(tmp_path, space)
+    monkeypatch.chdir(tmp_path)
+    code = main(["--space", str(path), "--dry-run", *flags])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert not (tmp_path / "ray_results").exists() and not (tmp_path / "mlflow.db").exists()
+    return yaml.safe_load(out), err
+
+
+def test_mode_defaults_to_the_metric_direction(parquet_dir, tmp_path, monkeypatch, capsys):
+    """Without ``mode``, the metric's direction: ``valid_corr`` alone is max, also when the metric
+    comes from ``--set``; no warning."""
+    plan, err = _dry_run(tiny_space(parquet_dir, metric="valid_corr"), [], tmp_path, monkeypatch,
+                         capsys)
+    assert plan["metric"].startswith("valid_corr (max)") and "warning" not in err
+    plan, err = _dry_run(tiny_space(parquet_dir), ["--set", "metric=valid_f1_non0"], tmp_path,
+                         monkeypatch, capsys)
+    assert plan["metric"].startswith("valid_f1_non0 (max)") and "warning" not in err
+    plan, err = _dry_run(tiny_space(parquet_dir), [], tmp_path, monkeypatch, capsys)
+    assert plan["metric"].startswith("valid_mae (min)") and "warning" not in err
+    # a YAML mode that agrees with the metric set on the command line is kept
+    plan, err = _dry_run(tiny_space(parquet_dir, metric="valid_corr", mode="max"),
+                         ["--set", "metric=valid_acc7"], tmp_path, monkeypatch, capsys)
+    assert plan["metric"].startswith("valid_acc7 (max)") and "warning" not in err
+
+
+@pytest.mark.parametrize("how", ["yaml", "set"])
+def test_an_explicit_mode_against_the_metric_warns(how, parquet_dir, tmp_path, monkeypatch,
+                                                    capsys):
+    """A mode set on purpose against the metric's direction is kept, with one warning line in
+    the dry-run (and at the search's start: the same code path, before Ray)."""
+    if how == "yaml":
+        space, flags = tiny_space(parquet_dir, metric="valid_corr", mode="min"), []
+    else:
+        space, flags = tiny_space(parquet_dir, metric="valid_corr"), ["--set", "mode=min"]
+    plan, err = _dry_run(space, flags, tmp_path, monkeypatch, capsys)
+    assert plan["metric"].startswith("valid_corr (min)")
+    (line,) = [line for line in err.splitlines() if line.strip()]
+    assert line == (f"warning: {tmp_path / 'space.yaml'}: mode: min with metric valid_corr, which "
+                    "is better when higher: the lowest valid_corr selects each trial's best epoch "
+                    "and the best trial (mode is set explicitly)")
+
+
+def test_every_shipped_space_selects_by_a_validation_metric():
+    from tuner.spaces import SELECTION_METRICS, SPACES_DIR, load_space
+
+    for path in sorted(SPACES_DIR.glob("*.yaml")):
+        space = load_space(str(path))
+        assert space.metric in SELECTION_METRICS and space.selection_warning() is None, path
+
+
+def test_the_report_applies_the_selection_rule(tmp_path, monkeypatch, capsys):
+    """``tuner.report`` re-checks the metric and mode its search recorded, before it re-trains:
+    a search from before the rule (no ``mode_explicit`` tag) may hold either mistake."""
+    from mlflow.tracking import MlflowClient
+
+    from tuner import report
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("old")
+
+    def search_run(metric: str, mode: str, **tags) -> str:
+        run = client.create_run(exp, tags={"run_kind": "search", "search": f"s-{metric}-{mode}",
+                                           **tags})
+        client.log_param(run.info.run_id, "metric", metric)
+        client.log_param(run.info.run_id, "mode", mode)
+        return run.info.run_id
+
+    cases = [
+        (search_run("train_loss", "min"),
+         ["search 's-train_loss-min': metric: 'train_loss' is not a validation metric", VALID]),
+        (search_run("test_mae", "min", mode_explicit="true"),
+         ["metric: 'test_mae' is not a validation metric"]),
+        (search_run("valid_corr", "min"),
+         ["search 's-valid_corr-min': mode: min contradicts metric valid_corr, which is better "
+          "when higher (mode max)", "run the search again with mode: max"]),
+    ]
+    for run_id, expected in cases:
+        code = report.main(["--run-id", run_id, "--mlflow-uri", uri, "--seeds", "0,1"])
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+        for text in expected:
+            assert text in errors[0], f"{text!r} not in {errors[0]!r}"
+    # an explicit mode against the direction passes the rule with a warning (the report then
+    # stops for another reason: this search has no trials)
+    run_id = search_run("valid_corr", "min", mode_explicit="true")
+    assert report.main(["--run-id", run_id, "--mlflow-uri", uri, "--seeds", "0,1"]) == 2
+    err = capsys.readouterr().err
+    assert ("warning: search 's-valid_corr-min': mode: min with metric valid_corr, which is better "
+            "when higher") in err
+    assert "no completed or pruned trial has a finite best_valid_corr" in err
+    assert not (tmp_path / "ray_results").exists() and not (tmp_path / "reports").exists()
+    assert [r.data.tags["run_kind"] for r in client.search_runs([exp])] == ["search"] * 4
+
+
 def test_space_not_yaml_and_unknown_space(tmp_path, monkeypatch, capsys):
     path = write_space(tmp_path, "name: x\nbackbones: [ef_lstm\n")
     code, err = run_main(["--space", str(path)], tmp_path, monkeypatch, capsys)

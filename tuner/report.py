@@ -203,6 +203,27 @@ def find_search(client, experiment: str | None, run_id: str | None,
                       params.get("metric", "valid_mae"), params.get("mode", "min"))
 
 
+def check_search_selection(info: SearchInfo) -> str | None:
+    """The search's selection rule again (``tuner.spaces.check_selection``): its metric must be a
+    validation metric, and its mode the metric's direction unless the search recorded that its
+    space set mode explicitly (tag ``mode_explicit``; a search from before that tag has not).
+    Raises UsageError; returns the warning for an explicit mode against the direction."""
+    from tuner.spaces import SpaceError, check_selection
+
+    where = f"search {info.name!r}: "
+    try:
+        warning = check_selection(info.metric, info.mode, True, where)
+    except SpaceError as exc:
+        raise UsageError(str(exc)) from None
+    if warning and info.parent.data.tags.get("mode_explicit") != "true":
+        natural = "max" if info.mode == "min" else "min"
+        raise UsageError(f"{where}mode: {info.mode} contradicts metric {info.metric}, which is "
+                         f"better when {'higher' if natural == 'max' else 'lower'} (mode "
+                         f"{natural}), and the search does not record that its space set mode "
+                         f"explicitly; run the search again with mode: {natural}")
+    return warning
+
+
 def choose_trial(info: SearchInfo, regulariser: str | None) -> tuple[Any, str]:
     """The best trial by the search's validation objective; returns it and a note on the choice.
 
@@ -825,6 +846,9 @@ def run_report(args: argparse.Namespace, command: str) -> int:
     tracking_uri = absolute_sqlite_uri(args.mlflow_uri or DEFAULT_TRACKING_URI)
     client = MlflowClient(tracking_uri=tracking_uri)
     info = find_search(client, args.experiment, args.run_id, args.search)
+    selection = check_search_selection(info)
+    if selection:
+        print(f"warning: {selection}", file=sys.stderr)
     if args.seeds is None:
         seeds = parse_seeds(info.space(client).get("seeds") or list(range(10)),
                             f"search {info.name!r}: its space's seeds")

@@ -525,6 +525,9 @@ def run_search(space: SearchSpace, data: MultimodalData, args: argparse.Namespac
                 "cpu_per_trial": space.resources.cpu, "gpu_per_trial": space.resources.gpu,
                 "metric": space.metric, "mode": space.mode},
         tags={"git_commit": git_commit(), "data_digest": data.digest, "data_source": data.source,
+              # the report applies the selection rule again: an explicit mode may go against
+              # the metric's direction
+              "mode_explicit": str(space.mode_explicit).lower(),
               "unlabeled_data": (f"{len(data.unlabeled)} rows" if data.unlabeled is not None
                                  else "none"),
               **({"unlabeled_path": str(Path(args.unlabeled).expanduser().resolve())}
@@ -668,6 +671,7 @@ def _space_dict(space: SearchSpace) -> dict[str, Any]:
 
     raw = dataclasses.asdict(space)
     raw.pop("source", None)
+    raw.pop("mode_explicit", None)  # not a YAML key; the tag of the same name records it
     return raw
 
 
@@ -766,6 +770,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         space = prepare_space(args)
+        selection = space.selection_warning()  # an explicit mode against the metric's direction
+        if selection:
+            print(f"warning: {selection}", file=sys.stderr)
         data = None
         if not (args.dry_run and space.data.startswith("synthetic:")):
             data = _load_data(space.data, args.nonfinite, args.unlabeled)  # checked even then

@@ -7,7 +7,7 @@ A space file (``search_spaces/NAME.yaml``)::
     regularisers: [none, mdm]
     data: synthetic:mosi               # or a path to an MMSA pickle / Parquet folder
     metric: valid_mae                  # validation metric; the trial's value is its best epoch
-    mode: min
+    mode: min                          # default: the metric's direction (valid_corr: max)
     grid:    {lr: [0.002, 0.001]}      # the paper's values exactly (sampler: grid)
     ranges:  {lr: {low: 1.0e-4, high: 5.0e-3, log: true}}   # for the other samplers
     fixed:   {batch_size: 32}
@@ -19,6 +19,12 @@ Keys of ``grid``/``ranges``/``fixed`` are trial-config keys (``lr``, ``batch_siz
 ``backbone.X`` / ``regulariser.X`` fields. A key applies to a trial when the trial's backbone or
 regulariser has that field (``regulariser.weight`` is not sampled for ``none``); a key that
 applies to none of the space's models is an error, so typos fail before Ray starts.
+
+Only a validation metric selects (:data:`SELECTION_METRICS`: ``valid_`` + each key of
+``trainables.metrics.compute_metrics``); ``train_*``, ``test_*`` or an unknown name is an error.
+``mode`` defaults to the metric's direction (``valid_mae``: min, every other one: max). A mode
+against that direction is an error unless it was chosen for this metric (the YAML sets both, or
+``--set mode=...``): then :meth:`SearchSpace.selection_warning` says so, and the search prints it.
 """
 
 from __future__ import annotations
@@ -33,16 +39,19 @@ import yaml
 
 from trainables.backbones import get_backbone
 from trainables.config import ConfigError, TrialConfig, build_dataclass
+from trainables.metrics import METRIC_NAMES, mode_for
 from trainables.regularisers import get_regulariser
 
 __all__ = [
     "SAMPLERS",
     "PRUNERS",
+    "SELECTION_METRICS",
     "RangeSpec",
     "SearchSettings",
     "Resources",
     "SearchSpace",
     "SpaceError",
+    "check_selection",
     "load_space",
     "space_path",
 ]
@@ -50,10 +59,37 @@ __all__ = [
 SAMPLERS = ("grid", "tpe", "random", "cmaes", "qmc")
 PRUNERS = ("none", "median", "successive_halving", "hyperband", "asha")
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+#: what may choose a trial's best epoch and the best trial: the validation metrics the loop
+#: reports each epoch (never train_*, which measure fitting, nor test_*, computed once per trial)
+SELECTION_METRICS: tuple[str, ...] = tuple(f"valid_{name}" for name in METRIC_NAMES)
 
 
 class SpaceError(ValueError):
     """A search-space file that cannot be used; one line naming the file and key."""
+
+
+def _direction(metric: str) -> str:
+    return "lower" if mode_for(metric) == "min" else "higher"
+
+
+def check_selection(metric: str, mode: str, mode_explicit: bool, where: str = "") -> str | None:
+    """The selection rule: ``metric`` must be one of :data:`SELECTION_METRICS`, and ``mode`` its
+    direction (:func:`trainables.metrics.mode_for`) unless ``mode_explicit``. Raises SpaceError
+    (prefixed by ``where``); returns a warning for an explicit mode against the direction, else
+    None."""
+    if metric not in SELECTION_METRICS:
+        raise SpaceError(f"{where}metric: {metric!r} is not a validation metric; trials and their "
+                         f"best epochs are chosen by one of {', '.join(SELECTION_METRICS)}")
+    natural = mode_for(metric)
+    if mode == natural:
+        return None
+    if not mode_explicit:
+        raise SpaceError(f"{where}mode: {mode} contradicts metric {metric}, which is better when "
+                         f"{_direction(metric)} (mode {natural}); set mode: {natural}, or set "
+                         f"mode: {mode} explicitly to select that way on purpose")
+    return (f"{where}mode: {mode} with metric {metric}, which is better when {_direction(metric)}: "
+            f"the {'lowest' if mode == 'min' else 'highest'} {metric} selects each trial's best "
+            "epoch and the best trial (mode is set explicitly)")
 
 
 @dataclass
@@ -161,6 +197,9 @@ class SearchSpace:
     start_points: list[dict[str, Any]] = field(default_factory=list)
     #: where the space was read from (for messages and MLflow)
     source: str = ""
+    #: whether ``mode`` was chosen for this metric (the YAML has the key, or ``--set mode=``)
+    #: rather than derived from it; not a YAML key
+    mode_explicit: bool = field(default=False, init=False, repr=False, compare=False)
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -216,6 +255,11 @@ class SearchSpace:
         out.update({"max_epochs": max_epochs, "metric": self.metric, "mode": self.mode})
         return out
 
+    def selection_warning(self) -> str | None:
+        """The warning for an explicit mode against the metric's direction (None if none)."""
+        return check_selection(self.metric, self.mode, self.mode_explicit,
+                               f"{self.source or self.name}: ")
+
     def trial_config(self, point: dict[str, Any]) -> TrialConfig:
         """Validate one sampled point (raises ConfigError naming the key)."""
         return TrialConfig.from_flat(point)
@@ -223,6 +267,7 @@ class SearchSpace:
     def check(self) -> None:
         """Validate names and keys against the registries and config classes."""
         where = self.source or self.name
+        check_selection(self.metric, self.mode, self.mode_explicit, f"{where}: ")
         for name in self.backbones:
             try:
                 get_backbone(name)
@@ -385,6 +430,9 @@ def space_from_dict(raw: Any, source: str) -> SearchSpace:
         space = build_dataclass(SearchSpace, {**raw, "source": source})
     except ConfigError as exc:
         raise SpaceError(f"{source}: {exc}") from None
+    space.mode_explicit = "mode" in raw
+    if not space.mode_explicit and space.metric in SELECTION_METRICS:
+        space.mode = mode_for(space.metric)
     space.check()
     return space
 
@@ -441,6 +489,7 @@ def narrow(space: SearchSpace, backbones: list[str] | None = None,
                 starts.append(kept)
     narrowed = dataclasses.replace(space, backbones=kept_b, regularisers=kept_r, start_points=starts,
                                    **sections)
+    narrowed.mode_explicit = space.mode_explicit  # replace() leaves init=False fields at default
     narrowed.check()
     return narrowed, dropped
 
@@ -455,8 +504,11 @@ def apply_overrides(space: SearchSpace, overrides: list[str]) -> SearchSpace:
                          and not (f == "type" and v == "float")}
                      for k, r in raw["ranges"].items()}
     source = raw.pop("source")
+    raw.pop("mode_explicit")
+    set_keys: dict[str, Any] = {}
     for text in overrides:
         key, value = parse_override(text)
+        set_keys[key] = value
         section, dot, rest = key.partition(".")
         if section in ("grid", "ranges", "fixed", "search", "resources") and dot:
             raw[section][rest] = value
@@ -467,5 +519,16 @@ def apply_overrides(space: SearchSpace, overrides: list[str]) -> SearchSpace:
                 f"--set {key}: expected a space key (name, data, metric, mode, seeds, backbones, "
                 "regularisers) or grid.K / ranges.K / fixed.K / search.K / resources.K"
             )
+    if "mode" not in set_keys:
+        metric = set_keys.get("metric", space.metric)
+        if not space.mode_explicit:
+            raw.pop("mode")  # derived from the metric, which may have changed
+        elif (metric != space.metric and metric in SELECTION_METRICS
+              and mode_for(metric) != space.mode):
+            # the YAML's mode was chosen for its own metric, not for this one
+            raise SpaceError(f"{source}: --set metric={metric}: the space's mode {space.mode} was "
+                             f"set for metric {space.metric}, but {metric} is better when "
+                             f"{_direction(metric)}; add --set mode={mode_for(metric)} (or --set "
+                             f"mode={space.mode} to select that way on purpose)")
     return space_from_dict(raw, source)
 
