@@ -728,7 +728,7 @@ def summarise(results, space: SearchSpace, tracker, data: MultimodalData,
             if not any(k.startswith("test_") for k in metrics) and checkpoint_file.exists():
                 # a trial stopped by the pruner never reached its own test evaluation
                 metrics.update(evaluate_checkpoint(checkpoint_file, data, "test"))
-            tracker.finish_search("FINISHED", metrics, checkpoint_file, best_run)
+            tracker.finish_search("FINISHED", metrics, checkpoint_file, best_run, data)
         checkpoint_note = f"{best.checkpoint.path}/{BEST_FILE}"
 
     config = {k: v for k, v in best.config.items()}
@@ -746,6 +746,9 @@ def summarise(results, space: SearchSpace, tracker, data: MultimodalData,
                            if k.startswith("test_")))
     print(f"Best checkpoint: {checkpoint_note}")
     print("  (also the artifact best_checkpoint/best.pt of the search's and the trial's MLflow runs)")
+    if tracker.registered:
+        print(f"Registered model: {tracker.registered}  "
+              f"(mlflow.pyfunc.load_model; README: Use the best model)")
     print(f"Browse the runs:  {tracker.ui_command()}")
     print(f"             then {tracker.runs_url()}")
     if errored:

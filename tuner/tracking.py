@@ -25,6 +25,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from trainables.config import TrialConfig
+from trainables.data import MultimodalData
 
 __all__ = ["DEFAULT_TRACKING_URI", "absolute_sqlite_uri", "all_runs", "DiskFull", "DiskSpaceGuard", "Tracker", "MlflowTrialCallback", "disk_full",
            "final_status", "git_commit", "rebind_callbacks"]
@@ -49,6 +51,9 @@ NEVER_BEST = frozenset({"diverged", "errored", "interrupted"})
 #: the note on a child run that Ray never recorded (see :meth:`Tracker.sync_results`)
 INTERRUPTED_NOTE = ("the driver stopped before Ray recorded this trial; the resumed search ran "
                     "a new trial in its place")
+#: the artifact folders of the best trial's run: best.pt alone, and the MLflow Model (with best.pt)
+CHECKPOINT_FOLDER = "best_checkpoint"
+MODEL_FOLDER = "model"
 #: after a failed MLflow call, MLflow is left alone this long (the search does not wait for it)
 RETRY_AFTER_S = 30.0
 #: an HTTP tracking server that does not answer costs the driver seconds, not MLflow's default
@@ -208,6 +213,8 @@ class Tracker:
         self.experiment_name = experiment_name
         self.parent_run_id: str | None = None
         self.search_name: str | None = None
+        #: ``models:/<space>-best/<version>`` once the best model is registered
+        self.registered: str | None = None
 
     # ------------------------------------------------------------------ failures
     @property
@@ -275,10 +282,14 @@ class Tracker:
         return run_id
 
     def finish_search(self, status: str, best: dict[str, Any] | None,
-                      best_checkpoint: Path | None, best_run_id: str | None) -> None:
+                      best_checkpoint: Path | None, best_run_id: str | None,
+                      data: MultimodalData | None = None) -> None:
         """Close the parent run with the best trial's metrics, checkpoint and model version.
 
-        Never raises: each step that fails is a warning (see :meth:`safely`)."""
+        With ``data`` (the search's data: its widths and an input example), the registered
+        version is the best checkpoint as an MLflow Model (:meth:`log_best_model`); without, the
+        ``best_checkpoint`` folder. Never raises: each step that fails is a warning (see
+        :meth:`safely`)."""
         run_id = self.parent_run_id
         if run_id is None:
             return
@@ -292,7 +303,10 @@ class Tracker:
                         str(best_checkpoint), "best_checkpoint")
             if best_run_id and self.safely("best checkpoint artifact", self.client.log_artifact,
                                            best_run_id, str(best_checkpoint), "best_checkpoint"):
-                self.safely("model registry", self.register_best, best_run_id, best or {})
+                source = self.log_best_model(best_run_id, best_checkpoint, data)
+                if source is not None:
+                    self.safely("model registry", self.register_best, best_run_id, best or {},
+                                source)
         self.safely("parent run status", self.client.set_terminated, run_id, status=status)
 
     def _log_best(self, run_id: str, best: dict[str, Any]) -> None:
@@ -306,24 +320,67 @@ class Tracker:
     def registered_model_name(self) -> str:
         return f"{self.experiment_name}-best"
 
-    def register_best(self, run_id: str, metrics: dict[str, Any]) -> str:
-        """Register the best trial's checkpoint as a new version of ``<space>-best``."""
+    def log_best_model(self, run_id: str, best_file: Path,
+                       data: MultimodalData | None) -> str | None:
+        """Log ``best_file`` as an MLflow Model (pyfunc, :func:`trainables.serving.save_pyfunc`)
+        in the artifact folder ``model`` of the best trial's run; returns the folder to register.
+
+        ``"model"``: logged now, or already there (a resumed search logs it once).
+        ``"best_checkpoint"``: without ``data``, or when the model cannot be written (a warning
+        says why; the checkpoint folder is registered as before). None: the upload failed (the
+        store: a warning, and ``--resume`` logs and registers it)."""
+        if data is None:
+            return CHECKPOINT_FOLDER
+        listed: list[Any] = []
+        if not self.safely("best model artifact",
+                           lambda: listed.extend(self.client.list_artifacts(run_id, MODEL_FOLDER))):
+            return None
+        if any(a.path == f"{MODEL_FOLDER}/MLmodel" for a in listed):
+            return MODEL_FOLDER
+        with tempfile.TemporaryDirectory(prefix="best-model-") as tmp:
+            try:
+                from trainables.serving import model_input, save_pyfunc
+
+                example = model_input(data.splits["train"], slice(0, 1))
+                folder = save_pyfunc(best_file, data.dims, Path(tmp) / MODEL_FOLDER, example)
+            except Exception as exc:  # noqa: BLE001 - a model that cannot be saved stops nothing
+                print(f"warning: the best checkpoint could not be written as an MLflow Model "
+                      f"({type(exc).__name__}: {short_error(exc)}); the registered version is "
+                      f"the folder {CHECKPOINT_FOLDER} (best.pt) instead", file=sys.stderr,
+                      flush=True)
+                return CHECKPOINT_FOLDER
+            if not self.safely("best model artifact", self.client.log_artifacts, run_id,
+                               str(folder), MODEL_FOLDER):
+                return None
+        return MODEL_FOLDER
+
+    def register_best(self, run_id: str, metrics: dict[str, Any],
+                      source: str = "best_checkpoint") -> str:
+        """Register the artifact folder ``source`` of the best trial's run (``model``: the MLflow
+        Model; ``best_checkpoint``: the folder with best.pt) as a new version of
+        ``<space>-best``; a run that has a version already (a resumed search) gets none."""
         name = self.registered_model_name
         try:
             self.client.get_registered_model(name)
         except Exception:  # MlflowException RESOURCE_DOES_NOT_EXIST
             self.client.create_registered_model(
-                name, description=f"Best checkpoints of searches over the space "
-                                  f"{self.experiment_name!r} (best.pt: weights, config, metrics)")
+                name, description=f"Best models of searches over the space "
+                                  f"{self.experiment_name!r}: MLflow Models (pyfunc; "
+                                  f"mlflow.pyfunc.load_model('models:/{name}/<version>')) that "
+                                  f"hold best.pt (weights, config, metrics)")
         for version in self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+            self.registered = f"models:/{name}/{version.version}"
             return version.version  # already registered (a resumed search)
         tags = {k: f"{v:.6g}" for k, v in trial_metrics(metrics).items()
                 if k.startswith(("best_valid_", "test_"))}
         tags["search"] = str(self.search_name)
+        tags["format"] = "mlflow-pyfunc" if source == MODEL_FOLDER else "checkpoint"
         version = self.client.create_model_version(
-            name, source=f"runs:/{run_id}/best_checkpoint", run_id=run_id, tags=tags,
+            name, source=f"runs:/{run_id}/{source}", run_id=run_id, tags=tags,
             description=f"best trial of search {self.search_name!r}, chosen on validation",
         )
+        self.registered = f"models:/{name}/{version.version}" + (
+            "" if source == MODEL_FOLDER else f" (the {source} folder, not an MLflow Model)")
         return version.version
 
     # ------------------------------------------------------------------ child runs
