@@ -14,6 +14,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+# Ray's log handler binds the sys.stderr of the moment Ray is first imported: imported inside a
+# test that uses capsys, it would keep writing to that test's (then closed) buffer and every
+# later ray.init would print "--- Logging error --- Traceback". Import it once here, under the
+# session's capture.
+import ray  # noqa: E402,F401
+
 # tests run tiny models on a 2-core CI machine: with several threads each small op pays for
 # thread synchronisation (measured: ~1 s instead of ~15 ms for a tiny MAG step under load)
 torch.set_num_threads(1)
