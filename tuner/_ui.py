@@ -94,18 +94,30 @@ class LocalUI:
             time.sleep(0.25)
 
     def stop(self) -> None:
-        """Terminate the UI's process group (SIGTERM, then SIGKILL); safe to call twice."""
+        """Terminate the UI's process group (SIGTERM, then SIGKILL) and wait until every process
+        of it has gone (uvicorn's workers outlive ``mlflow ui`` by a moment); safe to call twice."""
         try:
-            if self.process.poll() is None:
-                try:
-                    os.killpg(self.process.pid, signal.SIGTERM)
-                    self.process.wait(timeout=STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                    self.process.wait(timeout=STOP_TIMEOUT_S)
-            else:  # the UI's leader is gone; its uvicorn child may not be
-                os.killpg(self.process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+            self._signal_group(signal.SIGTERM)
+            if not self._wait_group(STOP_TIMEOUT_S):
+                self._signal_group(signal.SIGKILL)
+                self._wait_group(STOP_TIMEOUT_S)
         finally:
             self._log.close()
+
+    def _signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.process.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def _wait_group(self, timeout_s: float) -> bool:
+        """Whether the group is empty within ``timeout_s`` (its leader reaped here)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.process.poll()
+            try:
+                os.killpg(self.process.pid, 0)
+            except ProcessLookupError:
+                return True
+            time.sleep(0.05)
+        return False
