@@ -1,5 +1,11 @@
 """A tiny real search (local Ray, Optuna, SQLite MLflow), then MLflow read back."""
 
+import os
+import re
+import socket
+import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import optuna
@@ -50,6 +56,17 @@ def test_tiny_search_is_tracked_in_mlflow(tmp_path, monkeypatch, tiny_space, sma
     assert "Best configuration (chosen on validation only)" in out
     assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in out
     assert "#/experiments/" in out
+    # before the first trial: the plan (as --dry-run counts it), the ui command, the runs URLs
+    lines = out.splitlines()
+    first_trial = next(i for i, line in enumerate(lines) if line.startswith("Trial "))
+    plan_line = _index(lines, "Search 'e2e': 7 trials (random sampler, median pruner) of up to 4 "
+                              "epochs each, at most 28 trial-epochs")
+    ui_line = _index(lines, "mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000 "
+                            "--host 127.0.0.1")
+    parent_line = _index(lines, "http://127.0.0.1:5000/#/experiments/")
+    assert plan_line < ui_line < parent_line < first_trial, out[:3000]
+    # ... and still at the end
+    assert _index(lines, "Browse the runs:") > first_trial
 
     client = MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
     experiment = client.get_experiment_by_name("tiny")
@@ -58,6 +75,10 @@ def test_tiny_search_is_tracked_in_mlflow(tmp_path, monkeypatch, tiny_space, sma
     children = [r for r in runs if r.data.tags.get("run_kind") == "trial"]
     assert len(parents) == 1 and len(children) == 7
     parent = parents[0]
+    # the search's own page, printed before the first trial
+    this_search = (f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs/"
+                   f"{parent.info.run_id}")
+    assert _index(lines, this_search) < first_trial
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["data_digest"] == small_data.digest
     assert parent.data.tags["git_commit"]
@@ -104,6 +125,90 @@ def test_tiny_search_is_tracked_in_mlflow(tmp_path, monkeypatch, tiny_space, sma
     assert optuna.trial.TrialState.PRUNED in states
     assert states.count(optuna.trial.TrialState.PRUNED) == sum(
         c.data.tags["status"] == "pruned" for c in children)
+
+
+def _index(lines: list[str], text: str) -> int:
+    """The first line that contains ``text``."""
+    found = [i for i, line in enumerate(lines) if text in line]
+    assert found, f"{text!r} not in the output"
+    return found[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def test_ui_serves_the_store_while_the_search_runs(tmp_path, monkeypatch, tiny_space, ray_local,
+                                                   capsys):
+    """--ui: `mlflow ui` answers on 127.0.0.1 during the search (polled from here while it runs),
+    its URL is printed before the first trial, and it is gone (port closed, process group
+    ended) when the search returns."""
+    monkeypatch.chdir(tmp_path)
+    port = _free_port()
+    seen: list[float] = []
+    done = threading.Event()
+
+    def poll():
+        while not done.is_set():
+            if _answers(f"http://127.0.0.1:{port}/health"):
+                seen.append(time.monotonic())
+            time.sleep(0.2)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        assert main(["--space", str(tiny_space), "--name", "ui", "--ui", "--ui-port", str(port),
+                     "--num-samples", "2", "--max-epochs", "1", "--pruner", "none"]) == 0
+        ended = time.monotonic()
+    finally:
+        done.set()
+        poller.join(timeout=10)
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert seen and seen[0] < ended, "mlflow ui never answered during the search"
+    first_trial = next(i for i, line in enumerate(lines) if line.startswith("Trial "))
+    ui_line = _index(lines, "MLflow UI (--ui, pid ")
+    assert ui_line < first_trial
+    assert f"http://127.0.0.1:{port}/#/experiments/" in lines[ui_line]
+    pid = int(re.search(r"pid (\d+)", lines[ui_line]).group(1))
+    # gone with the search: the port is closed and no process of its group is left
+    assert not _answers(f"http://127.0.0.1:{port}/health")
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)
+
+
+def test_ui_flags_are_checked_before_ray(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["--space", "smoke", "--ui", "--ui-port", str(port)]) == 2
+        err = capsys.readouterr().err
+        assert f"--ui-port {port}: something listens on 127.0.0.1:{port}" in err
+    assert main(["--space", "smoke", "--ui-port", "5000"]) == 2
+    assert "--ui-port: only with --ui" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_ui_only_for_a_local_store():
+    from tuner._ui import local_store
+
+    assert local_store("sqlite:///mlflow.db") and local_store("file:///tmp/mlruns")
+    assert local_store("./mlruns")
+    assert not local_store("http://10.0.0.5:5000") and not local_store("https://mlflow.example")
 
 
 def test_bad_input_stops_before_ray(tmp_path, monkeypatch, capsys):

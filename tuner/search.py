@@ -109,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted search (the one named by --name, else the newest "
                         "of this space in --storage): finished trials are kept, unfinished and "
                         "errored ones continue from their last checkpoint, MLflow runs continue")
+    p.add_argument("--ui", action="store_true",
+                   help="start `mlflow ui` on 127.0.0.1 for the search's local store (SQLite or "
+                        "folder) while the search runs, print its URL at the start, stop it at "
+                        "the end (also on Ctrl-C or an error); an http(s) --mlflow-uri is a "
+                        "server already: its URL is printed instead")
+    p.add_argument("--ui-port", type=int, metavar="PORT",
+                   help="the port of --ui (default: a free one)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (trials, trial-epochs, grid size) and exit")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more Ray/Tune output")
@@ -343,6 +350,22 @@ def check_address(address: str | None) -> None:
                          f"(no gRPC answer within {CONNECT_TIMEOUT_S:g} s); {hint}")
 
 
+def check_ui(args: argparse.Namespace) -> None:
+    """``--ui-port`` must be a port number that is free on 127.0.0.1 (and needs ``--ui``)."""
+    from tuner._ui import port_free
+
+    port = getattr(args, "ui_port", None)
+    if port is None:
+        return
+    if not getattr(args, "ui", False):
+        raise UsageError("--ui-port: only with --ui")
+    if not 1 <= port <= 65535:
+        raise UsageError(f"--ui-port {port}: expected a port number from 1 to 65535")
+    if not port_free(port):
+        raise UsageError(f"--ui-port {port}: something listens on 127.0.0.1:{port} already; "
+                         "choose another port or leave --ui-port out (a free one)")
+
+
 def check_storage(args: argparse.Namespace) -> None:
     """A local --storage must be a folder we can create or write; --resume --name must name a
     search that is there (else Ray fails after an MLflow parent run was already made)."""
@@ -432,6 +455,50 @@ def plan(space: SearchSpace) -> dict[str, Any]:
             "trial_epochs_at_most": trials * space.search.max_epochs,
             "resources_per_trial": space.resources.ray_resources(),
             "metric": f"{space.metric} ({space.mode}), a trial's value is its best epoch"}
+
+
+def start_ui(tracking_uri: str, port: int | None):
+    """``--ui``: an ``mlflow ui`` process on 127.0.0.1 for a local store (SQLite or folder), or
+    None for a tracking server (:func:`print_start` says so); stop it with ``.stop()``."""
+    from tuner._ui import LocalUI, local_store
+    from tuner.tracking import absolute_sqlite_uri
+
+    if not local_store(tracking_uri):
+        return None
+    log_path = Path(tempfile.gettempdir()) / f"mlflow-ui-{os.getpid()}.log"
+    return LocalUI(absolute_sqlite_uri(tracking_uri), port, log_path=log_path)
+
+
+def print_start(space: SearchSpace, name: str, tracker, ui=None, ui_asked: bool = False,
+                budget: int | None = None) -> None:
+    """What a user needs before the first trial: the plan (as ``--dry-run`` counts it), where
+    MLflow records the search and how to watch it there (``ui``: the ``--ui`` process, whose
+    start it waits for, so that its URL answers once the trials run)."""
+    counts = plan(space)
+    uri = tracker.tracking_uri
+    runs = tracker.runs_url()
+    budget_note = (f"; the search ends after {budget} trial-epochs (--budget-trial-epochs)"
+                   if budget else "")
+    pruning = "no pruning" if counts["pruner"] == "none" else f"{counts['pruner']} pruner"
+    print(f"Search {name!r}: {counts['trials']} trials ({counts['sampler']} sampler, "
+          f"{pruning}) of up to {counts['max_epochs']} epochs each, at most "
+          f"{counts['trial_epochs_at_most']} trial-epochs{budget_note}.")
+    print(f"MLflow {uri}: experiment {tracker.experiment_name!r} (id {tracker.experiment_id}), "
+          f"parent run {name!r} (id {tracker.parent_run_id}).")
+    print(f"Watch the runs: {tracker.ui_command()}")
+    print(f"  then open     {runs}")
+    print(f"  this search   {runs}/{tracker.parent_run_id}")
+    if ui is not None:
+        ui_runs = tracker.runs_url(port=ui.port)
+        print(f"MLflow UI (--ui, pid {ui.pid}, it stops with the search): {ui_runs}")
+        print(f"  this search   {ui_runs}/{tracker.parent_run_id}", flush=True)
+        problem = ui.wait_ready()
+        if problem is not None:
+            print(f"warning: --ui: {problem}; the search goes on", file=sys.stderr)
+    elif ui_asked:
+        print(f"--ui: {uri} is an MLflow server already; nothing to start (open it, or the "
+              "URL above through a forwarded port)")
+    sys.stdout.flush()
 
 
 def study_storage_for(args: argparse.Namespace) -> str:
@@ -536,68 +603,70 @@ def run_search(space: SearchSpace, data: MultimodalData, args: argparse.Namespac
         files={"space.yaml": Path(space.source).read_text() if Path(space.source).is_file()
                else "", "effective_space.yaml": yaml.safe_dump(_space_dict(space))},
     )
-
-
-    trainable = tune.with_resources(
-        tune.with_parameters(train_fusion, data=data), space.resources.ray_resources())
-    num_samples = space.grid_size() if settings.sampler == "grid" else settings.num_samples
-    if stop is None and getattr(args, "budget_trial_epochs", None):
-        stop = SearchBudget(trial_epochs=args.budget_trial_epochs)
-    experiment = f"{storage.rstrip('/')}/{name}"
-    if args.resume:
-        # searcher (with its Optuna study in the RDB storage), scheduler and callbacks come back
-        # from Ray's experiment checkpoint; finished trials stay finished, unfinished and
-        # errored ones continue from their last checkpoint
-        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
-        rebind_callbacks(tuner, tracker)  # write where --mlflow-uri says now
-        print(f"Resuming search {name!r} from {experiment}; MLflow parent run {parent}.",
-              flush=True)
-    else:
-        pruner = make_pruner(settings.pruner, settings.grace_epochs, settings.max_epochs)
-        sampler = make_sampler(settings.sampler, settings.seed, settings.num_samples)
-        searcher = StudySearch(
-            space=space.define_by_run(settings.sampler, settings.max_epochs, settings.seed),
-            metric=space.objective, mode=space.mode, sampler=sampler, pruner=pruner,
-            study_name=name, storage=optuna.storages.RDBStorage(study_storage),
-            points_to_evaluate=initial_points(space) or None,
-        )
-        search_alg = (ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent)
-                      if settings.max_concurrent else searcher)
-        scheduler = (OptunaPruningScheduler(searcher, metric=space.objective)
-                     if pruner is not None else None)
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=TuneConfig(search_alg=search_alg, scheduler=scheduler,
-                                   num_samples=num_samples,
-                                   reuse_actors=reuse_workers(settings, args.address),
-                                   trial_dirname_creator=_trial_dirname),
-            run_config=RunConfig(
-                name=name, storage_path=storage, stop=stop,
-                callbacks=[MlflowTrialCallback(tracker), DiskSpaceGuard(storage)],
-                checkpoint_config=CheckpointConfig(num_to_keep=1),
-                failure_config=FailureConfig(max_failures=2),
-                verbose=1 if args.verbose == 0 else 2,
-            ),
-        )
-        print(f"Search {name!r}: {num_samples} trials of up to {settings.max_epochs} epochs "
-              f"({settings.sampler} sampler, {settings.pruner} pruner); MLflow parent run "
-              f"{parent}.", flush=True)
-    if args.verbose == 0:
-        # a failing trial is one line from MlflowTrialCallback; its traceback is in error.txt
-        logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
+    # --ui: the UI's process starts now, while the trials are prepared; it ends with the search
+    ui = start_ui(tracking_uri, args.ui_port) if getattr(args, "ui", False) else None
     try:
-        results = tuner.fit()
-    except BaseException as exc:
-        tracker.finish_search("KILLED", None, None, None)
-        full = _disk_full(exc)
-        if full is None:
-            raise
-        print(f"error: no space left on device: {full or storage}; the search stopped. "
-              f"Finished trials are kept (Ray: {experiment}, MLflow: {tracking_uri}). Free some "
-              f"space, then continue with the same command plus --resume --name {name}",
-              file=sys.stderr)
-        return 5
-    return summarise(results, space, tracker, data, experiment)
+        trainable = tune.with_resources(
+            tune.with_parameters(train_fusion, data=data), space.resources.ray_resources())
+        num_samples = space.grid_size() if settings.sampler == "grid" else settings.num_samples
+        if stop is None and getattr(args, "budget_trial_epochs", None):
+            stop = SearchBudget(trial_epochs=args.budget_trial_epochs)
+        experiment = f"{storage.rstrip('/')}/{name}"
+        if args.resume:
+            # searcher (with its Optuna study in the RDB storage), scheduler and callbacks come
+            # back from Ray's experiment checkpoint; finished trials stay finished, unfinished
+            # and errored ones continue from their last checkpoint
+            tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
+            rebind_callbacks(tuner, tracker)  # write where --mlflow-uri says now
+            print(f"Resuming search {name!r} from {experiment}.", flush=True)
+        else:
+            pruner = make_pruner(settings.pruner, settings.grace_epochs, settings.max_epochs)
+            sampler = make_sampler(settings.sampler, settings.seed, settings.num_samples)
+            searcher = StudySearch(
+                space=space.define_by_run(settings.sampler, settings.max_epochs, settings.seed),
+                metric=space.objective, mode=space.mode, sampler=sampler, pruner=pruner,
+                study_name=name, storage=optuna.storages.RDBStorage(study_storage),
+                points_to_evaluate=initial_points(space) or None,
+            )
+            search_alg = (ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent)
+                          if settings.max_concurrent else searcher)
+            scheduler = (OptunaPruningScheduler(searcher, metric=space.objective)
+                         if pruner is not None else None)
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=TuneConfig(search_alg=search_alg, scheduler=scheduler,
+                                       num_samples=num_samples,
+                                       reuse_actors=reuse_workers(settings, args.address),
+                                       trial_dirname_creator=_trial_dirname),
+                run_config=RunConfig(
+                    name=name, storage_path=storage, stop=stop,
+                    callbacks=[MlflowTrialCallback(tracker), DiskSpaceGuard(storage)],
+                    checkpoint_config=CheckpointConfig(num_to_keep=1),
+                    failure_config=FailureConfig(max_failures=2),
+                    verbose=1 if args.verbose == 0 else 2,
+                ),
+            )
+        if args.verbose == 0:
+            # a failing trial is one line from MlflowTrialCallback; its traceback is in error.txt
+            logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
+        print_start(space, name, tracker, ui, ui_asked=getattr(args, "ui", False),
+                    budget=getattr(args, "budget_trial_epochs", None))
+        try:
+            results = tuner.fit()
+        except BaseException as exc:
+            tracker.finish_search("KILLED", None, None, None)
+            full = _disk_full(exc)
+            if full is None:
+                raise
+            print(f"error: no space left on device: {full or storage}; the search stopped. "
+                  f"Finished trials are kept (Ray: {experiment}, MLflow: {tracking_uri}). Free "
+                  f"some space, then continue with the same command plus --resume --name {name}",
+                  file=sys.stderr)
+            return 5
+        return summarise(results, space, tracker, data, experiment)
+    finally:
+        if ui is not None:
+            ui.stop()
 
 
 def reuse_workers(settings, address: str | None) -> bool:
@@ -786,6 +855,7 @@ def main(argv: list[str] | None = None) -> int:
             check_address(args.address)
             check_text_models(space)
             check_storage(args)
+            check_ui(args)
     except (SpaceError, UsageError, ConfigError, DataError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
