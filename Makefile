@@ -14,6 +14,7 @@ LOCK   := requirements.lock
 # torch's CPU index: pyproject.toml's [[tool.uv.index]] "pytorch-cpu" (what `make lock` resolves
 # torch from). `make` installs the locked torch wheel with pip's own configuration first (a wheel
 # on local disk, as on our machines and CI) and asks this index only when pip finds no such wheel.
+# (The project is installed --no-deps: uv would look torch up on that index, not on disk.)
 TORCH_INDEX ?= $(shell $(PYTHON) -c "import tomllib; print(next(i['url'] for i in tomllib.load(open('pyproject.toml', 'rb'))['tool']['uv']['index'] if i['name'] == 'pytorch-cpu'))")
 # On a GPU machine, put your CUDA build over the locked CPU wheel:
 #   make test TORCH_SPEC="torch==2.13.0+cu128" TORCH_PIP_ARGS="--index-url <your CUDA wheel index>"
@@ -35,6 +36,10 @@ $(VENV)/.installed: $(LOCK) pyproject.toml
 	  $(PY) -m pip install -q --no-deps --require-hashes --index-url "$(TORCH_INDEX)" -r $(VENV)/torch.lock; }
 	$(UV) pip sync -q -p $(PY) --require-hashes $(LOCK)
 	$(UV) pip install -q -p $(PY) --no-deps -e .
+	@$(UV) pip check -q -p $(PY) >/dev/null 2>&1 || { \
+	  echo "make: WARNING: $(LOCK) misses what pyproject.toml asks for; installing it unlocked (run make lock):"; \
+	  $(UV) pip check -p $(PY) || true; \
+	  $(UV) pip install -q -p $(PY) --no-sources -e .; }
 	$(if $(TORCH_SPEC),$(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)")
 	@touch $@
 
