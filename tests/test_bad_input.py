@@ -2,7 +2,8 @@
 2, no traceback, and no trial (no Ray results folder, no MLflow run).
 
 Most rows fail before Ray starts; the two resource rows need a Ray cluster to compare with (the
-module's ``ray_local``, 2 CPUs). The README table "What you can get wrong" lists these messages.
+module's ``ray_local``, 2 CPUs). The table in docs/bad-input.md ("What you can get wrong") lists these
+messages.
 """
 
 from __future__ import annotations
@@ -461,7 +462,8 @@ def test_pickles_warn_and_servers_bind_localhost(small_pickle, tmp_path):
     # what the search prints at its end (an MLflow store costs ~20 s to create under load)
     command = Tracker.ui_command(SimpleNamespace(tracking_uri="sqlite:///mlflow.db"))
     assert command.startswith("mlflow ui ") and "--host 127.0.0.1" in command
-    readme = (ROOT / "README.md").read_text()
+    # the README and the docs pages it links to (the cluster and safety pages hold server commands)
+    readme = "\n".join(path.read_text() for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
     servers = [line for line in readme.splitlines() if "mlflow ui " in line
                or "mlflow server " in line or "optuna-dashboard " in line]
     assert servers and not any("0.0.0.0" in line for line in servers)

@@ -178,7 +178,7 @@ def test_search_speed_times_ours_and_a_serial_random_search(tiny_grid, efficienc
 @pytest.mark.slow
 def test_many_trials_checks_every_trial_once(capsys, tmp_path, small_data):
     """A few trials at once through ``tuner.search``: each in MLflow once, the SQLite stores
-    intact, the Optuna study complete (the 200-trial run is in the README)."""
+    intact, the Optuna study complete (the 200-trial run is in docs/performance.md)."""
     from trainables.data.parquet import write_parquet
 
     bench = load_bench("many_trials")
