@@ -144,6 +144,7 @@ def test_checkpoints_every_k_epochs_on_improvement_and_at_the_end(small_data, tm
     improved = {int(e) for e, best in zip(history["epoch"], history["best_epoch"]) if e == best}
     with_checkpoint = sorted(int(m["epoch"]) for _, m in result.best_checkpoints)
     assert with_checkpoint == sorted(improved | {3, 6, 7})
-    assert len(with_checkpoint) < 7 or improved == set(range(1, 8))
+    # the rule is exercised, not vacuous: some epoch neither improved nor fell on k or the end
+    assert len(with_checkpoint) < 7, f"every epoch improved ({improved}): nothing was skipped"
     with result.checkpoint.as_directory() as directory:  # the last: the best epoch's weights
         assert load_best(f"{directory}/{BEST_FILE}")["epoch"] == int(history["best_epoch"].iloc[-1])
