@@ -212,6 +212,75 @@ def test_training_step_updates_backbone_only_through_the_main_loss(backbone, reg
     assert changed, "one AdamW step changed no backbone parameter"
 
 
+#: each regulariser's weight fields; the penalty is a weight times a term plus terms free of it
+PENALTY_WEIGHTS: dict[str, tuple[str, ...]] = {
+    "none": (), "mdm": ("weight",), "mird": ("alpha",), "mmim": ("alpha", "beta"),
+    "orthogonal": ("weight",), "synergy": ("beta",),
+}
+
+
+def backbone_gradients(model, reg, batch, **weights) -> dict[str, torch.Tensor]:
+    """d/dθ (backbone) of the task loss, the penalty and the loop's combined loss, in one model
+    step after an estimator update, with ``weights`` set on the regulariser's config. Each call
+    works on copies and reseeds torch, so every call draws the same dropout and permutations."""
+    model, reg = copy.deepcopy((model, reg))
+    if weights:
+        reg.config = dataclasses.replace(reg.config, **weights)
+    model.train()
+    reg.train()
+    torch.manual_seed(7)
+    out = model(batch)
+    enc = make_encoder(model, batch)
+    reg.estimator_update(out, batch, enc)
+    task = F.l1_loss(out.prediction, batch.labels)
+    pen = reg.step_penalty(out, batch, enc)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def flat_grad(loss: torch.Tensor) -> torch.Tensor:
+        if not loss.requires_grad:  # a constant (no penalty): no gradient anywhere
+            return torch.cat([torch.zeros_like(p).flatten() for p in params])
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        return torch.cat([(torch.zeros_like(p) if g is None else g).flatten()
+                          for p, g in zip(params, grads)])
+
+    return {"task": flat_grad(task), "penalty": flat_grad(pen),
+            "combined": flat_grad(reg.combine(task, pen)),
+            "task_combined": flat_grad(reg.combine(task, torch.zeros_like(pen)))}
+
+
+@pytest.mark.parametrize("backbone,regulariser", PAIRS)
+def test_the_penalty_changes_the_backbone_gradients_in_proportion_to_its_weight(backbone,
+                                                                                 regulariser):
+    """The regulariser is not a no-op: its penalty moves the backbone's gradients away from the
+    task loss's alone, and the weighted term's contribution doubles when its weight doubles."""
+    model, reg = build(backbone, regulariser)
+    batch = make_batch(model.dims)
+    base = backbone_gradients(model, reg, batch)
+    assert torch.isfinite(base["combined"]).all()
+    assert base["task"].abs().sum() > 0
+    if regulariser == "none":  # no penalty: the loss and its gradients are the task loss's
+        assert not base["penalty"].any()
+        torch.testing.assert_close(base["combined"], base["task"], rtol=0, atol=0)
+        return
+    assert base["penalty"].abs().sum() > 0, "the penalty sends no gradient into the backbone"
+    # the loop's loss is (a function of) the task loss plus the penalty: the gradients differ
+    # from the task loss's alone by exactly the penalty's
+    assert not torch.equal(base["combined"], base["task_combined"]), \
+        "the penalty does not change the backbone's gradients"
+    torch.testing.assert_close(base["combined"] - base["task_combined"], base["penalty"],
+                               rtol=1e-3, atol=1e-5 * float(base["combined"].abs().max()))
+    assert PENALTY_WEIGHTS[regulariser], f"{regulariser}: name its weight in PENALTY_WEIGHTS"
+    for name in PENALTY_WEIGHTS[regulariser]:
+        zero, w, two_w = (backbone_gradients(model, reg, batch, **{name: v})["penalty"]
+                          for v in (0.0, 0.5, 1.0))
+        once, twice = w - zero, two_w - zero
+        assert once.abs().max() > 0, f"{regulariser}.{name} does not reach the backbone"
+        scale = float(twice.abs().max())
+        torch.testing.assert_close(twice, 2 * once, rtol=1e-3, atol=1e-4 * scale,
+                                   msg=f"{regulariser}.{name}: twice the weight is not twice the"
+                                       " contribution")
+
+
 @pytest.mark.parametrize("backbone,regulariser", PAIRS)
 def test_deterministic_on_cpu(backbone, regulariser):
     results = []

@@ -129,8 +129,15 @@ def test_estimator_steps_never_touch_the_backbone(small_data):
 
 
 def test_threads_follow_the_trial_resources(small_data):
+    """The trial's CPU count sets torch's threads: from 1 (the suite's default) to 2 and back;
+    outside Ray (no count) the threads are left as they are."""
     before = torch.get_num_threads()
     try:
+        torch.set_num_threads(1)
+        Trainer(config(), small_data, num_threads=2)
+        assert torch.get_num_threads() == 2
+        Trainer(config(), small_data, num_threads=None)
+        assert torch.get_num_threads() == 2  # untouched
         Trainer(config(), small_data, num_threads=1)
         assert torch.get_num_threads() == 1
     finally:

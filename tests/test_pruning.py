@@ -89,6 +89,40 @@ def test_every_pruner_builds(name):
     assert (pruner is None) == (name == "none")
 
 
+@pytest.mark.parametrize("name", ["median", "successive_halving", "hyperband", "asha"])
+def test_every_pruner_prunes_a_planted_bad_trial(name):
+    """Through the searcher and the scheduler, as in a search: reference trials that learn run to
+    the end; a planted trial far worse at every epoch is stopped before its last epoch is spent
+    in vain, and the study records it PRUNED."""
+    max_epochs = 3
+    space = space_from_dict({**SPACE, "search": {"sampler": "random", "max_epochs": max_epochs}},
+                            "g.yaml")
+    searcher = searcher_for(space, make_pruner(name, grace_epochs=1, max_epochs=max_epochs))
+    scheduler = OptunaPruningScheduler(searcher, metric=space.objective)
+    running = {"trial_status": "running"}
+    curve = [1.0, 0.8, 0.6]
+    n_good = 6  # enough that each of hyperband's brackets holds reference trials
+    for i in range(n_good):
+        searcher.suggest(f"good{i}")
+        for step, value in enumerate(curve, start=1):
+            assert scheduler.on_trial_result(None, FakeTrial(f"good{i}"), {
+                space.objective: value, "training_iteration": step, **running}) == "CONTINUE"
+        searcher.on_trial_complete(f"good{i}", {space.objective: curve[-1]})
+    searcher.suggest("bad")
+    decisions = []
+    for step, value in enumerate([v + 5.0 for v in curve], start=1):
+        decisions.append(scheduler.on_trial_result(None, FakeTrial("bad"), {
+            space.objective: value, "training_iteration": step, **running}))
+        if decisions[-1] == "STOP":
+            break
+    assert decisions[-1] == "STOP", f"{name} never pruned the bad trial: {decisions}"
+    searcher.on_trial_complete("bad", {space.objective: 5.0 + curve[len(decisions) - 1]})
+    states = [t.state for t in searcher.study.trials]
+    assert states == [optuna.trial.TrialState.COMPLETE] * n_good + [
+        optuna.trial.TrialState.PRUNED]
+    assert len(decisions) < max_epochs, f"{name} let the bad trial run to its last epoch"
+
+
 @pytest.mark.parametrize("name", ["grid", "tpe", "random", "cmaes", "qmc"])
 def test_every_sampler_builds(name):
     assert isinstance(make_sampler(name, seed=0), optuna.samplers.BaseSampler)
