@@ -117,7 +117,7 @@ def test_resume_refuses_changed_data_before_any_trial(tmp_path, monkeypatch, sma
     capsys.readouterr()
 
     raw = small_raw_copy
-    raw["train"]["regression_labels"] = raw["train"]["regression_labels"] + 0.5
+    raw["train"]["regression_labels"] = -raw["train"]["regression_labels"]
     changed = write_parquet(arrays_from_mmsa(raw, "changed"), tmp_path / "changed")
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("hashed")
@@ -138,3 +138,49 @@ def test_resume_refuses_changed_data_before_any_trial(tmp_path, monkeypatch, sma
 
     # the same data resumes (nothing left to run)
     assert main(["--space", str(space), "--name", "h1", "--resume"]) == 0
+
+
+def trials_in_order(client: MlflowClient, experiment: str, search: str) -> list[tuple]:
+    """(lr, status, best_valid_mae, valid_mae history) of a search's trials, in start order
+    (interrupted runs that a resume replaced left out)."""
+    runs = sorted((r for r in trial_runs(client, experiment, search)
+                   if r.data.tags["status"] != "interrupted"), key=lambda r: r.info.start_time)
+    return [(float(r.data.params["lr"]), r.data.tags["status"], r.data.metrics["best_valid_mae"],
+             [m.value for m in sorted(client.get_metric_history(r.info.run_id, "valid_mae"),
+                                      key=lambda m: m.step)])
+            for r in runs]
+
+
+def test_resume_keeps_pruning_history_and_reproduces_the_uninterrupted_search(
+        tmp_path, monkeypatch, small_data, ray_local, capsys):
+    """A median-pruned search stopped after 8 trial-epochs (two learning trials, then a bad one
+    pruned at its 2nd epoch), then resumed, ends with the same trials and the same values as
+    the same search run without a stop; the resumed part still prunes its bad trial, which the
+    median pruner (2 startup trials) can only do with the earlier trials' intermediate values."""
+    data_dir = write_parquet(small_data, tmp_path / "data")
+    space = write_space(tmp_path, data_dir, "resumed", num_samples=5, max_epochs=3,
+                        pruner="median", lr=(GOOD, 0.003, BAD),
+                        start_points=[{"regulariser": "none", "lr": GOOD},
+                                      {"regulariser": "none", "lr": 0.003},
+                                      {"regulariser": "none", "lr": BAD},
+                                      {"regulariser": "none", "lr": BAD}])
+    monkeypatch.chdir(tmp_path)
+    assert main(["--space", str(space), "--name", "whole"]) == 0
+    assert main(["--space", str(space), "--name", "cut", "--budget-trial-epochs", "8"]) == 0
+    capsys.readouterr()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    before = trials_in_order(client, "resumed", "cut")
+    print("BEFORE", before)
+    study = optuna.load_study(study_name="cut", storage=storage)
+    print([(t.number, t.state, t.intermediate_values) for t in study.trials])
+
+    assert main(["--space", str(space), "--name", "cut", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "Resuming search 'cut'" in out
+    whole, cut = trials_in_order(client, "resumed", "whole"), trials_in_order(client, "resumed", "cut")
+    print("WHOLE", whole)
+    print("CUT", cut)
+    study = optuna.load_study(study_name="cut", storage=storage)
+    print([(t.number, t.state, t.intermediate_values) for t in study.trials])
+    assert cut == whole
