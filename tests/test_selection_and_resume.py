@@ -3,6 +3,7 @@ pruning history and reproduces an uninterrupted search (issue 19, "Behaviour wit
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -151,12 +152,37 @@ def trials_in_order(client: MlflowClient, experiment: str, search: str) -> list[
             for r in runs]
 
 
+class InterruptAtTrial:
+    """A Tune stopper that raises KeyboardInterrupt (Ctrl-C in the driver) at the first report of
+    the ``n``-th trial, while ``$T19_INTERRUPT`` is 1: Tune pickles it with the search, and the
+    resumed search unpickles it disarmed."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.seen: list[str] = []
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        if trial_id not in self.seen:
+            self.seen.append(trial_id)
+        if os.environ.get("T19_INTERRUPT") == "1" and len(self.seen) >= self.n:
+            raise KeyboardInterrupt
+        return False
+
+    def stop_all(self) -> bool:
+        return False
+
+
 def test_resume_keeps_pruning_history_and_reproduces_the_uninterrupted_search(
         tmp_path, monkeypatch, small_data, ray_local, capsys):
-    """A median-pruned search stopped after 8 trial-epochs (two learning trials, then a bad one
-    pruned at its 2nd epoch), then resumed, ends with the same trials and the same values as
-    the same search run without a stop; the resumed part still prunes its bad trial, which the
+    """A median-pruned search interrupted (Ctrl-C in the driver) at its 4th trial, after two
+    learning trials and a pruned bad one, then resumed, ends with the same trials and values as
+    the same search run without a stop; the resumed part still prunes its bad trials, which the
     median pruner (2 startup trials) can only do with the earlier trials' intermediate values."""
+    from ray.tune import Stopper
+
+    from tuner.search import build_parser, prepare_space, resolve_data, run_search
+
+    Stopper.register(InterruptAtTrial)
     data_dir = write_parquet(small_data, tmp_path / "data")
     space = write_space(tmp_path, data_dir, "resumed", num_samples=5, max_epochs=3,
                         pruner="median", lr=(GOOD, 0.003, BAD),
@@ -166,21 +192,31 @@ def test_resume_keeps_pruning_history_and_reproduces_the_uninterrupted_search(
                                       {"regulariser": "none", "lr": BAD}])
     monkeypatch.chdir(tmp_path)
     assert main(["--space", str(space), "--name", "whole"]) == 0
-    assert main(["--space", str(space), "--name", "cut", "--budget-trial-epochs", "8"]) == 0
+    args = build_parser().parse_args(["--space", str(space), "--name", "cut"])
+    prepared = prepare_space(args)
+    monkeypatch.setenv("T19_INTERRUPT", "1")
+    with pytest.raises(KeyboardInterrupt):
+        run_search(prepared, resolve_data(prepared.data), args, stop=InterruptAtTrial(4))
+    monkeypatch.delenv("T19_INTERRUPT")
     capsys.readouterr()
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    before = trials_in_order(client, "resumed", "cut")
-    print("BEFORE", before)
     study = optuna.load_study(study_name="cut", storage=storage)
-    print([(t.number, t.state, t.intermediate_values) for t in study.trials])
+    states = [t.state.name for t in study.trials]
+    before = [(t.state.name, t.intermediate_values) for t in study.trials[:3]]
+    assert states[:3] == ["COMPLETE", "COMPLETE", "PRUNED"], states
 
     assert main(["--space", str(space), "--name", "cut", "--resume"]) == 0
     out = capsys.readouterr().out
     assert "Resuming search 'cut'" in out
     whole, cut = trials_in_order(client, "resumed", "whole"), trials_in_order(client, "resumed", "cut")
-    print("WHOLE", whole)
-    print("CUT", cut)
+    # the same trials (configs the sampler drew included) with exactly the same values; the
+    # order may differ: the trial running at the interrupt is re-run after the others
+    assert sorted(cut) == sorted(whole) and len(cut) == 5
+    # pruned after the resume: the median pruner's 2 startup trials all ran before the
+    # interrupt, so it prunes only if it still sees their intermediate values
+    assert [t[1] for t in cut[3:]] == ["pruned", "pruned"]
     study = optuna.load_study(study_name="cut", storage=storage)
-    print([(t.number, t.state, t.intermediate_values) for t in study.trials])
-    assert cut == whole
+    kept = [(t.state.name, t.intermediate_values) for t in study.trials]
+    assert kept[:3] == [(s, v) for s, v in before]  # the earlier history, as it was
+    assert [s for s, _ in kept].count("PRUNED") == 3 and [s for s, _ in kept].count("COMPLETE") == 2
