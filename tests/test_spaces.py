@@ -196,3 +196,15 @@ def test_narrowing_keeps_typos_an_error():
 
     with pytest.raises(SpaceError, match="wieght"):
         apply_overrides(load_space("mdm"), ["grid.regulariser.wieght=[1.0]"])
+
+
+def test_smoke_grid_has_the_readme_count(tmp_path, monkeypatch, capsys):
+    """The README: the smoke space's grid is 42 trials (2 backbones x (3 lr without regulariser
+    + 3 lr x 2 weights x 3 estimators with MDM))."""
+    from tuner.search import main
+
+    assert len(load_space("smoke").grid_points()) == 42
+    monkeypatch.chdir(tmp_path)
+    assert main(["--space", "smoke", "--sampler", "grid", "--dry-run"]) == 0
+    plan = yaml.safe_load(capsys.readouterr().out)
+    assert plan["trials"] == plan["grid_size"] == 42
