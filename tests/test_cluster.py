@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.waiting import wait_until
+
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_YAML = ROOT / "cluster.yaml"
 REMOTE_REPO = "~/mifusion-search"
@@ -217,29 +219,33 @@ def test_the_head_starts_an_mlflow_server_that_answers_its_allowed_hosts_only(cl
             return exc.code
 
     try:
-        deadline = time.time() + 300  # MLflow's server starts in ~10 s, ~100 s on a loaded CI
-        while True:
+        def health() -> int | None:
             try:
-                status = get(f"127.0.0.1:{port}", "/health")
-                break
+                return get(f"127.0.0.1:{port}", "/health")
             except OSError:
-                log = (home / "state" / "mlflow.log")
-                assert time.time() < deadline, log.read_text()[-2000:] if log.exists() else ""
-                time.sleep(0.5)
+                return None
+
+        def log_tail() -> str:
+            log = home / "state" / "mlflow.log"
+            return log.read_text()[-2000:] if log.exists() else "no mlflow.log"
+
+        # MLflow's server starts in ~10 s, ~100 s on a loaded CI
+        status = wait_until(health, timeout=300, interval=0.5, message=log_tail)
         assert status == 200
         assert get(f"127.0.0.1:{port}") == 200
         assert get(f"localhost:{port}") == 200  # what an SSH tunnel sends
         assert get("attacker.example.com") in (400, 403)  # DNS rebinding refused
         assert (state / "mlflow.db").is_file()
     finally:
-        os.killpg(pid, signal.SIGTERM)  # setsid: the server and its workers are one group
-        for _ in range(40):
+        def group_gone() -> bool:
             try:
                 os.killpg(pid, 0)
             except ProcessLookupError:
-                break
-            time.sleep(0.5)
-        else:
+                return True
+            return False
+
+        os.killpg(pid, signal.SIGTERM)  # setsid: the server and its workers are one group
+        if not wait_until(group_gone, timeout=60, interval=0.5, raise_on_timeout=False):
             os.killpg(pid, signal.SIGKILL)
 
 
@@ -268,10 +274,14 @@ def test_driver_defaults_come_from_the_environment(monkeypatch, tmp_path):
     assert args.mlflow_uri == "sqlite:///x.db" and storage_for(args) == str(tmp_path / "elsewhere")
 
     # --resume without --name finds the newest search in a storage given as a URI too
-    for name in ("smoke-1", "smoke-2", "other-3"):
+    # explicit, a second apart, modification times: no sleep, whatever the file system's
+    # time resolution (the local listing orders folders, the URI one their tuner.pkl)
+    now = time.time()
+    for age, name in ((30, "smoke-1"), (20, "smoke-2"), (10, "other-3")):
         (tmp_path / "store" / name).mkdir(parents=True)
         (tmp_path / "store" / name / "tuner.pkl").write_bytes(b"x")
-        time.sleep(0.02)
+        for path in (tmp_path / "store" / name / "tuner.pkl", tmp_path / "store" / name):
+            os.utime(path, (now - age, now - age))
     (tmp_path / "store" / "smoke-9").mkdir()  # not a Tune experiment
     assert find_resumable("smoke", (tmp_path / "store").as_uri()) == "smoke-2"
     assert find_resumable("smoke", str(tmp_path / "store")) == "smoke-2"
@@ -392,8 +402,8 @@ def test_search_on_a_multi_node_cluster_survives_losing_a_node(tmp_path, monkeyp
         reclaimed spot node); its trial must go on on the other worker. (Nodes cannot be added
         from this thread: Ray's Node installs signal handlers, main thread only.)"""
         client = MlflowClient(mlflow_uri)
-        deadline = time.time() + 300
-        while time.time() < deadline and not removed:
+
+        def one_done_and_one_busy():
             try:
                 runs = _trial_runs(client, "multinode")
                 done = {r.data.tags["ray_trial_id"] for r in runs
@@ -402,15 +412,18 @@ def test_search_on_a_multi_node_cluster_survives_losing_a_node(tmp_path, monkeyp
                         and r.data.tags.get("ray_node_id")
                         and len(client.get_metric_history(r.info.run_id, "valid_mae")) >= 2]
             except Exception:  # the store is being created
-                done, busy = set(), []
-            if done and busy:
-                node_id = busy[0].data.tags["ray_node_id"]
-                node = next(n for n in (worker_a, worker_b) if n.node_id == node_id)
-                removed.update(trial=busy[0].data.tags["ray_trial_id"], node=node_id,
-                               done_before=done)
-                cluster.remove_node(node)
-                return
-            time.sleep(0.2)
+                return None
+            return (done, busy) if done and busy else None
+
+        found = wait_until(one_done_and_one_busy, timeout=300, interval=0.2,
+                           raise_on_timeout=False)
+        if found:
+            done, busy = found
+            node_id = busy[0].data.tags["ray_node_id"]
+            node = next(n for n in (worker_a, worker_b) if n.node_id == node_id)
+            removed.update(trial=busy[0].data.tags["ray_trial_id"], node=node_id,
+                           done_before=done)
+            cluster.remove_node(node)
 
     thread = threading.Thread(target=remove_a_busy_worker, daemon=True)
     thread.start()

@@ -1,13 +1,14 @@
 """Faults during a search: a trial's worker killed mid-trial resumes from its checkpoint; a
 trial that raises is recorded as errored and the search goes on."""
 
-import time
+import os
 
 import psutil
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from tests.waiting import wait_until
 from trainables.data.parquet import write_parquet
 from tuner.search import main
 
@@ -15,9 +16,15 @@ pytestmark = pytest.mark.slow
 
 
 def trial_workers() -> list[psutil.Process]:
+    """This test's trial workers: the ``ray::ImplicitFunc`` / ``ray::train_fusion`` processes
+    among this process's descendants (the ``ray_local`` Ray's raylet, started by this process,
+    starts them), never another job's workers on the same machine."""
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
+    for proc in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            cmdline = " ".join(proc.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
         if cmdline.startswith("ray::ImplicitFunc") or cmdline.startswith("ray::train_fusion"):
             found.append(proc)
     return found
@@ -37,28 +44,42 @@ def test_killed_worker_resumes_from_checkpoint(tmp_path, monkeypatch, small_data
     (tmp_path / "faults.yaml").write_text(yaml.safe_dump(space))
     monkeypatch.chdir(tmp_path)
     killed = []
+    search_over = threading.Event()  # no kill after the search: later tests' workers are ours too
 
     def killer():
         client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-        deadline = time.time() + 120
-        while time.time() < deadline:
+
+        def third_epoch_and_its_worker():
+            if search_over.is_set():
+                return True
             try:
                 runs = client.search_runs(
                     [client.get_experiment_by_name("faults").experiment_id],
                     filter_string="tags.run_kind = 'trial'")
-            except Exception:
-                runs = []
-            if runs and len(client.get_metric_history(runs[0].info.run_id, "valid_mae")) >= 3:
-                for proc in trial_workers():
-                    proc.kill()
-                    killed.append(proc.pid)
-                return
-            time.sleep(0.2)
+                enough = runs and len(
+                    client.get_metric_history(runs[0].info.run_id, "valid_mae")) >= 3
+            except Exception:  # the store is being created
+                enough = False
+            return enough and trial_workers()
+
+        workers = wait_until(third_epoch_and_its_worker, timeout=300, interval=0.2,
+                             raise_on_timeout=False)
+        if search_over.is_set():
+            return
+        for proc in workers or []:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                continue
+            killed.append(proc.pid)
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    assert main(["--space", "faults.yaml", "--name", "f1"]) == 0
-    thread.join(timeout=5)
+    try:
+        assert main(["--space", "faults.yaml", "--name", "f1"]) == 0
+    finally:
+        search_over.set()
+        thread.join(timeout=30)
     assert killed, "the trial's worker process was not found"
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from tests import fault_plugins
 from tests.mlflow_store import trials_with_status
+from tests.waiting import wait_until
 from trainables.data.parquet import write_parquet
 from tuner.search import main
 
@@ -161,17 +162,19 @@ def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
          "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
          "--artifacts-destination", str(root / "server-artifacts")],
         cwd=root, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while True:
+
+    def healthy() -> bool:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
                 if r.status == 200:
-                    return proc
+                    return True
         except OSError:
             pass
         assert proc.poll() is None, "mlflow server did not start"
-        assert time.time() < deadline, "mlflow server did not answer in time"
-        time.sleep(0.5)
+        return False
+
+    wait_until(healthy, timeout=300, interval=0.5, message="mlflow server did not answer")
+    return proc
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -233,13 +236,12 @@ def test_mlflow_server_down_mid_search_then_resume_syncs(tmp_path, monkeypatch, 
     killed = []
 
     def killer():  # the server dies once the first trial is recorded as completed
-        deadline = time.time() + 400
-        while time.time() < deadline and server.poll() is None:
-            if trials_with_status(tmp_path / "server.db", "completed") >= 1:
-                stop(server)
-                killed.append(time.time())
-                return
-            time.sleep(0.05)
+        if wait_until(lambda: server.poll() is not None
+                      or trials_with_status(tmp_path / "server.db", "completed") >= 1,
+                      timeout=400, interval=0.05, raise_on_timeout=False) \
+                and server.poll() is None:
+            stop(server)
+            killed.append(time.time())
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
@@ -247,7 +249,7 @@ def test_mlflow_server_down_mid_search_then_resume_syncs(tmp_path, monkeypatch, 
         code = main(["--space", "offline.yaml", "--name", "o1",
                      "--mlflow-uri", f"http://127.0.0.1:{port}"])
     finally:
-        thread.join(timeout=5)
+        thread.join(timeout=30)
         stop(server)
     out, err = capsys.readouterr()
     assert killed, "the server was not killed mid-search"
@@ -329,19 +331,16 @@ def test_disk_full_mid_search_then_resume(tmp_path, monkeypatch, small_data, ray
     filled = []
 
     def filler():  # the disk fills once the first trial is recorded as completed
-        deadline = time.time() + 400
-        while time.time() < deadline:
-            if trials_with_status(tmp_path / "mlflow.db", "completed") >= 1:
-                # less room than a step may write: the search stops before Ray's uploads fail
-                filled.append(fill(small_disk, leave=256 * 1024))
-                return
-            time.sleep(0.05)
+        if wait_until(lambda: trials_with_status(tmp_path / "mlflow.db", "completed") >= 1,
+                      timeout=400, interval=0.05, raise_on_timeout=False):
+            # less room than a step may write: the search stops before Ray's uploads fail
+            filled.append(fill(small_disk, leave=256 * 1024))
 
     thread = threading.Thread(target=filler, daemon=True)
     thread.start()
     cmd = ["--space", "fulldisk.yaml", "--name", "d1", "--storage", str(small_disk)]
     code = main(cmd)
-    thread.join(timeout=5)
+    thread.join(timeout=30)
     out, err = capsys.readouterr()
     assert filled, "the disk was not filled mid-search"
     assert code == 5, err[-3000:]

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import optuna
 import pytest
@@ -12,6 +11,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.mlflow_store import trials_with_status
+from tests.waiting import wait_until
 from trainables.data.parquet import write_parquet
 
 pytestmark = pytest.mark.slow
@@ -34,14 +34,23 @@ def test_sigkill_driver_then_resume(tmp_path, small_data):
     env = {**os.environ, "RAY_ADDRESS": ""}
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
     db = tmp_path / "mlflow.db"
+
+    def one_done_and_the_next_running() -> bool:
+        assert proc.poll() is None, "the search ended before it could be killed"
+        return trials_with_status(db, "completed") >= 1 and trials_with_status(db, "running") >= 1
+
     # kill once a trial has finished and the next one is running (trials follow each other
     # within a fraction of a second in a reused worker: poll, don't sleep a fixed time)
-    while trials_with_status(db, "completed") < 1 or trials_with_status(db, "running") < 1:
-        assert proc.poll() is None, "the search ended before it could be killed"
-        assert time.time() < deadline, "no trial finished in time"
-        time.sleep(0.1)
+    try:
+        wait_until(one_done_and_the_next_running, timeout=400, interval=0.1,
+                   message="no trial finished while the next one ran")
+    except BaseException:  # leave no search (nor its Ray) running behind a failed test
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        raise
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
     proc.wait(timeout=30)
 

@@ -6,7 +6,7 @@ that are not cached must fail at once, without a network request.
 
 from __future__ import annotations
 
-import time
+import socket
 
 import numpy as np
 import pytest
@@ -35,19 +35,27 @@ def minilm_tokenizer():
 
 
 @pytest.mark.parametrize("loader", [load_text_model, load_tokenizer], ids=["model", "tokenizer"])
-def test_uncached_hub_name_fails_fast_offline(loader):
+def test_uncached_hub_name_fails_fast_offline(loader, monkeypatch):
     import huggingface_hub
 
     if not huggingface_hub.is_offline_mode():
         pytest.skip("HF_HUB_OFFLINE was not set before huggingface_hub was imported")
     if _cached("bert-base-uncased"):
         pytest.skip("bert-base-uncased is in this machine's Hugging Face cache")
-    start = time.perf_counter()
+    # offline, it fails without a network request (checked by refusing every connection, not
+    # by timing it: a duration on a loaded machine is no test; timings belong in bench/)
+    attempts = []
+
+    def no_network(sock, address, *args, **kwargs):
+        attempts.append(address)
+        raise OSError("network refused by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket.socket, "connect_ex", no_network)
     with pytest.raises(TextModelError) as info:
         loader("bert-base-uncased")
-    elapsed = time.perf_counter() - start
+    assert not attempts, f"it tried the network: {attempts}"
     message = str(info.value)
-    assert elapsed < 10, f"took {elapsed:.1f}s: it must not wait for the network"
     assert "\n" not in message
     assert "'bert-base-uncased'" in message and "HF_HUB_OFFLINE=1" in message
     assert "hf download bert-base-uncased" in message and "'minilm'" in message
