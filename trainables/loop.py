@@ -18,7 +18,6 @@ directly.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import random
@@ -35,7 +34,8 @@ import torch.nn.functional as F
 from trainables.backbones import get_backbone
 from trainables.backbones.base import BackboneOutput
 from trainables.config import TrialConfig
-from trainables.data.batches import Batch, MultimodalData, TensorSplit, iterate_batches, split_batch
+from trainables.data.batches import (Batch, MultimodalData, TensorSplit, concat_batches, iterate_batches,
+                                     split_batch)
 from trainables.metrics import compute_metrics
 from trainables.regularisers import get_regulariser
 from trainables.regularisers.base import Encoder, float_detached
@@ -235,8 +235,7 @@ class Trainer:
     def _sample_batches(self, k: int) -> Batch:
         """``k`` random training batches (distinct rows within each) as one batch of ``k`` blocks,
         drawn with the trial's generator (so a seeded run repeats them)."""
-        train = self.splits["train"]
-        size = min(self.cfg.batch_size, len(train))
+        train, size = self.splits["train"], self.encoder.batch_size
         index = torch.cat([torch.randperm(len(train), generator=self.generator)[:size] for _ in range(k)])
         return train.batch(index).to(self.device, non_blocking=True)
 
@@ -333,15 +332,12 @@ class Trainer:
         if k == 0 or self.unlabeled is None:
             return batch
         index = self._next_unlabeled(k)
-        extra = self.unlabeled.batch(index)
-        merged = {f.name: (None if getattr(batch, f.name) is None else
-                           torch.cat([getattr(batch, f.name), getattr(extra, f.name)]))
-                  for f in dataclasses.fields(Batch) if f.name != "labeled"}
-        merged["labels"][len(batch):] = 0.0
-        merged["index"][len(batch):] = -1  # not rows of the labeled split
-        labeled = torch.zeros(len(batch) + k, dtype=torch.bool)
-        labeled[: len(batch)] = True
-        return Batch(**merged, labeled=labeled)
+        merged = concat_batches([batch, self.unlabeled.batch(index)])
+        merged.labels[len(batch):] = 0.0
+        merged.index[len(batch):] = -1  # not rows of the labeled split
+        merged.labeled = torch.zeros(len(merged), dtype=torch.bool)
+        merged.labeled[: len(batch)] = True
+        return merged
 
     @torch.inference_mode()
     def predict(self, split: str, state: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -149,17 +149,10 @@ def prepare_space(args: argparse.Namespace) -> SearchSpace:
         value = getattr(args, flag)
         if value is not None:
             sets.append(f"{key}={value}")
-    for flag, key in (("backbone", "backbones"), ("regulariser", "regularisers")):
-        chosen = getattr(args, flag)
-        if chosen:
-            known = getattr(space, key)
-            missing = [c for c in chosen if c not in known]
-            if missing:
-                raise UsageError(f"--{flag} {missing[0]}: not in space {space.name!r} "
-                                 f"({', '.join(known)})")
     if args.data:
         sets.append(f"data={args.data}")
     space = apply_overrides(space, sets)  # checked against the whole space as written
+    # --backbone / --regulariser: names not in the space are an error there
     space, dropped = narrow(space, args.backbone, args.regulariser)
     if dropped:
         print(f"--backbone/--regulariser: dropped {', '.join(dropped)} (no remaining model has "

@@ -318,44 +318,49 @@ class MDM(Regulariser):
         """Algorithm 1's inner loop: ``unroll`` critic steps before the model step.
 
         ``critic_batches="fresh"`` (the paper): each step on its own random training batch B_i
-        and its shuffle B̄_i, all encoded in one no-grad forward pass. ``"same"``: every step on
-        the model step's batch (and, for ``input="fused"``, its B̄, encoded once with gradients
-        and reused by :meth:`step_penalty`)."""
+        and its shuffle B̄_i, all encoded without gradients up front (:meth:`_fresh_pairs`).
+        ``"same"``: every step on the model step's batch (and, for ``input="fused"``, its B̄,
+        encoded once with gradients and reused by :meth:`step_penalty`)."""
         c = self.config
         self._pending_bar = None
         if c.unroll == 0:
             return {}
-        stats: dict[str, float] = {}
         if c.critic_batches == "fresh":
-            fresh = encoder.sample(c.unroll)  # unroll blocks of batch_size rows
-            size = encoder.batch_size
-            if c.input == "fused":
-                both = concat_batches([fresh, shuffle_modalities(fresh, block_size=size)])
-                z = encoder.forward_no_grad(both).features["fused"]  # (2·unroll·size, d_in)
-                z_p, z_q = z[: len(fresh)], z[len(fresh):]
-            else:
-                feats = encoder.forward_no_grad(fresh).features
-                z_p = z_q = None
-            for i in range(c.unroll):
-                rows = slice(i * size, (i + 1) * size)
-                if c.input == "fused":
-                    stats = self.critic_step(z_p[rows], z_q[rows])
-                else:
-                    block = {m: feats[m][rows] for m in MODALITIES}
-                    stats = self.critic_step(self.joint(block), self.product(block))
-            return stats
-        if len(batch) < 2:
+            pairs = self._fresh_pairs(encoder)
+        elif len(batch) < 2:
             return {"mdm_dependency": 0.0}
-        if c.input == "fused":
+        elif c.input == "fused":
             self._pending_bar = encoder.forward(shuffle_modalities(batch))
-            z_p, z_q = out.features["fused"], self._pending_bar.features["fused"]
-            for _ in range(c.unroll):
-                stats = self.critic_step(z_p, z_q)
+            z = (out.features["fused"], self._pending_bar.features["fused"])
+            pairs = (z for _ in range(c.unroll))
         else:
             det = out.detached()
-            for _ in range(c.unroll):
-                stats = self.critic_step(*self.pair(det))
+            pairs = (self.pair(det) for _ in range(c.unroll))
+        stats: dict[str, float] = {}
+        for z_p, z_q in pairs:
+            stats = self.critic_step(z_p, z_q)
         return stats
+
+    def _fresh_pairs(self, encoder: Encoder):
+        """(Z_i, Z̄_i) of ``unroll`` fresh training batches, one per critic step. The batches and
+        (``input="fused"``) their shuffles B̄_i are encoded together without gradients (the
+        encoder does not change during the unroll); with ``input="unimodal"`` each Z̄_i is the
+        block's features permuted, drawn just before its step."""
+        c = self.config
+        fresh = encoder.sample(c.unroll)  # unroll blocks of batch_size rows
+        size = encoder.batch_size
+        blocks = [slice(i * size, (i + 1) * size) for i in range(c.unroll)]
+        if c.input == "fused":
+            both = concat_batches([fresh, shuffle_modalities(fresh, block_size=size)])
+            z = encoder.forward_no_grad(both).features["fused"]  # (2·unroll·size, d_in)
+            z_p, z_q = z[: len(fresh)], z[len(fresh):]
+            for rows in blocks:
+                yield z_p[rows], z_q[rows]
+        else:
+            feats = encoder.forward_no_grad(fresh).features
+            for rows in blocks:
+                block = {m: feats[m][rows] for m in MODALITIES}
+                yield self.joint(block), self.product(block)
 
     def step_penalty(self, out: BackboneOutput, batch: Batch, encoder: Encoder) -> torch.Tensor:
         """Eq. 5's −λ·D on the model step's batch B and its B̄ = shuffle_modalities(B), both
