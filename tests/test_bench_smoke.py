@@ -217,6 +217,7 @@ def test_epoch_speed_prints_tables(capsys, monkeypatch, small_data, tmp_path):
     assert bench.main(["--size", "small", "--models", "lmf", "ef_lstm", "--epochs", "2",
                        "--no-mmsa"]) == 0
     printed = capsys.readouterr().out
+    assert "by parts" not in printed  # no MMSA run, no parts table
     speed, curves = [table_rows(part) for part in printed.split("Validation MAE")]
     assert [r[0] for r in speed] == ["lmf", "ef_lstm"]
     assert all(r[4] == "–" and r[5].endswith("×") for r in speed)  # no MMSA column without MMSA
@@ -229,6 +230,90 @@ def test_epoch_speed_prints_tables(capsys, monkeypatch, small_data, tmp_path):
         raw = read_mmsa_pickle(bench.write_mmsa_pickle(small_data, tmp_path / "d.pkl"))
     back = arrays_from_mmsa(raw, "pkl")
     assert back.digest == small_data.digest
+
+
+def test_epoch_speed_bert_models_time_their_parts(capsys, monkeypatch, small_data):
+    """MAG-BERT reads the aligned variant, MMIM runs its two-stage epoch (stage 1 timed on its
+    own), no plain loop for either, and no timed epoch holds a test evaluation."""
+    bench = load_bench("epoch_speed")
+    monkeypatch.setattr(bench, "load_data", lambda size, data_dir: (small_data, "synthetic:small (fixture)"))
+    seen = {}
+    real_run_ours = bench.run_ours
+
+    def spy(name, data, args):
+        seen[name] = data.dims.aligned
+        return real_run_ours(name, data, args)
+
+    monkeypatch.setattr(bench, "run_ours", spy)
+    assert bench.main(["--size", "small", "--models", "mag_bert", "mmim", "--epochs", "2",
+                       "--no-mmsa", "--text-model", "tiny-bert"]) == 0
+    assert seen == {"mag_bert": True, "mmim": False}
+    printed = capsys.readouterr().out
+    speed, curves = [table_rows(part) for part in printed.split("Validation MAE")]
+    assert [r[0] for r in speed] == ["mag_bert", "mmim"]
+    assert all(r[3] == "–" and r[4] == "–" for r in speed)  # no plain loop, no MMSA
+    assert [(r[0], r[1]) for r in curves] == [("mag_bert", "ours"), ("mmim", "ours")]
+    assert "Data of mag_bert: synthetic:small, word-aligned" in printed
+    args = bench.argparse.Namespace(seed=0, batch=16, epochs=2, cpu_bf16=False,
+                                    text_model="tiny-bert", threads=1)
+    flat = bench.ours_config("mmim", args)
+    assert flat["regulariser"] == "mmim" and flat["regulariser.schedule"] == "two_stage"
+    ours = bench.run_ours("mmim", small_data, args)
+    assert len(ours["stage1_wall"]) == len(ours["valid_wall"]) == 2  # one of each per epoch
+    assert all(0 < s < w for s, w in zip(ours["stage1_wall"], ours["wall"]))
+
+
+MMSA_PYTHON = Path("/tmp/mmsa-venv/bin/python")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not MMSA_PYTHON.exists(), reason="no MMSA venv at /tmp/mmsa-venv (see "
+                    "bench/epoch_speed.py's docstring)")
+def test_epoch_speed_against_mmsa(capsys, monkeypatch, small_data):
+    """MMSA's own TFN, MAG-BERT and MMIM trainers run (with bench/_mmsa_run.py's patches) and
+    are timed by parts beside ours."""
+    bench = load_bench("epoch_speed")
+    monkeypatch.setattr(bench, "load_data", lambda size, data_dir: (small_data, "synthetic:small (fixture)"))
+    assert bench.main(["--size", "small", "--models", "tfn", "mag_bert", "mmim",
+                       "--epochs", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "Note:" not in printed, printed  # every MMSA run worked
+    speed = table_rows(printed.split("Ours vs MMSA by parts")[0])
+    assert all(r[4] != "–" and r[6].endswith("×") for r in speed), speed
+    parts = table_rows(printed.split("Ours vs MMSA by parts")[1].split("Validation MAE")[0])
+    assert [(r[0], r[1]) for r in parts] == [(m, loop) for m in ("tfn", "mag_bert", "mmim")
+                                             for loop in ("ours", "MMSA")]
+    stage1 = {(r[0], r[1]): r[6] for r in parts}
+    assert stage1[("mmim", "ours")] != "–" and stage1[("mmim", "MMSA")] != "–"
+    assert stage1[("tfn", "MMSA")] == "–"
+
+
+def test_gpu_check_without_cuda_says_so_in_one_line(capsys, monkeypatch):
+    bench = load_bench("gpu_check")
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main(["--parts", "a", "c", "--epochs", "2"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpu_check: no CUDA device")
+
+
+def test_gpu_check_arguments(capsys):
+    bench = load_bench("gpu_check")
+    args = bench.build_parser().parse_args([])
+    assert args.parts == ["a", "b", "c"] and args.epochs == 4 and args.trials == 8
+    args = bench.build_parser().parse_args(["--parts", "b", "--trials", "3", "--cpus-per-trial",
+                                            "4", "--search-epochs", "1"])
+    assert (args.parts, args.trials, args.cpus_per_trial, args.search_epochs) == (["b"], 3, 4.0, 1)
+    with pytest.raises(SystemExit) as exc:
+        bench.build_parser().parse_args(["--parts", "d"])
+    assert exc.value.code == 2 and "invalid choice: 'd'" in capsys.readouterr().err
+    # part b's Ray bookkeeping: the most trials whose intervals overlap
+    assert bench.most_at_once([(0, 10), (1, 5), (5, 8), (9, 12)]) == 2
+    assert bench.most_at_once([(0, 4), (1, 4), (2, 4), (3, 4)]) == 4
+    assert bench.most_at_once([(0, 1), (1, 2)]) == 1
 
 
 def test_tune_overhead_prints_a_table(capsys, small_data, tmp_path):
