@@ -38,7 +38,7 @@ each is warm-up and not timed (its validation MAE is in the curve). Speed-ups ar
 the mean seconds per timed epoch; wall and CPU seconds (``time.process_time``) are both shown,
 since a shared machine inflates wall time. Prints ready-to-paste Markdown.
 
-    python bench/epoch_speed.py                                  # all six; ~12 min quiet, 1 thread
+    python bench/epoch_speed.py                                  # all six, 1 thread (several minutes: the BERT models dominate)
     python bench/epoch_speed.py --models tfn mag_bert mmim --threads 2   # issue 17's comparison
     python bench/epoch_speed.py --models mag_bert mmim --size small --epochs 3   # a quick check
     python bench/epoch_speed.py --models tfn --epochs 8          # a longer TFN validation curve
