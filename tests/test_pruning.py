@@ -219,3 +219,77 @@ def test_restore_fails_the_orphans_of_a_killed_driver(tmp_path):
     study = optuna.load_study(study_name="k", storage=storage)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "FAIL"]
     assert study.best_value == 0.5
+
+
+# ------------------------------------------------- each pruner in a real (tiny) search
+GOOD_LRS, BAD_LR = (0.005, 0.003), 1.0e-7  # two learning rates that learn; one that cannot move
+MAX_EPOCHS = 3
+
+
+def hyperband_name(prefix: str) -> str:
+    """A search name whose study puts trials 0 (a learning one) and 2 (the planted one) in
+    Hyperband's first bracket (min_resource 1). Optuna assigns a trial to a bracket by
+    crc32(f"{study_name}_{number}") modulo the brackets' allocation (optuna/pruners/_hyperband.py:
+    min 1, max 3, factor 3 gives 2 brackets, of allocation 3 and 2); in the second bracket
+    (min_resource 3 = max_epochs) nothing can be pruned before the last epoch."""
+    import binascii
+
+    for i in range(100):
+        name = f"{prefix}{i}"
+        if all(binascii.crc32(f"{name}_{n}".encode()) % 5 < 3 for n in (0, 2)):
+            return name
+    raise AssertionError("no name found")
+
+
+@pytest.fixture(scope="module")
+def tiny_data_dir(small_data, tmp_path_factory):
+    from trainables.data.parquet import write_parquet
+
+    return write_parquet(small_data, tmp_path_factory.mktemp("prune") / "data")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pruner", ["median", "successive_halving", "hyperband", "asha"])
+def test_every_pruner_prunes_a_planted_bad_trial_in_a_real_search(
+        pruner, tiny_data_dir, tmp_path, monkeypatch, ray_local, capsys):
+    """A real search (tuner.search: Ray Tune, Optuna, MLflow; EF-LSTM on the small synthetic set,
+    one CPU per trial, one trial at a time): two trials that learn, then one planted with an
+    lr so small that the model does not move. The planted trial is pruned before its last
+    epoch (MLflow status ``pruned``, fewer epochs than max_epochs, Optuna PRUNED); the trial
+    that ran first, with no competitor, completes."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from tuner.search import main
+
+    space = {
+        "name": "prune", "backbones": ["ef_lstm"], "regularisers": ["none"],
+        "data": str(tiny_data_dir), "ranges": {"lr": [*GOOD_LRS, BAD_LR]},
+        "fixed": {"batch_size": 16, "patience": 0, "backbone.hidden": 16,
+                  "backbone.num_layers": 1},
+        "start_points": [{"lr": lr} for lr in (*GOOD_LRS, BAD_LR)],
+        "search": {"sampler": "random", "pruner": pruner, "num_samples": 3,
+                   "max_epochs": MAX_EPOCHS, "grace_epochs": 1, "seed": 0, "max_concurrent": 1},
+        "resources": {"cpu": 1},
+    }
+    (tmp_path / "prune.yaml").write_text(yaml.safe_dump(space))
+    name = hyperband_name("hb") if pruner == "hyperband" else pruner
+    monkeypatch.chdir(tmp_path)
+    assert main(["--space", "prune.yaml", "--name", name]) == 0
+    capsys.readouterr()
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("prune").experiment_id],
+                              "tags.run_kind = 'trial'")
+    by_lr = {float(r.data.params["lr"]): r for r in runs}
+    assert sorted(by_lr) == sorted((*GOOD_LRS, BAD_LR))
+    epochs = {lr: len(client.get_metric_history(r.info.run_id, "valid_mae"))
+              for lr, r in by_lr.items()}
+    status = {lr: r.data.tags["status"] for lr, r in by_lr.items()}
+    assert status[BAD_LR] == "pruned" and epochs[BAD_LR] < MAX_EPOCHS, (status, epochs)
+    assert status[GOOD_LRS[0]] == "completed" and epochs[GOOD_LRS[0]] == MAX_EPOCHS, (status,
+                                                                                    epochs)
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    states = {t.params["lr"]: t.state for t in study.trials}
+    assert states[BAD_LR] == optuna.trial.TrialState.PRUNED
+    assert states[GOOD_LRS[0]] == optuna.trial.TrialState.COMPLETE

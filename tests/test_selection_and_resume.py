@@ -220,3 +220,71 @@ def test_resume_keeps_pruning_history_and_reproduces_the_uninterrupted_search(
     kept = [(t.state.name, t.intermediate_values) for t in study.trials]
     assert kept[:3] == [(s, v) for s, v in before]  # the earlier history, as it was
     assert [s for s, _ in kept].count("PRUNED") == 3 and [s for s, _ in kept].count("COMPLETE") == 2
+
+
+# ------------------------------------------------------------- a budget-ended search, resumed
+def test_budget_ended_search_resumes_with_a_larger_budget_only(tmp_path, monkeypatch,
+                                                               small_data, ray_local, capsys):
+    """--budget-trial-epochs 4 with 3-epoch trials, one at a time: a trial of 3 epochs, then one
+    cut after 1 epoch, which MLflow calls pruned and Optuna must too (PRUNED, its last
+    intermediate value as value), not leave RUNNING. Resumed with the same budget (or none),
+    the search says its budget is spent and runs nothing; with 8, it goes on to 8 trial-epochs
+    in all."""
+    data_dir = write_parquet(small_data, tmp_path / "data")
+    space = write_space(tmp_path, data_dir, "budget", num_samples=20, max_epochs=3,
+                        lr=(GOOD, 0.003), start_points=[{"regulariser": "none", "lr": GOOD}])
+    monkeypatch.chdir(tmp_path)
+    cmd = ["--space", str(space), "--name", "b1"]
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    def state():
+        study = optuna.load_study(study_name="b1", storage=storage)
+        runs = sorted(trial_runs(client, "budget", "b1"), key=lambda r: r.info.start_time)
+        return ([(t.state.name, t.value, t.intermediate_values) for t in study.trials],
+                [(r.data.tags["status"], len(client.get_metric_history(r.info.run_id,
+                                                                       "valid_mae")))
+                 for r in runs])
+
+    assert main(cmd + ["--budget-trial-epochs", "4"]) == 0
+    trials, runs = state()
+    assert runs == [("completed", 3), ("pruned", 1)]
+    assert [s for s, _, _ in trials] == ["COMPLETE", "PRUNED"]
+    _, value, steps = trials[1]
+    assert list(steps) == [1] and value == steps[1]
+    capsys.readouterr()
+
+    for flags in (["--budget-trial-epochs", "4"], [], ["--budget-trial-epochs", "3"]):
+        assert main(cmd + ["--resume", *flags]) == 2
+        out, err = capsys.readouterr()
+        lines = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(lines) == 1, err
+        assert "budget of" in lines[0] and "trial-epochs is spent (4 epochs ran)" in lines[0]
+        assert "pass a larger --budget-trial-epochs" in lines[0]
+        assert "Traceback" not in err and "Resuming" not in out
+        assert state() == (trials, runs)  # nothing ran, nothing changed
+
+    assert main(cmd + ["--resume", "--budget-trial-epochs", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "the search ends after 8 trial-epochs" in out and "4 of them spent" in out
+    trials, runs = state()
+    assert runs == [("completed", 3), ("pruned", 1), ("completed", 3), ("pruned", 1)]
+    assert [s for s, _, _ in trials] == ["COMPLETE", "PRUNED", "COMPLETE", "PRUNED"]
+    assert sum(n for _, n in runs) == 8
+
+
+def test_budget_spent_at_a_trials_last_epoch_leaves_it_complete(tmp_path, monkeypatch,
+                                                                 small_data, ray_local):
+    """The budget runs out on the last epoch of a trial: that trial completed (MLflow) and is
+    COMPLETE in Optuna with its value, not PRUNED."""
+    data_dir = write_parquet(small_data, tmp_path / "data")
+    space = write_space(tmp_path, data_dir, "edge", num_samples=20, max_epochs=2,
+                        lr=(GOOD, 0.003), start_points=[{"regulariser": "none", "lr": GOOD}])
+    monkeypatch.chdir(tmp_path)
+    assert main(["--space", str(space), "--name", "e1", "--budget-trial-epochs", "2"]) == 0
+    study = optuna.load_study(study_name="e1", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = trial_runs(client, "edge", "e1")
+    assert [r.data.tags["status"] for r in runs] == ["completed"]
+    assert [t.state.name for t in study.trials] == ["COMPLETE"]
+    assert study.trials[0].value == pytest.approx(runs[0].data.metrics["best_valid_mae"])

@@ -12,6 +12,8 @@ tells Optuna COMPLETE for a trial that a Tune scheduler stopped. Two small piece
 
 :class:`SearchBudget` ends a whole search after a number of trial-epochs (epochs summed over
 trials, the cost that pruning saves), or once a trial reaches a given value.
+:class:`StudySearchGenerator` is Tune's ``SearchGenerator`` for a search that such a stopper can
+end: the trials the end cuts get their Optuna state, and a resume with a larger budget goes on.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search import SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import Stopper
 
-__all__ = ["StudySearch", "OptunaPruningScheduler", "SearchBudget", "make_pruner", "make_sampler"]
+__all__ = ["StudySearch", "StudySearchGenerator", "OptunaPruningScheduler", "SearchBudget",
+           "make_pruner", "make_sampler", "snapshot_stopper"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +92,8 @@ class StudySearch(OptunaSearch):
         #: Tune trial ids that a pruner stopped
         self.pruned: set[str] = set()
         self._reported: dict[str, set[int]] = {}
+        #: per running trial, its last result that Tune handed the searcher (value and status)
+        self._last: dict[str, dict[str, Any]] = {}
         super().__init__(*args, **kwargs)
 
     def _setup_study(self, mode: Any) -> None:
@@ -119,6 +125,30 @@ class StudySearch(OptunaSearch):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         self.report(trial_id, result.get(self.metric), int(result.get("training_iteration", 0)))
+        if trial_id in self._ot_trials and trial_id not in self._completed_trials:
+            self._last[trial_id] = {self.metric: result.get(self.metric),
+                                    "trial_status": result.get("trial_status", "running")}
+
+    def cut_open_trials(self) -> list[tuple[str, dict | None]]:
+        """The search's stopper ended the search (its budget is spent): Tune stops every trial
+        still running or pending without telling the searcher, so each would stay RUNNING in the
+        study. Returns ``(trial_id, last result)`` for each trial not yet told, for
+        :meth:`on_trial_complete`, and marks as pruned those cut after at least one reported
+        epoch (Optuna keeps their last intermediate value as their value; the MLflow status of
+        a trial cut while ``running`` reads ``pruned`` too). A trial whose last report closed it
+        (completed, early_stopped, diverged) gets the state that report gives; one cut before
+        its first epoch is told FAIL (nothing for a sampler to learn, like a restore's orphans).
+        """
+        cut = []
+        for trial_id in list(self._ot_trials):
+            if trial_id in self._completed_trials:
+                continue
+            last = self._last.get(trial_id)
+            if self._reported.get(trial_id) and (last or {}).get("trial_status",
+                                                                  "running") == "running":
+                self.pruned.add(trial_id)
+            cut.append((trial_id, last))
+        return cut
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
@@ -167,7 +197,58 @@ class StudySearch(OptunaSearch):
         every searcher checkpoint)."""
         self._ot_trials.pop(trial_id, None)
         self._reported.pop(trial_id, None)
+        self._last.pop(trial_id, None)
         self.pruned.discard(trial_id)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a searcher pickled by an older version (a resumed search) lacks _last
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_last", {})
+
+
+def _study_search(searcher: Any) -> StudySearch | None:
+    """The :class:`StudySearch` under Tune's wrappers (``ConcurrencyLimiter``), if any."""
+    while not isinstance(searcher, StudySearch) and hasattr(searcher, "searcher"):
+        searcher = searcher.searcher
+    return searcher if isinstance(searcher, StudySearch) else None
+
+
+class StudySearchGenerator(SearchGenerator):
+    """Tune's ``SearchGenerator`` (what Tune wraps a searcher in), for a search that its stopper
+    (:class:`SearchBudget`) may end.
+
+    Tune ends such a search by calling ``set_finished`` and then stopping every trial still
+    running or pending, without telling the searcher. Here ``set_finished`` first tells each of
+    those trials (:meth:`StudySearch.cut_open_trials`, through any ``ConcurrencyLimiter``, which
+    would otherwise hold their slots forever), so that Optuna's states agree with MLflow's.
+    Such an end is also not saved as the searcher's end: Tune's snapshot would carry it into a
+    resumed search, which would then run no trial whatever budget it is given. A resumed search
+    whose stopper still says stop is refused before it starts (:func:`tuner.search.run_search`).
+    Only ``TuneController._stop_experiment_if_needed`` calls ``set_finished``: for our stopper,
+    or for ``fail_fast`` / Tune's server, which this project uses neither of.
+    """
+
+    def __init__(self, searcher: Any) -> None:
+        super().__init__(searcher)
+        self._ended_by_stopper = False
+
+    def set_finished(self) -> None:
+        study_search = _study_search(self.searcher)
+        if study_search is not None:
+            for trial_id, result in study_search.cut_open_trials():
+                self.searcher.on_trial_complete(trial_id, result=result)
+        self._ended_by_stopper = True
+        super().set_finished()
+
+    def get_state(self) -> dict:
+        state = super().get_state()
+        if self._ended_by_stopper:
+            state["finished"] = False  # the stopper decides again when the search is resumed
+        return state
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        self._ended_by_stopper = False
 
 
 class OptunaPruningScheduler(FIFOScheduler):
@@ -206,11 +287,21 @@ class SearchBudget(Stopper):
 
     A budget in trial-epochs rather than in trials is what lets a pruned search run more
     trials: a trial stopped after one epoch costs one. Trials still running when the budget is
-    spent are stopped, like pruned ones (their MLflow status reads ``pruned``).
+    spent are stopped, like pruned ones (their MLflow status reads ``pruned``, their Optuna
+    state is PRUNED: see :class:`StudySearchGenerator`).
+
+    ``search`` names the search it belongs to. A resumed search continues with the stopper that
+    Tune pickled in its experiment snapshot (with what it spent), not with one given to the
+    resumed run; :meth:`resume_with` sets the ``trial_epochs`` that the restored stopper of a
+    search takes instead of its own (the resumed run's ``--budget-trial-epochs``), as it is
+    unpickled in this process.
     """
 
+    #: trial_epochs for the stoppers of resumed searches, by search name (see resume_with)
+    _resumed_limits: dict[str, int] = {}
+
     def __init__(self, trial_epochs: int | None = None, metric: str | None = None,
-                 reach: float | None = None) -> None:
+                 reach: float | None = None, search: str | None = None) -> None:
         if trial_epochs is not None and trial_epochs < 1:
             raise ValueError(f"trial_epochs: expected >= 1, got {trial_epochs}")
         if (metric is None) != (reach is None):
@@ -218,6 +309,7 @@ class SearchBudget(Stopper):
         self.trial_epochs = trial_epochs
         self.metric = metric
         self.reach = reach
+        self.search = search
         self.spent = 0
         self.reached = False
         #: the last training_iteration counted per running trial
@@ -227,6 +319,21 @@ class SearchBudget(Stopper):
         # Tune pickles the stopper with the search: one from an older version lacks _last_step
         self.__dict__.update(state)
         self.__dict__.setdefault("_last_step", {})
+        self.__dict__.setdefault("search", None)
+        limit = SearchBudget._resumed_limits.get(self.search) if self.search else None
+        if limit is not None:
+            self.trial_epochs = limit
+
+    @classmethod
+    def resume_with(cls, search: str, trial_epochs: int | None) -> None:
+        """Until the next call for ``search``, its stopper unpickled in this process (Tune's
+        restore of a resumed search) counts to ``trial_epochs`` (None: its own budget again)."""
+        if trial_epochs is None:
+            cls._resumed_limits.pop(search, None)
+        else:
+            if trial_epochs < 1:
+                raise ValueError(f"trial_epochs: expected >= 1, got {trial_epochs}")
+            cls._resumed_limits[search] = trial_epochs
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         step = result.get("training_iteration")
@@ -247,3 +354,30 @@ class SearchBudget(Stopper):
 
     def stop_all(self) -> bool:
         return self.reached or (self.trial_epochs is not None and self.spent >= self.trial_epochs)
+
+    def spent_note(self) -> str:
+        """Why this stopper ends a search, as a user reads it (once ``stop_all()``)."""
+        if self.reached:
+            return f"a trial reached {self.metric} <= {self.reach:g}"
+        return (f"its budget of {self.trial_epochs} trial-epochs is spent ({self.spent} epochs "
+                "ran)")
+
+
+def snapshot_stopper(experiment: str) -> Any:
+    """The stopper in the newest experiment snapshot of a Tune experiment (a local folder or a
+    URI): what ``Tuner.restore`` + ``fit`` will continue with (None if there is no snapshot).
+
+    Tune keeps its stopper in the snapshot's controller state; it has no public reader, so this
+    is the one place that reads that file (with Tune's own helpers). Unpickling a
+    :class:`SearchBudget` here applies :meth:`SearchBudget.resume_with`, as Tune's restore will."""
+    from ray.tune.execution.experiment_state import (_find_newest_experiment_checkpoint,
+                                                     get_fs_and_path)
+    from ray.tune.utils.serialization import _loads_with_cloudpickle
+
+    fs, path = get_fs_and_path(experiment)
+    newest = _find_newest_experiment_checkpoint(path, fs=fs)
+    if newest is None:
+        return None
+    with fs.open_input_stream(newest) as f:
+        state = _loads_with_cloudpickle(f.readall())
+    return (state.get("runner_data") or {}).get("_stopper")

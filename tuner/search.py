@@ -463,7 +463,7 @@ def start_ui(tracking_uri: str, port: int | None):
 
 
 def print_start(space: SearchSpace, name: str, tracker, ui=None, ui_asked: bool = False,
-                budget: int | None = None) -> None:
+                budget: int | None = None, spent_before: int = 0) -> None:
     """What a user needs before the first trial: the plan (as ``--dry-run`` counts it), where
     MLflow records the search and how to watch it there (``ui``: the ``--ui`` process, whose
     start it waits for, so that its URL answers once the trials run)."""
@@ -472,6 +472,8 @@ def print_start(space: SearchSpace, name: str, tracker, ui=None, ui_asked: bool 
     runs = tracker.runs_url()
     budget_note = (f"; the search ends after {budget} trial-epochs (--budget-trial-epochs)"
                    if budget else "")
+    if budget and spent_before:
+        budget_note += f", {spent_before} of them spent before this resume"
     pruning = "no pruning" if counts["pruner"] == "none" else f"{counts['pruner']} pruner"
     print(f"Search {name!r}: {counts['trials']} trials ({counts['sampler']} sampler, "
           f"{pruning}) of up to {counts['max_epochs']} epochs each, at most "
@@ -529,21 +531,15 @@ def init_ray(address: str | None, verbose: int = 0) -> None:
         raise UsageError(f"{where}: Ray did not start ({type(exc).__name__}: "
                          f"{' '.join(str(exc).split())[:200]})") from None
 
+
 def run_search(space: SearchSpace, data: MultimodalData, args: argparse.Namespace,
                stop=None) -> int:
     """Run (or resume) the search; ``stop``: a Ray Tune stopper (default: --budget-trial-epochs)."""
     import optuna
-    from ray import tune
-    from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig
-    from ray.tune.search import ConcurrencyLimiter
 
-    from trainables.trainable import train_fusion
-    from tuner.pruning import (OptunaPruningScheduler, SearchBudget, StudySearch, make_pruner,
-                               make_sampler)
-    from tuner.tracking import (DEFAULT_TRACKING_URI, DiskSpaceGuard, MlflowTrialCallback, Tracker,
-                                git_commit, rebind_callbacks)
+    from tuner.pruning import SearchBudget
+    from tuner.tracking import DEFAULT_TRACKING_URI, Tracker
 
-    settings = space.search
     name = args.name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     tracking_uri = args.mlflow_uri or DEFAULT_TRACKING_URI
     storage = storage_for(args)
@@ -575,6 +571,69 @@ def run_search(space: SearchSpace, data: MultimodalData, args: argparse.Namespac
             if recorded and recorded != data.digest:
                 raise UsageError(f"--resume {name}: the data changed since the search started "
                                  f"(sha256 {recorded[:12]}... then, {data.digest[:12]}... now)")
+    budget = getattr(args, "budget_trial_epochs", None)
+    spent_before = 0
+    if args.resume:
+        restored = resumed_budget(name, experiment_path(storage, name), budget)
+        if restored is not None:
+            budget, spent_before = restored.trial_epochs, restored.spent
+    try:
+        return _run(space, data, args, stop, name, tracker, tracking_uri, storage, study_storage,
+                    budget, spent_before)
+    finally:
+        if args.resume:
+            SearchBudget.resume_with(name, None)
+
+
+def experiment_path(storage: str, name: str) -> str:
+    """Where Ray keeps the experiment of search ``name`` in ``storage``."""
+    return f"{storage.rstrip('/')}/{name}"
+
+
+def resumed_budget(name: str, experiment: str, trial_epochs: int | None):
+    """``--resume`` of a search that a trial-epoch budget (or a reached value) may have ended:
+    its stopper, as Tune will restore it, counting to ``trial_epochs`` (the resumed run's
+    ``--budget-trial-epochs``; None: the budget it started with), or None when it has none.
+
+    Refused before anything runs: a search whose budget is spent (resuming it with the same
+    budget would run no trial; a larger one continues it, counting what it spent already), and
+    a budget for a search that started without one (Tune keeps a search's stopper)."""
+    from tuner.pruning import SearchBudget, snapshot_stopper
+
+    SearchBudget.resume_with(name, trial_epochs)  # before any unpickling of its stopper
+    restored = snapshot_stopper(experiment)
+    if not isinstance(restored, SearchBudget):
+        if trial_epochs is not None:
+            SearchBudget.resume_with(name, None)
+            raise UsageError(f"--budget-trial-epochs {trial_epochs}: search {name!r} started "
+                             "without a trial-epoch budget, and a resumed search keeps the "
+                             "stopper it started with; resume it without the flag")
+        return None
+    if restored.stop_all():
+        SearchBudget.resume_with(name, None)
+        more = ("; nothing to continue" if restored.reached else
+                f"; to continue it, pass a larger --budget-trial-epochs (the total over the "
+                f"whole search, e.g. {restored.spent + (restored.trial_epochs or 0)})")
+        raise UsageError(f"--resume {name}: the search ended because {restored.spent_note()}"
+                         f"{more}")
+    return restored
+
+
+def _run(space: SearchSpace, data: MultimodalData, args: argparse.Namespace, stop, name: str,
+         tracker, tracking_uri: str, storage: str, study_storage: str, budget: int | None,
+         spent_before: int) -> int:
+    """The part of :func:`run_search` after the checks: the MLflow parent run, Tune, summary."""
+    import optuna
+    from ray import tune
+    from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig
+    from ray.tune.search import ConcurrencyLimiter
+
+    from trainables.trainable import train_fusion
+    from tuner.pruning import (OptunaPruningScheduler, SearchBudget, StudySearch,
+                               StudySearchGenerator, make_pruner, make_sampler)
+    from tuner.tracking import DiskSpaceGuard, MlflowTrialCallback, git_commit, rebind_callbacks
+
+    settings = space.search
     parent = tracker.start_search(
         name,
         params={"space": space.name, "sampler": settings.sampler, "pruner": settings.pruner,
@@ -602,9 +661,9 @@ def run_search(space: SearchSpace, data: MultimodalData, args: argparse.Namespac
         trainable = tune.with_resources(
             tune.with_parameters(train_fusion, data=data), space.resources.ray_resources())
         num_samples = space.grid_size() if settings.sampler == "grid" else settings.num_samples
-        if stop is None and getattr(args, "budget_trial_epochs", None):
-            stop = SearchBudget(trial_epochs=args.budget_trial_epochs)
-        experiment = f"{storage.rstrip('/')}/{name}"
+        if stop is None and budget and not args.resume:
+            stop = SearchBudget(trial_epochs=budget, search=name)
+        experiment = experiment_path(storage, name)
         if args.resume:
             # searcher (with its Optuna study in the RDB storage), scheduler and callbacks come
             # back from Ray's experiment checkpoint; finished trials stay finished, unfinished
@@ -621,8 +680,9 @@ def run_search(space: SearchSpace, data: MultimodalData, args: argparse.Namespac
                 study_name=name, storage=optuna.storages.RDBStorage(study_storage),
                 points_to_evaluate=initial_points(space) or None,
             )
-            search_alg = (ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent)
-                          if settings.max_concurrent else searcher)
+            search_alg = StudySearchGenerator(
+                ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent)
+                if settings.max_concurrent else searcher)
             scheduler = (OptunaPruningScheduler(searcher, metric=space.objective)
                          if pruner is not None else None)
             tuner = tune.Tuner(
@@ -643,7 +703,7 @@ def run_search(space: SearchSpace, data: MultimodalData, args: argparse.Namespac
             # a failing trial is one line from MlflowTrialCallback; its traceback is in error.txt
             logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
         print_start(space, name, tracker, ui, ui_asked=getattr(args, "ui", False),
-                    budget=getattr(args, "budget_trial_epochs", None))
+                    budget=budget, spent_before=spent_before)
         try:
             results = tuner.fit()
         except BaseException as exc:
