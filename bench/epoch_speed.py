@@ -226,7 +226,8 @@ def profile_training(name: str, data, args, top: int = 12) -> list[str]:
     lines = [f"Profile of {name}'s training step ({batches} batches of {args.batch}, "
              f"{args.threads} thread(s){', bf16 autocast' if args.cpu_bf16 else ''}): "
              f"{cpu / batches:.3f} CPU s/batch, {wall / batches:.3f} wall s/batch under the "
-             f"profiler; {total_us / 1e6 / batches:.3f} s/batch of self CPU time in ops", "",
+             f"profiler; {total_us / 1e6 / batches:.3f} s/batch in ops (torch.profiler's self "
+             "CPU time: the op's time on this thread, which a loaded machine inflates)", "",
              "| op | calls/batch | self CPU ms/batch | share of self CPU |",
              "|---|---:|---:|---:|"]
     for e in events[:top]:
