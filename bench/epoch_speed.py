@@ -43,6 +43,11 @@ since a shared machine inflates wall time. Prints ready-to-paste Markdown.
     python bench/epoch_speed.py --models mag_bert mmim --size small --epochs 3   # a quick check
     python bench/epoch_speed.py --models tfn --epochs 8          # a longer TFN validation curve
     python bench/epoch_speed.py --cpu-bf16                       # ours with bf16 autocast (avx512_bf16)
+    python bench/epoch_speed.py --models tfn --profile 12   # torch.profiler: where a step goes
+
+``--profile N`` times nothing else: for each of ``--models`` it runs N training batches of our
+Trainer once untimed (warm-up), then N more under ``torch.profiler`` (CPU activities), and prints
+the CPU seconds per batch and the top ops by self CPU time.
 """
 
 from __future__ import annotations
@@ -272,6 +277,49 @@ def run_mmsa(name: str, data, args, workdir: Path) -> dict:
     return json.loads(lines[-1])
 
 
+def profile_training(name: str, data, args, top: int = 12) -> list[str]:
+    """``--profile``: ``args.profile`` training batches of our Trainer (the timed run's config,
+    :func:`ours_config`) under ``torch.profiler``, after as many untimed ones; Markdown lines: the CPU
+    seconds per batch (``time.process_time``, the profiler's own cost included) and the ``top``
+    ops by self CPU time with their share of the profiled self CPU time."""
+    import numpy as np
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from trainables.config import TrialConfig
+    from trainables.data import TensorSplit
+    from trainables.loop import Trainer
+
+    cfg = TrialConfig.from_flat(ours_config(name, args))  # the timed run's config
+    trainer = Trainer(cfg, data, device="cpu", num_threads=args.threads)
+    train = data.splits["train"]
+    rows = np.arange(min(len(train), args.profile * args.batch))
+    trainer.splits["train"] = TensorSplit.from_arrays(trainer.model.prepare_split(
+        train.subset(rows)))
+    batches = -(-len(rows) // args.batch)
+    trainer.train_epoch()  # warm-up: allocator, lazy initialisations, optimizer state
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        _, wall, cpu = _timed(trainer.train_epoch)
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    total_us = sum(e.self_cpu_time_total for e in events)
+    lines = [f"Profile of {name}'s training step ({batches} batches of {args.batch}, "
+             f"{args.threads} thread(s){', bf16 autocast' if args.cpu_bf16 else ''}): "
+             f"{cpu / batches:.3f} CPU s/batch, {wall / batches:.3f} wall s/batch under the "
+             f"profiler; {total_us / 1e6 / batches:.3f} s/batch in ops (torch.profiler's self "
+             "CPU time: the op's time on this thread, which a loaded machine inflates)", "",
+             "| op | calls/batch | self CPU ms/batch | share of self CPU |",
+             "|---|---:|---:|---:|"]
+    for e in events[:top]:
+        lines.append(f"| `{e.key}` | {e.count / batches:.1f} | "
+                     f"{e.self_cpu_time_total / 1e3 / batches:.2f} | "
+                     f"{100 * e.self_cpu_time_total / total_us:.1f}% |")
+    rest = total_us - sum(e.self_cpu_time_total for e in events[:top])
+    lines.append(f"| {len(events) - min(top, len(events))} other ops | – | "
+                 f"{rest / 1e3 / batches:.2f} | {100 * rest / max(total_us, 1):.1f}% |")
+    return lines
+
+
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
@@ -413,9 +461,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mmsa-python", default=DEFAULT_MMSA_PYTHON,
                    help=f"python of the venv with mmsa installed (default {DEFAULT_MMSA_PYTHON})")
     p.add_argument("--no-mmsa", action="store_true", help="skip MMSA's trainers")
+    p.add_argument("--profile", type=int, metavar="N",
+                   help="only profile N training batches of ours per model (torch.profiler, "
+                        "top ops by self CPU time) after N untimed ones; times nothing else")
     args = p.parse_args(argv)
     if args.epochs < 2:
         p.error("--epochs: at least 2 (the first is warm-up)")
+    if args.profile is not None and args.profile < 1:
+        p.error("--profile: at least 1 batch")
 
     import torch
 
@@ -426,6 +479,13 @@ def main(argv: list[str] | None = None) -> int:
     aligned = None
     if any(m in ALIGNED_MODELS for m in args.models):
         aligned = load_aligned_data(args.size)
+    if args.profile:
+        print(f"Command: `{command_line('bench/epoch_speed.py', argv)}`")
+        print(machine_line(f"{args.threads} thread(s)", load_before) + f"; data {source}\n")
+        for name in args.models:
+            model_data = aligned[0] if name in ALIGNED_MODELS else data
+            print("\n".join(profile_training(name, model_data, args)) + "\n")
+        return 0
     rows, curves, notes = [], {}, []
     for name in args.models:
         model_data = aligned[0] if name in ALIGNED_MODELS else data

@@ -67,6 +67,8 @@ class SearchResult:
     started: float
     wall: float
     trials: list[Trial] = field(default_factory=list)
+    #: the CPUs of the Ray it ran on (None: not recorded, e.g. a search stored before it was)
+    cpus: float | None = None
 
     @property
     def trial_epochs(self) -> int:
@@ -170,11 +172,16 @@ def run_search(common: list[str], extra: list[str], name: str, stop_at: float | 
     if budget is not None or stop_at is not None:
         stop = SearchBudget(trial_epochs=budget, metric=space.objective if stop_at else None,
                             reach=stop_at)
+    import ray
+
     with local_ray():
         code = tuner_run_search(space, data, args, stop=stop)
+        cpus = ray.cluster_resources().get("CPU")
     if code != 0:
         raise SystemExit(f"search {name} failed (exit {code})")
-    return read_search(name, space.name, space.objective)
+    result = read_search(name, space.name, space.objective)
+    result.cpus = cpus
+    return result
 
 
 # -- searches stored as JSON, to reuse ------------------------------------------------------------
@@ -203,7 +210,8 @@ def load_search(path: Path, meta: dict[str, Any], flag: str = "--grid-from") -> 
         stored, search = raw["meta"], raw["search"]
         trials = [Trial(t["params"], t["status"], [tuple(h) for h in t["history"]])
                   for t in search["trials"]]
-        result = SearchResult(search["name"], search["started"], search["wall"], trials)
+        result = SearchResult(search["name"], search["started"], search["wall"], trials,
+                              search.get("cpus"))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise SystemExit(f"{flag} {path}: not a stored search ({exc})") from None
     for key, value in meta.items():
@@ -396,7 +404,7 @@ def seeded_searches(kind: str, flags, args: argparse.Namespace, common: list[str
     for seed in args.seeds:
         name = f"{kind}-{stamp}-s{seed}"
         result = run_search(common, flags(seed), name, stop_at=stop_at, budget=budget)
-        save_search(Path(f"{name}.json"), {**meta, "budget": budget}, result,
+        save_search(Path(f"{name}.json"), {**meta, "budget": budget, "stop_at": stop_at}, result,
                     common + flags(seed))
         results.append(result)
     return results

@@ -10,7 +10,15 @@ The clock of each starts before its Ray does. A search that does not reach it is
 draw that no search reaches, the time to equal quality is reported too: how long the serial
 random search took to reach the best value each of our searches found.
 
-    python bench/search_speed.py --grid-from bench_out/search_efficiency/grid-X.json
+Each search's best validation MAE is printed, and the best it had reached at fixed points: wall
+seconds from its start (``--at-seconds``) and trial-epochs spent (``--at-trial-epochs``, default a
+quarter, half and all of the budget). Run in one go, every search has the same trial-epoch budget
+and the same CPU threads in all (ours: one trial per CPU, 1 thread each; random: one trial with
+every CPU's thread); ``--full`` lets every search spend its whole budget instead of ending at the
+target, so that the best values compare at equal budgets. Searches loaded from files were run
+separately: the printout says which conditions then differ.
+
+    python bench/search_speed.py --grid-from bench_out/search_efficiency/grid-X.json --full
     python bench/search_speed.py --grid-from G.json --ours-from S0.json --random-from R0.json
 
 Target (issue 9): ours >= 4x faster on 2 CPU cores. Wall times depend on the machine's load:
@@ -20,6 +28,7 @@ compare runs made under the same load.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -46,6 +55,102 @@ def time_to_reach(result: SearchResult, target: float) -> tuple[float, bool]:
     """Seconds to the first report within the target; else the whole wall time (a bound)."""
     _, seconds = result.reach(target)
     return (seconds, True) if seconds is not None else (result.wall, False)
+
+
+#: wall seconds (from each search's start) at which its best so far is printed
+DEFAULT_AT_SECONDS = (60, 120, 300, 600)
+
+
+def best_at(result: SearchResult, seconds: float | None = None,
+            trial_epochs: int | None = None) -> tuple[float | None, bool]:
+    """The best validation value a search had reported by ``seconds`` from its start, or within
+    its first ``trial_epochs`` reports (in time order); None before its first report. The flag
+    says the search had already ended there (at the target or its budget): the value is final."""
+    events = sorted((ts, value) for t in result.trials for ts, _, value in t.history)
+    if seconds is not None:
+        seen = [value for ts, value in events if ts - result.started <= seconds]
+        ended = seconds > result.wall
+    else:
+        seen = [value for _, value in events[:trial_epochs]]
+        ended = trial_epochs > len(events)
+    return (min(seen) if seen else None), ended
+
+
+def _flag(flags: list[str], name: str) -> str | None:
+    """The value of the last ``name`` in a tuner.search argument list, else None."""
+    found = [flags[i + 1] for i, f in enumerate(flags[:-1]) if f == name]
+    return found[-1] if found else None
+
+
+def conditions(path: Path, result: SearchResult) -> dict:
+    """What a search ran under, from the JSON it was stored as: its trial-epoch budget, whether
+    it ended at the target, trials at once and threads per trial (CPUs per trial; the mdm space's
+    1 unless set; at once: the Ray's CPUs over that, capped by --max-concurrent)."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"{path}: not a stored search ({exc})") from None
+    meta, flags = raw.get("meta", {}), raw.get("flags", [])
+    per_trial = float(_flag(flags, "--cpus-per-trial") or next(
+        (f.split("=", 1)[1] for f in flags if f.startswith("resources.cpu=")), 1))
+    cap = int(_flag(flags, "--max-concurrent") or 0)
+    at_once = None
+    if result.cpus:
+        at_once = max(1, int(result.cpus // per_trial))
+        at_once = min(at_once, cap) if cap else at_once
+    return {"budget": meta.get("budget"), "stop_at": meta.get("stop_at", "?"),
+            "at_once": at_once, "threads": max(1, int(per_trial))}
+
+
+def setup_cell(c: dict) -> str:
+    at_once = "?" if c["at_once"] is None else c["at_once"]
+    total = "?" if c["at_once"] is None else c["at_once"] * c["threads"]
+    return f"{at_once} × {c['threads']} = {total}"
+
+
+def conditions_lines(setups: list[tuple[str, SearchResult, dict]], loaded: bool) -> list[str]:
+    """One plain statement: did every search run at the same budget and threads, in one run?"""
+    budgets = {c["budget"] for _, _, c in setups}
+    totals = {None if c["at_once"] is None else c["at_once"] * c["threads"]
+              for _, _, c in setups}
+    ends = {c["stop_at"] is None for _, _, c in setups}
+    why = []
+    if len(budgets) > 1 or None in budgets:
+        why.append("trial-epoch budgets differ ("
+                   + ", ".join(f"{n} s{seed_of(r)}: {c['budget'] if c['budget'] is not None else 'not recorded'}"
+                               for n, r, c in setups) + ")")
+    if len(totals) > 1 or None in totals:
+        why.append("threads in all differ or were not recorded ("
+                   + ", ".join(f"{n} s{seed_of(r)}: {setup_cell(c)}" for n, r, c in setups) + ")")
+    if loaded:
+        why.append("some searches were loaded from files (--ours-from/--random-from), so they "
+                   "did not run in this run, under this load")
+    if ends != {True}:
+        why.append("some searches ended at the target (or did not record whether) rather than "
+                   "spending their budget (--full compares best values at equal budgets)")
+    if not why:
+        (budget,), (total,) = budgets, totals
+        return ["", f"Equal conditions: every search ran in this run with a budget of {budget} "
+                f"trial-epochs, spent in full, and {total} CPU threads in all."]
+    return ["", "Not equal conditions: " + "; ".join(why) + "."]
+
+
+def checkpoint_lines(setups: list[tuple[str, SearchResult, dict]], at_seconds: list[float],
+                     at_trial_epochs: list[int]) -> list[str]:
+    """The best validation MAE each search had reached at fixed wall times and trial-epochs."""
+    head = ([f"{s:g} s" for s in at_seconds] + [f"{k} trial-epochs" for k in at_trial_epochs])
+    lines = ["", "Best valid MAE so far at fixed points (wall seconds from the search's start; "
+             "trial-epochs spent, in time order; †: the search had ended before, its final "
+             "best):", "", "| search | seed | " + " | ".join(head) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in head) + " |"]
+    for name, result, _ in setups:
+        cells = []
+        for point in [("s", v) for v in at_seconds] + [("e", k) for k in at_trial_epochs]:
+            value, ended = (best_at(result, seconds=point[1]) if point[0] == "s"
+                            else best_at(result, trial_epochs=point[1]))
+            cells.append("–" if value is None else f"{value:.4f}{' †' if ended else ''}")
+        lines.append(f"| {name} | {seed_of(result)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def equal_quality_lines(our: list[SearchResult], their: list[SearchResult]) -> list[str]:
@@ -93,6 +198,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--random-from", type=Path, nargs="+", help="stored random searches")
     p.add_argument("--random-only", action="store_true",
                    help="only run and store the random searches (needs --budget-trial-epochs)")
+    p.add_argument("--full", action="store_true",
+                   help="every search spends its whole budget instead of ending at the target "
+                        "(slower; compares the best values at equal budgets)")
+    p.add_argument("--at-seconds", type=float, nargs="+", default=list(DEFAULT_AT_SECONDS),
+                   help="wall seconds at which to print each search's best so far "
+                        f"(default {' '.join(map(str, DEFAULT_AT_SECONDS))})")
+    p.add_argument("--at-trial-epochs", type=int, nargs="+",
+                   help="trial-epochs at which to print each search's best so far (default: a "
+                        "quarter, half and all of the budget)")
     args = p.parse_args(argv)
     if args.random_only and not args.budget_trial_epochs:
         p.error("--random-only needs --budget-trial-epochs")
@@ -115,9 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     grid = the_grid(args, common, stamp)
     target = grid.best * 1.01
     budget = args.budget_trial_epochs or max(1, int(args.budget * grid.trial_epochs))
-    our = seeded_searches("smart", ours, args, common, stamp, budget, target, args.ours_from)
-    their = seeded_searches("random", theirs, args, common, stamp, budget, target,
+    stop_at = None if args.full else target
+    our = seeded_searches("smart", ours, args, common, stamp, budget, stop_at, args.ours_from)
+    their = seeded_searches("random", theirs, args, common, stamp, budget, stop_at,
                             args.random_from)
+    paths = {"smart": args.ours_from or [Path(f"smart-{stamp}-s{k}.json") for k in args.seeds],
+             "random": args.random_from or [Path(f"random-{stamp}-s{k}.json") for k in args.seeds]}
 
     label = f"{args.sampler} + {args.pruner}"
     lines = [
@@ -127,20 +244,25 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {machine()}",
         "",
         "| search | seed | trials | trial-epochs run | trial-epochs to target | "
-        "wall to target (s) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "wall to target (s) | best valid MAE | wall (s) | budget (trial-epochs) | "
+        "trials at once × threads each = threads |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     times: dict[str, list[tuple[float, bool]]] = {}
-    for name, results in ((f"ours: {label}, 2 trials at once", our),
-                          ("serial random search, no pruning", their)):
+    setups: list[tuple[str, SearchResult, dict]] = []
+    for name, kind, results in ((f"ours: {label}, a trial per CPU", "smart", our),
+                                ("serial random search, no pruning", "random", their)):
         times[name] = []
-        for result in results:
+        for result, path in zip(results, paths[kind]):
             seconds, reached = time_to_reach(result, target)
             times[name].append((seconds, reached))
             spent = result.reach(target)[0]
+            setup = conditions(path, result)
+            setups.append((name.split(":")[0].split(" search")[0], result, setup))
             lines.append(f"| {name} | {seed_of(result)} | {len(result.trials)} | "
                          f"{result.trial_epochs} | {spent if reached else '> budget'} | "
-                         f"{'' if reached else '> '}{seconds:.0f} |")
+                         f"{'' if reached else '> '}{seconds:.0f} | {result.best:.4f} | "
+                         f"{result.wall:.0f} | {setup['budget'] or '?'} | {setup_cell(setup)} |")
     (ours_t, theirs_t) = times.values()
     lines.append("")
     if all(r for _, r in ours_t):
@@ -153,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
                      f"(target >= 4x: {'met' if ratio >= 4 else 'not shown' if bound else 'missed'}).")
     else:
         lines.append("Ours did not reach the target in every seed: no speed-up is claimed.")
+    lines += conditions_lines(setups, bool(args.ours_from or args.random_from))
+    at_epochs = args.at_trial_epochs or sorted({max(1, budget // 4), max(1, budget // 2), budget})
+    lines += checkpoint_lines(setups, args.at_seconds, at_epochs)
     lines += equal_quality_lines(our, their)
     lines.append("Wall times depend on the machine's load.")
     print("\n".join(lines))

@@ -15,8 +15,16 @@ Target: search / bare ≤ 1.15. ``--also-every-epoch`` adds a search with ``chec
 (a checkpoint after every epoch, the old behaviour) to show what the checkpoint policy saves.
 Prints ready-to-paste Markdown.
 
+``--profile`` runs both once more under cProfile (``python -m cProfile -o ...``: the driver
+process; the trial's Ray worker is not profiled) and prints where the search's extra seconds go:
+the phases ``tuner.search`` runs one after another (data load, Ray's start, the MLflow parent
+run, ``Tuner.fit``, the summary) against the bare loop's, the MLflow and Optuna callbacks inside
+``Tuner.fit``, imports and the rest of the process, and the exit after the profile ends (atexit:
+Ray's shutdown). cProfile slows Python-heavy code, so these runs are not the timed ones above.
+
     python bench/tune_overhead.py                      # ~4 min on a quiet 2-core machine
     python bench/tune_overhead.py --backbone ef_lstm --also-every-epoch
+    python bench/tune_overhead.py --backbone lmf --epochs 1 --profile   # the fixed cost, profiled
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pstats
 import shlex
 import subprocess
 import sys
@@ -81,14 +90,14 @@ def _run(cmd: list[str], cwd: Path) -> tuple[float, subprocess.CompletedProcess]
     return wall, proc
 
 
-def run_bare(args, config: dict, workdir: Path) -> tuple[float, dict]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--bare", json.dumps(config),
+def run_bare(args, config: dict, workdir: Path, profiler: list[str] = ()) -> tuple[float, dict]:
+    cmd = [sys.executable, *profiler, str(Path(__file__).resolve()), "--bare", json.dumps(config),
            "--data", str(args.data), "--epochs", str(args.epochs)]
     wall, proc = _run(cmd, workdir)
     return wall, json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_search(args, config: dict, workdir: Path, name: str) -> float:
+def run_search(args, config: dict, workdir: Path, name: str, profiler: list[str] = ()) -> float:
     import yaml
 
     space = {
@@ -100,9 +109,83 @@ def run_search(args, config: dict, workdir: Path, name: str) -> float:
         "resources": {"cpu": 1},
     }
     (workdir / f"{name}.yaml").write_text(yaml.safe_dump(space))
-    wall, _ = _run([sys.executable, "-m", "tuner.search", "--space", f"{name}.yaml",
+    wall, _ = _run([sys.executable, *profiler, "-m", "tuner.search", "--space", f"{name}.yaml",
                     "--name", name], workdir)
     return wall
+
+
+#: (label, file suffix, function): the phases each run goes through one after another, so their
+#: cumulative times add up; a phase a run does not have is "–"
+BARE_PHASES = (
+    ("data load and validation", "trainables/data/__init__.py", "load_dataset"),
+    ("Trainer build + fit (the trial)", "trainables/loop.py", "__init__"),
+    ("", "trainables/loop.py", "fit"),
+)
+SEARCH_PHASES = (
+    ("data load and validation", "tuner/search.py", "_load_data"),
+    ("Ray's start (`init_ray`; the MLflow store opens beside it in a thread)", "tuner/search.py",
+     "init_ray"),
+    ("MLflow parent run (`start_search`)", "tuner/tracking.py", "start_search"),
+    ("the trial: bare `Trainer` build + `fit`; search `Tuner.fit` (the trial's Ray worker: "
+     "process start, data from the object store, epochs, checkpoints; the driver's callbacks)",
+     "ray/tune/tuner.py", "fit"),
+    ("summary: test evaluation, best model logged and registered (`summarise`)",
+     "tuner/search.py", "summarise"),
+)
+#: driver work inside ``Tuner.fit`` (of which): (label, file suffix, function names)
+INSIDE_FIT = (
+    ("of which: MLflow logging of trial starts, results and ends (callback)",
+     "tuner/tracking.py", ("on_trial_start", "on_trial_result", "on_trial_complete")),
+    ("of which: Optuna sampler and pruner (searcher, scheduler)", "tuner/pruning.py",
+     ("suggest", "on_trial_result", "on_trial_complete")),
+)
+
+
+def cumulative(stats: pstats.Stats, suffix: str, names: tuple[str, ...] | str) -> float | None:
+    """Cumulative seconds of the functions ``names`` defined in a file ending in ``suffix``
+    (summed over classes that share a name); None where no such function ran."""
+    names = (names,) if isinstance(names, str) else names
+    found = [ct for (file, _, func), (_, _, _, ct, _) in stats.stats.items()
+             if file.replace(os.sep, "/").endswith(suffix) and func in names]
+    return sum(found) if found else None
+
+
+def profile_lines(bare_prof: Path, bare_wall: float, search_prof: Path,
+                  search_wall: float) -> list[str]:
+    """The breakdown of the two profiled runs: seconds per phase, bare and search, and the
+    difference (where the search's extra seconds go)."""
+    bare, search = pstats.Stats(str(bare_prof)), pstats.Stats(str(search_prof))
+    rows: list[tuple[str, float | None, float | None]] = []
+    b_load = cumulative(bare, *BARE_PHASES[0][1:])
+    b_trial = sum(cumulative(bare, suffix, name) or 0.0 for _, suffix, name in BARE_PHASES[1:])
+    s = {label: cumulative(search, suffix, name) for label, suffix, name in SEARCH_PHASES}
+    labels = [label for label, _, _ in SEARCH_PHASES]
+    rows.append((labels[0], b_load, s[labels[0]]))
+    rows += [(label, None, s[label]) for label in labels[1:3]]
+    rows.append((labels[3], b_trial, s[labels[3]]))
+    inside = [(label, None, cumulative(search, suffix, names))
+              for label, suffix, names in INSIDE_FIT]
+    rows.append((labels[4], None, s[labels[4]]))
+    b_rest = bare.total_tt - (b_load or 0.0) - b_trial
+    s_rest = search.total_tt - sum(v or 0.0 for v in s.values())
+    rows.insert(0, ("imports and the rest of the profiled process", b_rest,
+                    s_rest))
+    rows.append(("outside the profile: interpreter start, exit (atexit: Ray's shutdown; teardown)",
+                 bare_wall - bare.total_tt, search_wall - search.total_tt))
+    rows.append(("**total (the profiled run's wall)**", bare_wall, search_wall))
+
+    def cell(v: float | None) -> str:
+        return "–" if v is None else f"{v:.2f}"
+
+    lines = ["", "Where the search's extra seconds go (cProfile of the driver process, one more "
+             "run each; the phases run one after another; cProfile's overhead inflates "
+             "Python-heavy phases):", "",
+             "| phase | bare s | search s | search − bare s |", "|---|---:|---:|---:|"]
+    for label, b, v in rows:
+        lines.append(f"| {label} | {cell(b)} | {cell(v)} | {cell((v or 0.0) - (b or 0.0))} |")
+        if label == labels[3]:
+            lines += [f"| {lab} | – | {cell(v2)} | – |" for lab, _, v2 in inside]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="another trial-config key, e.g. --set backbone.hidden=16 (repeatable)")
     p.add_argument("--also-every-epoch", action="store_true",
                    help="also time the search with checkpoint_every 1 (every epoch)")
+    p.add_argument("--profile", action="store_true",
+                   help="also run each once under cProfile and print where the search's extra "
+                        "seconds go (phases, callbacks, imports, exit)")
     p.add_argument("--bare", metavar="CONFIG_JSON", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -149,6 +235,14 @@ def main(argv: list[str] | None = None) -> int:
             every = run_search(args, {**config, "checkpoint_every": 1}, workdir, "every")
             rows.append(("`tuner.search`, one trial, checkpoint_every 1", every,
                          f"{every / bare_wall:.2f}×"))
+        breakdown: list[str] = []
+        if args.profile:
+            print("# bare loop and search under cProfile ...", file=sys.stderr, flush=True)
+            bare_prof, search_prof = workdir / "bare.prof", workdir / "search.prof"
+            pb_wall, _ = run_bare(args, config, workdir, ["-m", "cProfile", "-o", str(bare_prof)])
+            ps_wall = run_search(args, config, workdir, "profiled",
+                                 ["-m", "cProfile", "-o", str(search_prof)])
+            breakdown = profile_lines(bare_prof, pb_wall, search_prof, ps_wall)
 
     print(f"Command: `{command_line('bench/tune_overhead.py', argv)}`")
     print(machine_line("1 thread per trial", load_before))
@@ -159,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|")
     for label, wall, ratio in rows:
         print(f"| {label} | {wall:.1f} | {ratio} |")
+    if breakdown:
+        print("\n".join(breakdown))
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,6 +47,27 @@ def test_mi_truth_and_club_ideal():
     assert mi.true_mi(5, 0.0) == 0.0
     assert mi.true_mi(1, 0.8) == pytest.approx(0.5108, abs=1e-4)
     assert mi.club_ideal(2, 0.8) == pytest.approx(2 * 0.64 / 0.36)
+
+
+def test_backbones_prints_the_columns_of_the_performance_table(capsys, monkeypatch, small_data):
+    """docs/performance.md's "Backbones" table has the header the bench prints first; a backbone
+    timed on fewer batches says so in its cell."""
+    bench = load_bench("backbones")
+    monkeypatch.setattr(bench, "load_data", lambda size, data_dir: (small_data, "synthetic:small (fixture)"))
+    assert bench.main(["--size", "small", "--backbones", "lmf", "ef_lstm", "--max-epoch-s", "0",
+                       "--probe-batches", "1"]) == 0
+    printed = capsys.readouterr().out
+    header = next(line for line in printed.splitlines() if line.startswith("|"))
+    doc = (BENCH.parent / "docs" / "performance.md").read_text()
+    section = doc.split("## Backbones", 1)[1].split("\n## ", 1)[0]
+    assert header == next(line for line in section.splitlines() if line.startswith("|"))
+    summary, detail = [table_rows(part) for part in printed.split("In detail")]
+    batches = -(-len(small_data.splits["train"]) // 32)
+    assert [r[0] for r in summary] == ["lmf", "ef_lstm"] == [r[0] for r in detail]
+    for row, full in zip(summary, detail):
+        assert row[2] == full[2]  # parameters: the total
+        assert row[3] == f"~{float(full[4].lstrip('~')):.1f} (1 of {batches} batches, extrapolated)"
+        assert row[4] == full[6]  # valid CPU s/pass
 
 
 def test_regularisers_prints_a_table(capsys, monkeypatch, small_data):
@@ -105,6 +127,22 @@ def newest(folder: Path, pattern: str) -> tuple[str, list[list[str]]]:
     return text, table_rows(text)
 
 
+def stored_reports(stored: Path) -> list[float]:
+    """Every report (best validation MAE so far) of every trial of a stored search, in time order,
+    read from its JSON (not through the bench's own accounting)."""
+    trials = json.loads(stored.read_text())["search"]["trials"]
+    return [value for _, value in sorted((h[0], h[2]) for t in trials for h in t["history"])]
+
+
+def first_hit(stored: Path, target: float) -> int | None:
+    """Trial-epochs a stored search had spent at its first report at or below ``target``."""
+    return next((i for i, v in enumerate(stored_reports(stored), 1) if v <= target), None)
+
+
+def grid_target(grid: Path) -> float:
+    return min(stored_reports(grid)) * 1.01
+
+
 def test_search_efficiency_stores_and_reuses_the_searches(tiny_grid, efficiency_run):
     bench = load_bench("search_efficiency")
     out = efficiency_run
@@ -113,9 +151,11 @@ def test_search_efficiency_stores_and_reuses_the_searches(tiny_grid, efficiency_
     rows = table_rows(searches)
     assert rows[0][:5] == ["grid (exhaustive)", "0", "3", "6", "6"]
     assert rows[1][1] == "1" and int(rows[1][3]) <= 6 + 1  # the budget, + a trial beside it
-    assert rows[1][4] == "not reached" or int(rows[1][4]) <= int(rows[1][3])
     grid, smart = sorted(out.glob("grid-*.json")), sorted(out.glob("smart-*.json"))
     assert len(grid) == 1 and len(smart) == 1
+    hit = first_hit(smart[0], grid_target(grid[0]))  # which branch this run took, from its data
+    assert rows[1][4] == ("not reached" if hit is None else str(hit)), (rows[1], hit)
+    assert rows[1][5] == f"{min(stored_reports(smart[0])):.4f}"
     # every trial of every search trained with the grid's seed (--train-seed 0), not the
     # sampler's
     for stored in grid + smart:
@@ -150,7 +190,7 @@ def test_search_speed_times_ours_and_a_serial_random_search(tiny_grid, efficienc
     assert bench.main([*tiny_grid, "--grid-from", str(grid), "--ours-from", str(smart),
                        "--seeds", "0", "--budget", "1"]) == 0
     text, _ = newest(out, "speed-*.md")
-    ours, random = table_rows(text.split("Time to equal quality")[0])
+    ours, random = table_rows(text.split("Best valid MAE so far at fixed points")[0])
     assert ours[0].startswith("ours: tpe + asha") and random[0].startswith("serial random")
     budget = 6  # the grid's 3 trials x 2 epochs
     assert int(ours[3]) <= budget + 1 and int(random[3]) <= budget
@@ -162,17 +202,52 @@ def test_search_speed_times_ours_and_a_serial_random_search(tiny_grid, efficienc
     # the target or the budget
     assert all(len(t["history"]) == 2 for t in trials[:-1]) and int(random[2]) == len(trials)
     assert all(a["history"][-1][0] <= b["history"][0][0] for a, b in zip(trials, trials[1:]))
-    if random[4] == "> budget":  # serial, no pruning: it spends exactly the budget (Tune's
+    target = grid_target(grid)
+    hits = {"ours": first_hit(smart, target), "random": first_hit(stored[0], target)}
+    if hits["random"] is None:  # serial, no pruning: it spends exactly the budget (Tune's
         assert int(random[3]) == budget  # repeated last report of a trial is not an epoch)
-    for row in (ours, random):  # reached: no more than it ran; else the budget is said
-        assert row[4] == "> budget" or int(row[4]) <= int(row[3])
-        assert row[5].startswith("> ") == (row[4] == "> budget")
-    assert "Median wall to target" in text or "no speed-up is claimed" in text
+    for row, stored_json, hit in ((ours, smart, hits["ours"]), (random, stored[0], hits["random"])):
+        assert row[4] == ("> budget" if hit is None else str(hit)), (row, hit)
+        assert row[5].startswith("> ") == (hit is None)
+        assert row[6] == f"{min(stored_reports(stored_json)):.4f}"  # each search's best
+        assert row[8] == str(budget)
+    assert ours[9] == "2 × 1 = 2"  # the tests' 2-CPU Ray, a trial per CPU
+    cpus = os.cpu_count()
+    assert random[9] == f"1 × {cpus} = {cpus}"  # one trial at a time with every CPU
+    assert ("Median wall to target" in text) == (hits["ours"] is not None)
+    assert ("no speed-up is claimed" in text) == (hits["ours"] is None)
+    # ours came from a file: the conditions are not equal, and the printout says why
+    assert "Not equal conditions:" in text and "loaded from files" in text
+    # the best so far after 1, 3 and 6 trial-epochs (a quarter, half and all of the budget)
+    points = table_rows(text.split("at fixed points")[1].split("Time to equal quality")[0])
+    assert [r[:2] for r in points] == [["ours", "1"], ["serial random", "0"]]
+    for row, stored_json in zip(points, (smart, stored[0])):
+        reports = stored_reports(stored_json)
+        assert row[2 + 4:] == [f"{min(reports[:k]):.4f}{' †' if k > len(reports) else ''}"
+                               for k in (1, 3, 6)], (row, reports)
     quality = table_rows(text.split("Time to equal quality")[1])
     assert len(quality) == 1 and quality[0][0] == "1" and quality[0][3] == "0"
     assert float(quality[0][1]) == min(min(h[2] for h in t["history"]) for t in json.loads(
         smart.read_text())["search"]["trials"])
     assert "Median speed-up to equal quality" in text
+
+
+def test_search_speed_says_whether_conditions_were_equal():
+    """One run at equal budgets and threads, spent in full, says so; any difference is named."""
+    bench = load_bench("search_speed")
+    Result = load_bench("search_efficiency").SearchResult
+    ours, theirs = Result("smart-x-s0", 0.0, 10.0), Result("random-x-s0", 0.0, 10.0)
+    equal = {"budget": 6, "stop_at": None, "at_once": 2, "threads": 1}
+    same = [("ours", ours, equal), ("serial random", theirs, {**equal, "at_once": 1,
+                                                                  "threads": 2})]
+    assert bench.conditions_lines(same, loaded=False)[-1] == (
+        "Equal conditions: every search ran in this run with a budget of 6 trial-epochs, spent "
+        "in full, and 2 CPU threads in all.")
+    other = [same[0], ("serial random", theirs, {**equal, "budget": 12, "stop_at": 0.5})]
+    line = bench.conditions_lines(other, loaded=True)[-1]
+    assert line.startswith("Not equal conditions: trial-epoch budgets differ (ours s0: 6, "
+                           "serial random s0: 12)")
+    assert "threads" not in line and "loaded from files" in line and "ended at the target" in line
 
 
 @pytest.mark.slow
@@ -316,13 +391,48 @@ def test_gpu_check_arguments(capsys):
     assert bench.most_at_once([(0, 1), (1, 2)]) == 1
 
 
+def test_epoch_speed_profile_prints_the_top_ops(capsys, monkeypatch, small_data):
+    bench = load_bench("epoch_speed")
+    monkeypatch.setattr(bench, "load_data", lambda size, data_dir: (small_data, "synthetic:small (fixture)"))
+    assert bench.main(["--size", "small", "--models", "lmf", "--profile", "2", "--batch",
+                       "16"]) == 0
+    printed = capsys.readouterr().out
+    assert "Profile of lmf's training step (2 batches of 16, 1 thread(s))" in printed
+    assert "ours s/epoch" not in printed  # --profile times nothing else
+    rows = table_rows(printed)
+    assert len(rows) == 12 + 1 and rows[-1][0].endswith("other ops")
+    ops = [r[0].strip("`") for r in rows[:-1]]
+    assert "aten::mm" in ops or "aten::addmm" in ops  # LMF's fusion is matrix products
+    shares = [float(r[3].rstrip("%")) for r in rows]
+    assert sum(shares) == pytest.approx(100, abs=0.05 * len(shares))  # each rounded to 0.1
+    assert shares[:-1] == sorted(shares[:-1], reverse=True)  # by self CPU time
+    with pytest.raises(SystemExit):
+        bench.main(["--size", "small", "--models", "lmf", "--profile", "0"])
+
+
 def test_tune_overhead_prints_a_table(capsys, small_data, tmp_path):
     from trainables.data.parquet import write_parquet
 
     bench = load_bench("tune_overhead")
     data_dir = write_parquet(small_data, tmp_path / "data")
     assert bench.main(["--backbone", "lmf", "--epochs", "2", "--data", str(data_dir),
-                       "--set", "batch_size=32"]) == 0
-    rows = table_rows(capsys.readouterr().out)
+                       "--set", "batch_size=32", "--profile"]) == 0
+    timed, profiled = capsys.readouterr().out.split("Where the search's extra seconds go")
+    rows = table_rows(timed)
     assert [r[0].split(" ")[0] for r in rows] == ["bare", "`tuner.search`,"]
     assert float(rows[0][1]) > 0 and rows[1][2].endswith("×")
+    phases = {r[0].split(" (")[0].split(":")[0]: r[1:] for r in table_rows(profiled)}
+    assert list(phases) == ["imports and the rest of the profiled process",
+                            "data load and validation", "Ray's start", "MLflow parent run",
+                            "the trial", "of which", "summary", "outside the profile",
+                            "**total"]
+    # every phase was found in the profiles (a renamed function would print "–")
+    for name in ("data load and validation", "the trial"):
+        assert all(float(v) > 0 for v in phases[name][:2]), phases[name]
+    for name in ("Ray's start", "MLflow parent run", "summary"):
+        assert phases[name][0] == "–" and float(phases[name][1]) > 0, phases[name]
+    # the phases and the rest add up to the profiled run's wall, in each column
+    for col in (0, 1):
+        parts = [float(v[col]) for k, v in phases.items()
+                 if k not in ("of which", "**total") and v[col] != "–"]
+        assert sum(parts) == pytest.approx(float(phases["**total"][col]), abs=0.05)
