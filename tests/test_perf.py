@@ -148,3 +148,70 @@ def test_checkpoints_every_k_epochs_on_improvement_and_at_the_end(small_data, tm
     assert len(with_checkpoint) < 7, f"every epoch improved ({improved}): nothing was skipped"
     with result.checkpoint.as_directory() as directory:  # the last: the best epoch's weights
         assert load_best(f"{directory}/{BEST_FILE}")["epoch"] == int(history["best_epoch"].iloc[-1])
+
+
+@pytest.mark.parametrize("p", [0.3, 0.5])
+def test_fast_dropout_bytes_mask_has_the_rounded_distribution(p):
+    x = torch.rand(400, 2500) + 0.5
+    n = x.numel()
+    p_rounded = round(p * 65536) / 65536
+    tol = 5 * math.sqrt(p * (1 - p) / n)
+    torch.manual_seed(0)
+    y = FastDropout(p, mask="bytes").train()(x)
+    dropped = y == 0
+    assert abs(dropped.float().mean().item() - p_rounded) < tol
+    # kept elements scaled by 1 / (1 - p_rounded): the expectation of the output is x exactly
+    torch.testing.assert_close(y[~dropped], x[~dropped] / (1 - p_rounded))
+    keep = (~dropped).float()
+    corr = torch.corrcoef(torch.stack([keep[:, :-1].flatten(), keep[:, 1:].flatten()]))[0, 1]
+    assert abs(corr.item()) < 0.01
+    # seeded: the same draws again; a different draw than the uniform mask
+    torch.manual_seed(0)
+    torch.testing.assert_close(FastDropout(p, mask="bytes").train()(x), y, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="mask"):
+        FastDropout(p, mask="bits")
+
+
+@pytest.mark.parametrize("mask", ["uniform", "bytes"])
+def test_fast_dropout_in_place_only_without_a_graph(mask):
+    x = torch.randn(8, 1000)
+    torch.manual_seed(5)
+    reference = FastDropout(0.5, mask=mask).train()(x)
+    drop = FastDropout(0.5, inplace=True, mask=mask).train()
+    with torch.no_grad():
+        x_copy = x.clone()
+        torch.manual_seed(5)
+        y = drop(x_copy)
+    assert y is x_copy  # in place: no second tensor
+    torch.testing.assert_close(y, reference, rtol=0, atol=0)
+    leaf = x.clone().requires_grad_(True)
+    torch.manual_seed(5)
+    y = drop(leaf)
+    assert y is not leaf and torch.equal(leaf.detach(), x)  # with a graph: out of place
+    torch.testing.assert_close(y.detach(), reference, rtol=0, atol=0)
+
+
+def test_tfn_no_grad_train_mode_pass_matches_the_grad_pass(small_data):
+    """MDM's critic batches (no gradients, train mode) see exactly what a pass with gradients
+    would have computed from the same draws: the in-place mask changes no value."""
+    from trainables.data.batches import iterate_batches
+
+    trainer = Trainer(tfn_config(), small_data, device="cpu", num_threads=1)
+    trainer.model.train()
+    batch = next(iter(iterate_batches(trainer.splits["train"], 16, shuffle=False)))
+    torch.manual_seed(11)
+    with_grad = trainer.model(batch)
+    torch.manual_seed(11)
+    with torch.no_grad():
+        without = trainer.model(batch)
+    torch.testing.assert_close(without.prediction, with_grad.prediction.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(without.features["fused"], with_grad.features["fused"].detach(),
+                               rtol=0, atol=0)
+
+
+def test_tfn_dropout_mask_is_a_checked_config_key():
+    from trainables.config import ConfigError
+
+    assert tfn_config().backbone_cfg.dropout_mask == "uniform"  # the previous draws by default
+    with pytest.raises(ConfigError, match="dropout_mask"):
+        tfn_config(**{"backbone.dropout_mask": "bits"})

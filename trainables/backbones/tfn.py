@@ -27,6 +27,7 @@ Departures from MMSA's TFN (``models/singleTask/TFN.py``):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -59,6 +60,11 @@ class TFNConfig:
     vision_dropout: float = 0.3
     text_dropout: float = 0.3
     post_fusion_dropout: float = 0.5
+    #: how the post-fusion dropout mask over the (A+1)(V+1)(T+1)-wide tensor is drawn (a speed
+    #: option; see ``FastDropout``): "uniform" (``torch.rand``, nn.Dropout's distribution) or
+    #: "bytes" (16 random bits per element, p rounded to a multiple of 2^-16; ~1.2x faster TFN
+    #: epochs on the CPU, different seeded draws)
+    dropout_mask: Literal["uniform", "bytes"] = "uniform"
 
     def validate(self) -> None:
         for name in ("text_hidden", "text_out", "audio_hidden", "vision_hidden", "post_fusion_dim"):
@@ -67,6 +73,8 @@ class TFNConfig:
         for name in ("audio_dropout", "vision_dropout", "text_dropout", "post_fusion_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name}: expected a number in [0, 1), got {getattr(self, name)}")
+        if self.dropout_mask not in ("uniform", "bytes"):
+            raise ConfigError(f"dropout_mask: expected 'uniform' or 'bytes', got {self.dropout_mask!r}")
 
 
 class TFN(Backbone):
@@ -81,8 +89,10 @@ class TFN(Backbone):
                                        c.text_dropout)
 
         fusion_dim = (c.audio_hidden + 1) * (c.vision_hidden + 1) * (c.text_out + 1)
-        # the mask over the ~140k-wide fusion tensor: same distribution as nn.Dropout, ~4x cheaper
-        self.post_fusion_dropout = FastDropout(c.post_fusion_dropout)
+        # the mask over the ~140k-wide fusion tensor: same distribution as nn.Dropout, ~4x cheaper;
+        # in place: the fusion tensor is a fresh product that nothing else reads (bmm saves its
+        # inputs, not its output), so no second 140k-wide tensor per row is allocated
+        self.post_fusion_dropout = FastDropout(c.post_fusion_dropout, inplace=True, mask=c.dropout_mask)
         self.post_fusion_1 = nn.Linear(fusion_dim, c.post_fusion_dim)
         self.post_fusion_2 = nn.Linear(c.post_fusion_dim, c.post_fusion_dim)
         self.head = nn.Linear(c.post_fusion_dim, 1)
