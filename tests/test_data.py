@@ -195,8 +195,8 @@ def test_error_width_differs_from_train(small_raw_copy):
 def test_error_text_bert_not_three_rows(small_raw_copy):
     small_raw_copy["test"]["text_bert"] = small_raw_copy["test"]["text_bert"][:, :2]
     message = _error(small_raw_copy)
-    assert "split 'test' key 'text_bert': expected (N=48, 3, L=32)" in message
-    assert "found (48, 2, 32)" in message
+    assert "split 'test' key 'text_bert': expected (N=48, 3, L=50)" in message
+    assert "found (48, 2, 50)" in message
 
 
 def test_error_nan_in_features(small_raw_copy):
@@ -315,10 +315,10 @@ def test_aligned_and_unaligned_dims(small_data):
 
     dims = small_data.dims
     assert (dims.text, dims.audio, dims.vision) == (64, 5, 20)
-    assert (dims.text_len, dims.audio_len, dims.vision_len) == (32, 40, 40)
+    assert (dims.text_len, dims.audio_len, dims.vision_len) == (50, 40, 40)
     assert not dims.aligned and dims.has_tokens
     aligned = arrays_from_mmsa(make_synthetic("small", seed=0, aligned=True), "aligned").dims
-    assert aligned.aligned and aligned.audio_len == aligned.vision_len == aligned.text_len == 32
+    assert aligned.aligned and aligned.audio_len == aligned.vision_len == aligned.text_len == 50
 
 
 # ------------------------------------------------------------------------------------ the CLI
