@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from trainables.data import (
     DataError,
@@ -195,8 +196,8 @@ def test_error_width_differs_from_train(small_raw_copy):
 def test_error_text_bert_not_three_rows(small_raw_copy):
     small_raw_copy["test"]["text_bert"] = small_raw_copy["test"]["text_bert"][:, :2]
     message = _error(small_raw_copy)
-    assert "split 'test' key 'text_bert': expected (N=48, 3, L=32)" in message
-    assert "found (48, 2, 32)" in message
+    assert "split 'test' key 'text_bert': expected (N=48, 3, L=50)" in message
+    assert "found (48, 2, 50)" in message
 
 
 def test_error_nan_in_features(small_raw_copy):
@@ -315,10 +316,10 @@ def test_aligned_and_unaligned_dims(small_data):
 
     dims = small_data.dims
     assert (dims.text, dims.audio, dims.vision) == (64, 5, 20)
-    assert (dims.text_len, dims.audio_len, dims.vision_len) == (32, 40, 40)
+    assert (dims.text_len, dims.audio_len, dims.vision_len) == (50, 40, 40)
     assert not dims.aligned and dims.has_tokens
     aligned = arrays_from_mmsa(make_synthetic("small", seed=0, aligned=True), "aligned").dims
-    assert aligned.aligned and aligned.audio_len == aligned.vision_len == aligned.text_len == 32
+    assert aligned.aligned and aligned.audio_len == aligned.vision_len == aligned.text_len == 50
 
 
 # ------------------------------------------------------------------------------------ the CLI
@@ -394,3 +395,46 @@ def test_cli_help_and_usage(capsys):
         assert "--nonfinite" in text and "runs code" in text and "Example" in text
     assert main(["synth"]) == 2  # --out is required
     assert "--out" in capsys.readouterr().err
+
+
+def test_length_grouped_order_is_a_seeded_permutation_of_sorted_chunks():
+    from trainables.data.batches import length_grouped_order
+
+    lengths = torch.as_tensor(np.random.default_rng(0).integers(3, 51, size=1003))
+    order = length_grouped_order(lengths, 10, torch.Generator().manual_seed(1), chunk_batches=5)
+    assert sorted(order.tolist()) == list(range(1003))
+    batches = order.split(10)
+    assert len(batches[-1]) == 3  # the ragged batch stays last
+    # each batch comes from one sorted chunk of 50 rows: its lengths span a fifth of the range
+    spans = [int(lengths[b].max() - lengths[b].min()) for b in batches[:-1]]
+    assert np.mean(spans) < 0.3 * 47 and max(spans) < 47
+    # the batches are shuffled: the epoch does not run from long to short within a chunk
+    firsts = [int(lengths[b].max()) for b in batches[:10]]
+    assert firsts != sorted(firsts, reverse=True)
+    again = length_grouped_order(lengths, 10, torch.Generator().manual_seed(1), chunk_batches=5)
+    assert torch.equal(order, again)
+    assert not torch.equal(order, length_grouped_order(lengths, 10, torch.Generator().manual_seed(2),
+                                                       chunk_batches=5))
+
+
+def test_trim_batch_cuts_to_the_longest_row_and_keeps_alignment(small_data):
+    from trainables.data.batches import TensorSplit, text_extent, trim_batch
+
+    split = TensorSplit.from_arrays(small_data.splits["train"])
+    batch = split.batch(torch.arange(8))
+    out = trim_batch(batch)
+    assert out.text.shape[1] == out.text_bert.shape[2] == int(batch.text_lengths.max()) < 50
+    assert out.audio.shape[1] == int(batch.audio_lengths.max())
+    assert out.vision.shape[1] == int(batch.vision_lengths.max())
+    assert torch.equal(out.text_bert, batch.text_bert[:, :, :out.text.shape[1]])
+    assert not batch.text_bert[:, 1, out.text.shape[1]:].any()  # only padding was cut
+    # left-padded ids (XLNet's own tokenizer): the extent is the last attended step + 1
+    left = batch.text_bert.flip(-1)
+    assert torch.equal(text_extent(batch.text_lengths, left), torch.full((8,), 50))
+    # a batch whose longest rows fill the padding is returned as it is
+    tokens = batch.text_bert.clone()
+    tokens[0, 1] = 1
+    filled = dataclasses.replace(
+        batch, text_bert=tokens, audio_lengths=torch.full_like(batch.audio_lengths, 40),
+        vision_lengths=torch.full_like(batch.vision_lengths, 40))
+    assert trim_batch(filled) is filled

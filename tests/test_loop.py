@@ -187,3 +187,117 @@ def test_evaluating_other_weights_restores_the_current_ones(small_data):
     before = trainer.evaluate("valid")
     trainer.evaluate("valid", best)  # mid-training evaluation of the best weights
     assert trainer.evaluate("valid") == before
+
+
+# ------------------------------------------------------------------ padding: trimming, grouping
+
+
+@pytest.fixture(scope="module")
+def aligned_small():
+    from trainables.data import arrays_from_mmsa
+    from trainables.data.synthetic import make_synthetic
+
+    return arrays_from_mmsa(make_synthetic("small", seed=0, aligned=True, unlabeled_factor=0),
+                            "synthetic:small:aligned")
+
+
+def _tiny_trainer(backbone: str, data: MultimodalData) -> Trainer:
+    from tests.test_backbones import TINY_BACKBONE
+
+    flat = {"backbone": backbone, "regulariser": "none", "max_epochs": 1, "batch_size": 16,
+            "seed": 0, **{f"backbone.{k}": v for k, v in TINY_BACKBONE.get(backbone, {}).items()}}
+    return Trainer(TrialConfig.from_flat(flat), data, device="cpu")
+
+
+@pytest.mark.parametrize("layout", ["unaligned", "aligned"])
+@pytest.mark.parametrize("backbone", ["mag_bert", "mag_xlnet", "mmim", "mird", "ef_lstm", "tfn",
+                                      "lmf", "mfn"])
+def test_trimming_changes_no_prediction(backbone, layout, small_data, aligned_small):
+    """Every batch cut to its longest row (the loop's default for these backbones) gives the
+    predictions and features of the full padded batch, in eval mode, after a training epoch (so
+    batch-norm statistics and weights are not at their initial values). The batches are
+    length-sorted slices, so most are cut far below the padded length."""
+    from trainables.backbones import known_backbones
+    from trainables.data.batches import row_lengths, trim_batch
+
+    assert backbone in known_backbones()
+    data = small_data if layout == "unaligned" else aligned_small
+    trainer = _tiny_trainer(backbone, data)
+    assert trainer.trim  # every backbone reads its sequences by lengths / attention mask
+    trainer.train_epoch()
+    trainer.model.eval()
+    split = trainer.splits["valid"]
+    order = torch.sort(row_lengths(split)).indices
+    cut = 0
+    with torch.no_grad():
+        for start in range(0, len(split), 12):
+            full = split.batch(order[start:start + 12])
+            trimmed = trim_batch(full)
+            cut += full.text.shape[1] - trimmed.text.shape[1]
+            if layout == "aligned":
+                assert trimmed.text.shape[1] == trimmed.audio.shape[1] == trimmed.vision.shape[1]
+            ref, out = trainer.model(full), trainer.model(trimmed)
+            torch.testing.assert_close(out.prediction, ref.prediction, rtol=1e-5, atol=1e-6)
+            for name in ref.features:
+                torch.testing.assert_close(out.features[name], ref.features[name], rtol=1e-5,
+                                           atol=1e-6, msg=f"{backbone} feature {name!r}")
+    assert cut > 20 * (len(split) // 12)  # the text really was cut (mean ~22 of 50 tokens)
+    # the loop's predict (length-ordered, trimmed batches) returns the rows in their order
+    preds, labels = trainer.predict("valid")
+    trainer.trim = False
+    untrimmed, labels_again = trainer.predict("valid")
+    np.testing.assert_allclose(preds, untrimmed, rtol=1e-5, atol=1e-6)
+    assert np.array_equal(labels, labels_again)
+    assert np.array_equal(labels, data.splits["valid"].labels)
+
+
+def test_training_batches_are_trimmed(small_data):
+    trainer = Trainer(config(max_epochs=1, unlabeled_rate=1.0, unlabeled_source="train"), small_data)
+    widths = [(b.text.shape[1], b.text_bert.shape[2], b.audio.shape[1], int(b.audio_lengths.max()),
+               int(b.text_bert[:, 1].sum(dim=1).max())) for b in trainer._train_batches()]
+    for text, tokens, audio, longest_audio, longest_text in widths:
+        assert text == tokens == longest_text and audio == longest_audio
+    assert min(w[0] for w in widths) < 50
+    fresh = trainer._sample_batches(3)  # MDM's fresh batches: cut to their longest row too
+    assert fresh.text.shape[1] == int(fresh.text_bert[:, 1].sum(dim=1).max())
+
+
+def test_group_by_length_keeps_every_row_once_in_homogeneous_batches(small_data):
+    from trainables.data.batches import row_lengths
+
+    trainer = Trainer(config(group_by_length=True, batch_size=8), small_data)
+    lengths = row_lengths(trainer.splits["train"])
+    epochs = []
+    for _ in range(2):
+        batches = [b.index for b in trainer._train_batches()]
+        rows = torch.cat(batches)
+        assert sorted(rows.tolist()) == list(range(len(trainer.splits["train"])))  # once each
+        epochs.append(rows)
+        # length-homogeneous: far less spread within a batch than in random batches
+        spread = np.mean([float(lengths[b].max() - lengths[b].min()) for b in batches])
+        random_spread = np.mean([float(lengths[b].max() - lengths[b].min())
+                                 for b in torch.randperm(len(lengths)).split(8)])
+        assert spread < 0.25 * random_spread, (spread, random_spread)
+    assert not torch.equal(epochs[0], epochs[1])  # a new order every epoch
+    again = Trainer(config(group_by_length=True, batch_size=8), small_data)
+    assert torch.equal(torch.cat([b.index for b in again._train_batches()]), epochs[0])  # seeded
+    other = Trainer(config(group_by_length=True, batch_size=8, seed=4), small_data)
+    assert not torch.equal(torch.cat([b.index for b in other._train_batches()]), epochs[0])
+
+
+def test_group_by_length_resumes_exactly(small_data, tmp_path):
+    cfg = dict(max_epochs=4, group_by_length=True, batch_size=8)
+    full = Trainer(config(**cfg), small_data).fit()
+    first = Trainer(config(**cfg), small_data)
+    first.run_epoch()
+    first.run_epoch()
+    first.save(tmp_path)
+    second = Trainer(config(**cfg), small_data)
+    second.load(tmp_path)
+    rest = [second.run_epoch(), second.run_epoch()]
+    for h in (full[2:], rest):
+        for r in h:
+            r.pop("epoch_seconds")
+    assert full[2:] == rest
+    plain = Trainer(config(max_epochs=4, batch_size=8), small_data).fit()
+    assert plain[0]["valid_mae"] != full[0]["valid_mae"]  # the option changes the batches

@@ -145,6 +145,10 @@ class TrialConfig:
     text_lr: float = 5e-5
     weight_decay: float = 0.0
     batch_size: int = 32
+    #: training batches of rows of similar text length (shuffle, sort by length within chunks of
+    #: 50 batches, shuffle the batches; Hugging Face's ``group_by_length``): less padding work;
+    #: False = the papers' uniformly random batches (docs/fidelity.md, "Batching")
+    group_by_length: bool = False
     max_epochs: int = 20
     #: early stopping: epochs without a validation improvement before the trial ends (0 = never)
     patience: int = 5

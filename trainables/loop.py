@@ -35,7 +35,7 @@ from trainables.backbones import get_backbone
 from trainables.backbones.base import BackboneOutput
 from trainables.config import TrialConfig
 from trainables.data.batches import (Batch, MultimodalData, TensorSplit, concat_batches, iterate_batches,
-                                     split_batch)
+                                     row_lengths, split_batch, trim_batch)
 from trainables.metrics import compute_metrics
 from trainables.regularisers import get_regulariser
 from trainables.regularisers.base import Encoder, float_detached
@@ -151,6 +151,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda")
         if cfg.compile and self.device.type == "cuda":
             self.model.compile()  # in place: the state-dict keys stay the same
+        #: cut every batch to its longest row (exact for this backbone: Backbone.trim_padding)
+        self.trim = bool(backbone_cls.trim_padding)
         pin = self.device.type == "cuda"
         self.splits = {name: TensorSplit.from_arrays(self.model.prepare_split(arr), pin_memory=pin)
                        for name, arr in data.splits.items() if arr is not data.unlabeled}
@@ -234,18 +236,26 @@ class Trainer:
 
     def _sample_batches(self, k: int) -> Batch:
         """``k`` random training batches (distinct rows within each) as one batch of ``k`` blocks,
-        drawn with the trial's generator (so a seeded run repeats them)."""
+        drawn with the trial's generator (so a seeded run repeats them). Uniformly random even
+        with ``group_by_length``: these are MDM's samples of the joint distribution and, shuffled
+        within their blocks, of the product of the marginals (B̄); length-homogeneous blocks
+        would make B̄ a product of marginals *given the length*. Cut to the longest row."""
         train, size = self.splits["train"], self.encoder.batch_size
         index = torch.cat([torch.randperm(len(train), generator=self.generator)[:size] for _ in range(k)])
-        return train.batch(index).to(self.device, non_blocking=True)
+        batch = train.batch(index)
+        return (trim_batch(batch) if self.trim else batch).to(self.device, non_blocking=True)
 
     def _train_batches(self):
-        """One shuffled pass over train (the trial's generator), unlabeled rows mixed in at the
-        split rate, on the device."""
+        """One shuffled pass over train (the trial's generator; length-grouped batches with
+        ``group_by_length``), unlabeled rows mixed in at the split rate, each batch cut to its
+        longest row, on the device."""
         for batch in iterate_batches(self.splits["train"], self.cfg.batch_size, shuffle=True,
-                                     generator=self.generator):
+                                     generator=self.generator,
+                                     group_by_length=self.cfg.group_by_length):
             if self.cfg.unlabeled_rate > 0:
                 batch = self._with_unlabeled(batch)
+            if self.trim:
+                batch = trim_batch(batch)
             yield batch.to(self.device, non_blocking=True)
 
     def train_epoch(self) -> dict[str, float]:
@@ -341,22 +351,29 @@ class Trainer:
 
     @torch.inference_mode()
     def predict(self, split: str, state: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Predictions and labels on ``split`` (with the weights in ``state`` if given)."""
+        """Predictions and labels on ``split`` in row order (with the weights in ``state`` if
+        given). With trimming the rows run in order of text length, each batch cut to its longest
+        row (in eval mode a row's prediction does not depend on the other rows of its batch)."""
         if state is not None:
             current = self._weights(copy_to_cpu=True)  # a copy: loading overwrites live tensors
             self._load_weights(state)
         self.model.eval()
-        preds, labels = [], []
         data = self.splits[split]
-        for batch in iterate_batches(data, max(self.cfg.batch_size, 256), shuffle=False):
-            batch = batch.to(self.device, non_blocking=True)
+        order = (torch.sort(row_lengths(data), descending=True, stable=True).indices if self.trim
+                 else torch.arange(len(data)))
+        preds = torch.empty(len(data))
+        size = max(self.cfg.batch_size, 256)
+        for start in range(0, len(data), size):
+            index = order[start:start + size]
+            batch = data.batch(index)
+            if self.trim:
+                batch = trim_batch(batch)
             with self._autocast():
-                out = self.model(batch)
-            preds.append(out.prediction.float().cpu())
-            labels.append(batch.labels.cpu())
+                out = self.model(batch.to(self.device, non_blocking=True))
+            preds[index] = out.prediction.float().cpu()
         if state is not None:
             self._load_weights(current)
-        return torch.cat(preds).numpy(), torch.cat(labels).numpy()
+        return preds.numpy(), data.labels.numpy().copy()
 
     def evaluate(self, split: str, state: dict[str, Any] | None = None) -> dict[str, float]:
         preds, labels = self.predict(split, state)

@@ -126,7 +126,7 @@ def probe_checkpoint(best_file: str | Path, data: MultimodalData,
     trainer.model.eval()
     trainer.reg.eval()
     out = []
-    for batch in iterate_batches(trainer.splits[split], 256, shuffle=False):
+    for batch in iterate_batches(trainer.splits[split], 256, shuffle=False, trim=trainer.trim):
         features = trainer.model(batch.to(trainer.device))
         out.append(scores(features).float().cpu())
     return dropped, torch.cat(out).numpy()

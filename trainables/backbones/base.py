@@ -53,6 +53,11 @@ class Backbone(nn.Module):
     config_class: ClassVar[type]
     #: "features" reads ``batch.text`` (GloVe/BERT features); "tokens" reads ``batch.text_bert``
     text_input: ClassVar[str] = "features"
+    #: the outputs do not depend on the padded width: every sequence is read by its lengths or
+    #: attention mask, so the loop cuts each batch to its longest row
+    #: (:func:`~trainables.data.batches.trim_batch`; tests/test_loop.py checks every backbone).
+    #: A backbone that reads steps past the lengths (a fixed-width layer) sets False.
+    trim_padding: ClassVar[bool] = True
 
     def __init__(self, config: Any, dims: ModalityDims) -> None:
         super().__init__()

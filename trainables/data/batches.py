@@ -29,8 +29,13 @@ __all__ = [
     "TensorSplit",
     "drop_modality",
     "drop_set",
+    "GROUP_CHUNK_BATCHES",
     "iterate_batches",
     "concat_batches",
+    "length_grouped_order",
+    "row_lengths",
+    "text_extent",
+    "trim_batch",
     "resample_to_length",
     "shuffle_modalities",
     "split_batch",
@@ -207,13 +212,110 @@ def iterate_batches(
     shuffle: bool,
     generator: torch.Generator | None = None,
     drop_last: bool = False,
+    trim: bool = False,
+    group_by_length: bool = False,
 ) -> Iterator[Batch]:
-    """Yield batches by slicing the pre-stacked tensors with a (shuffled) index."""
+    """Yield batches by slicing the pre-stacked tensors with a (shuffled) index.
+
+    trim: each batch cut to its longest row (:func:`trim_batch`). group_by_length (with
+    shuffle): rows of similar length share batches (:func:`length_grouped_order`)."""
     n = len(split)
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    if shuffle and group_by_length:
+        order = length_grouped_order(row_lengths(split), batch_size, generator)
+    else:
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     stop = n - (n % batch_size) if drop_last and n >= batch_size else n
     for start in range(0, stop, batch_size):
-        yield split.batch(order[start : start + batch_size])
+        batch = split.batch(order[start : start + batch_size])
+        yield trim_batch(batch) if trim else batch
+
+
+#: batches per mega-batch of :func:`length_grouped_order` (Hugging Face's LengthGroupedSampler)
+GROUP_CHUNK_BATCHES = 50
+
+
+def row_lengths(split: TensorSplit) -> torch.Tensor:
+    """(N,) long: what :func:`length_grouped_order` sorts by, each row's text steps
+    (:func:`text_extent`: tokens, or text feature steps). Text sets the cost of the transformer
+    backbones, and audio/vision frames grow with the words (aligned data: one per token)."""
+    return text_extent(split.text_lengths, split.text_bert)
+
+
+def length_grouped_order(lengths: torch.Tensor, batch_size: int,
+                         generator: torch.Generator | None = None,
+                         chunk_batches: int = GROUP_CHUNK_BATCHES) -> torch.Tensor:
+    """A permutation of ``range(N)`` whose consecutive ``batch_size`` slices hold rows of similar
+    length, still random (Hugging Face's ``group_by_length``, ``get_length_grouped_indices``):
+
+    1. shuffle the rows (``randperm``);
+    2. cut the shuffle into mega-batches of ``chunk_batches * batch_size`` rows and sort each by
+       length, longest first (a stable sort: ties keep the shuffle's order);
+    3. cut every mega-batch into batches and shuffle the batches (all of them, across
+       mega-batches), so the epoch does not run from long to short; the last, possibly short
+       batch of the epoch stays last, as with random batches (``drop_last`` drops the same
+       number of rows).
+
+    Every row appears exactly once. All draws come from ``generator``, so a seeded run repeats its
+    order, and a resumed run (the generator's state is checkpointed) continues it.
+    """
+    n = int(lengths.shape[0])
+    shuffled = torch.randperm(n, generator=generator)  # (N,)
+    mega = max(1, int(chunk_batches) * int(batch_size))
+    parts = []
+    for start in range(0, n, mega):
+        chunk = shuffled[start : start + mega]
+        order = torch.sort(lengths[chunk], descending=True, stable=True).indices
+        parts.append(chunk[order])
+    grouped = torch.cat(parts) if parts else shuffled  # (N,)
+    batches = list(grouped.split(int(batch_size)))
+    full = len(batches) - (1 if n % batch_size else 0)  # the ragged last batch stays last
+    perm = torch.randperm(full, generator=generator).tolist()
+    return torch.cat([batches[i] for i in perm] + batches[full:]) if batches else grouped
+
+
+def text_extent(text_lengths: torch.Tensor, text_bert: torch.Tensor | None) -> torch.Tensor:
+    """(B,) long: the text steps a row needs, its length or, with token ids, one past its last
+    attended position (larger than the length when the ids are left-padded, as XLNet's are)."""
+    extent = text_lengths.long()
+    if text_bert is not None:
+        mask = text_bert[:, 1] > 0  # (B, L)
+        steps = torch.arange(1, mask.shape[1] + 1, device=mask.device)  # (L,)
+        extent = torch.maximum(extent, torch.where(mask, steps, 0).amax(dim=1))
+    return extent
+
+
+def trim_batch(batch: Batch) -> Batch:
+    """``batch`` cut to the steps its rows use: the text (features, token ids, mask, segments) to
+    the longest row's text, audio and vision to their longest rows' frames. Exact for a backbone
+    whose outputs do not depend on the padded width (``Backbone.trim_padding``): it reads every
+    sequence by its lengths or the attention mask, and those steps are all kept.
+
+    When text, audio and vision share one padded length (word-aligned data, one frame per token)
+    they are cut to one common width, the longest of the three, so that they stay aligned step by
+    step. Returns ``batch`` itself when nothing can be cut."""
+    text_len, audio_len, vision_len = (batch.text.shape[1], batch.audio.shape[1],
+                                       batch.vision.shape[1])
+    if len(batch) == 0:
+        return batch
+    widths = [
+        int(text_extent(batch.text_lengths, batch.text_bert).max()),
+        int(batch.audio_lengths.max()),
+        int(batch.vision_lengths.max()),
+    ]
+    full = [text_len, audio_len, vision_len]
+    widths = [min(max(w, 1), f) for w, f in zip(widths, full)]
+    if text_len == audio_len == vision_len:
+        widths = [max(widths)] * 3
+    if widths == full:
+        return batch
+    t, a, v = widths
+    return dataclasses.replace(
+        batch,
+        text=batch.text[:, :t].contiguous(),
+        text_bert=None if batch.text_bert is None else batch.text_bert[:, :, :t].contiguous(),
+        audio=batch.audio[:, :a].contiguous(),
+        vision=batch.vision[:, :v].contiguous(),
+    )
 
 
 #: the Batch fields that carry each modality (permuted together by :func:`shuffle_modalities`)

@@ -19,6 +19,11 @@ The signal is spread across modalities so that fusion matters. Every clip is one
   ones, but a negative label ``-m``; only an audio/vision pattern (flat drawn-out intonation, an
   asymmetric lip corner, an eye roll) tells it apart, so a model must combine it with the text.
 
+Sentence lengths. Each clip's sentence is followed by sentiment-free spoken filler ("and i went
+to see it with some friends from work", "um so yeah") up to a drawn length, so that the token
+counts match CMU-MOSI's (mean ~22 BERT tokens with [CLS]/[SEP], 90th percentile ~40, ~3 % at the
+50-token cap, where the tokenizer cuts only filler). Every size pads text to 50 tokens.
+
 Audio (5 channels, "pitch, energy, pitch variability, flat intonation, voicing") and vision (20
 "facial action units": smile, frown, smirk, eye roll, nod, then distractors) are zero-padded
 variable-length sequences (frames proportional to the number of words, or one per token when
@@ -71,8 +76,8 @@ class SynthSize:
 #: "mosi" mirrors CMU-MOSI's unaligned_50.pkl; the others are short, for tests and smoke runs
 SIZES = {
     "mosi": SynthSize(1284, 229, 686, text_len=50, audio_len=375, vision_len=500),
-    "medium": SynthSize(600, 200, 200, text_len=32, audio_len=40, vision_len=40),
-    "small": SynthSize(96, 48, 48, text_len=32, audio_len=40, vision_len=40),
+    "medium": SynthSize(600, 200, 200, text_len=50, audio_len=40, vision_len=40),
+    "small": SynthSize(96, 48, 48, text_len=50, audio_len=40, vision_len=40),
 }
 KINDS = ("plain", "neutral", "sarcastic")
 #: unlabeled rows per train row (the paper's pool is 5x the labeled training set)
@@ -142,6 +147,33 @@ _EVENTS = ("they go to the beach", "he drives to the city", "she opens a letter"
            "they talk in a kitchen", "the family moves to a new house", "he meets his old teacher")
 _NEUTRAL_TAILS = ("", "", "", " i think", " if i remember correctly", " as far as i know")
 
+# Spoken filler after the sentence (MOSI clips are vlog utterances: "... and i saw it with my
+# sister last week um so yeah"). Sentiment-free on purpose: no lexicon word, no adverb that
+# scales one, no negation, so a clip's text polarity stays the sentence's and a cut at the padded
+# length (``text_len``) only ever removes filler.
+_FILLER = (
+    "and i went to see it with some friends from work", "because we had some time on a saturday",
+    "so the theater was pretty full that night", "and then we got some popcorn before it started",
+    "which is something i usually do on the weekends", "i mean i had heard a few things about it",
+    "and my sister had already seen it twice", "and it was about two hours and ten minutes",
+    "you know the one with the guy from that other show", "and there were a lot of people there",
+    "and i think it came out a few weeks ago", "because everybody at school was talking about it",
+    "and we stayed until the credits were over", "and i read the book a long time ago",
+    "so yeah that is basically what i wanted to say", "and the tickets were about twelve dollars",
+    "and i am going to talk about the rest in another video", "i guess", "you know what i mean",
+    "and uh yeah", "um", "so", "and the director also made a movie about a boat",
+    "my friend said i should review it on this channel", "and we talked about it on the way home",
+    "which was the first time in a while", "and it is on streaming now too",
+)
+#: spoken length of a clip in BERT tokens ([CLS] and [SEP] included), before the cut at the
+#: padded length: a gamma draw (redrawn above ``_LENGTH_MAX``: long MOSI clips end near the cap,
+#: not far beyond it), fitted so that the token counts match CMU-MOSI's ``text_bert`` (mean ~22
+#: tokens, 90th percentile ~41, ~3 % at the 50-token cap; tests/test_synthetic.py checks it); the
+#: sentence itself is the shortest a clip can be
+_LENGTH_SHAPE = 1.7
+_LENGTH_SCALE = 11.5
+_LENGTH_MAX = 54.0
+
 
 def _pick(rng: np.random.Generator, items):
     return items[int(rng.integers(len(items)))]
@@ -188,6 +220,24 @@ def _sentiment_sentence(rng: np.random.Generator, sign: int) -> tuple[str, float
         article = "an" if (adverb or adjective)[0] in "aeiou" else "a"
         text = f"it was {not_}{article} {adverb}{adjective} movie"
     return f"{opener}{text}{tail}", polarity
+
+
+def _with_filler(rng: np.random.Generator, sentence: str) -> str:
+    """``sentence`` followed by filler clauses up to a drawn spoken length (in words, about BERT
+    tokens minus [CLS]/[SEP]: the filler words are single tokens)."""
+    target = rng.gamma(_LENGTH_SHAPE, _LENGTH_SCALE)
+    while target > _LENGTH_MAX:
+        target = rng.gamma(_LENGTH_SHAPE, _LENGTH_SCALE)
+    target = int(round(target)) - 2  # words
+    words = len(sentence.split())
+    parts = [sentence]
+    while words < target:
+        clause = _pick(rng, _FILLER)
+        if clause == parts[-1]:  # not the same clause twice in a row
+            continue
+        parts.append(clause)
+        words += len(clause.split())
+    return " ".join(parts)
 
 
 def _neutral_sentence(rng: np.random.Generator) -> str:
@@ -249,10 +299,12 @@ def _make_clips(rng: np.random.Generator, n: int, first_video: int) -> tuple[_Cl
         else:  # sarcastic: positive wording, negative label, cued by audio/vision only
             sentence, p_text = _sentiment_sentence(rng, 1)
             m = rng.uniform(0.7, 2.2)
-            labels[i] = -m + noise  # = p_text (text) + (-(p_text + m)) (audio/vision) + noise
+            # = p_text (text) + (-(p_text + m)) (audio/vision) + noise; at most -0.2 so that the
+            # rounding onto the 1/3 grid never makes it 0: a sarcastic label is always negative
+            labels[i] = min(-m + noise, -0.2)
             show[i] = 0.3 * p_text  # an ironic half smile: weakly positive on its own
             sarcasm[i] = rng.uniform(0.8, 1.2)
-        sentences.append(sentence)
+        sentences.append(_with_filler(rng, sentence))
     # MOSI labels average annotator ratings: multiples of 1/3 in [-3, 3]
     labels = np.round(np.clip(labels, -3.0, 3.0) * 3.0) / 3.0 + 0.0  # + 0.0: no -0.0
     arousal = np.abs(labels) / 3.0 + rng.normal(0.0, 0.1, size=n)
@@ -316,8 +368,9 @@ def _audio_vision(rng: np.random.Generator, clips: _Clips, audio_lengths: np.nda
 
 
 def _frame_lengths(rng: np.random.Generator, words: np.ndarray, max_len: int) -> np.ndarray:
-    """Frames proportional to the spoken words (about 16 words fill ``max_len``), varied."""
-    rate = max_len / 16.0
+    """Frames proportional to the spoken words (about 48 words, a clip at the 50-token cap, fill
+    ``max_len``), varied."""
+    rate = max_len / 48.0
     frames = np.round(words * rate * rng.uniform(0.75, 1.3, size=words.shape))
     return np.clip(frames, max(2, max_len // 10), max_len).astype(np.int64)
 
@@ -436,7 +489,9 @@ def make_synthetic(size: str = "small", seed: int = 0, tokenizer: Any = None,
     """The raw MMSA dict ``{train, valid, test, unlabeled: {...}}`` of a synthetic MOSI-like set.
 
     size: ``"mosi"`` (1284/229/686 clips, text 50 tokens, audio 375×5, vision 500×20),
-    ``"medium"`` (600/200/200) or ``"small"`` (96/48/48; text 32, audio 40, vision 40 frames).
+    ``"medium"`` (600/200/200) or ``"small"`` (96/48/48; text 50, audio 40, vision 40 frames).
+    Every size draws the same sentences: MOSI's spread of lengths (mean ~22 tokens, ~3 % cut at
+    50), so no size flatters padding work away.
     tokenizer: a transformers tokenizer; ``None`` loads the packaged MiniLM one (the token ids
     of ``text_bert`` are then MiniLM/BERT-uncased ids). text_encoder: a transformers encoder
     whose last hidden state fills ``text``; ``None`` uses fixed pseudo-random 64-d vectors per
