@@ -4,6 +4,9 @@
 - ``raise_always``: raises in its first training forward of every attempt (a deterministic bug).
 - ``raise_once``: raises at the start of its second epoch unless the marker file
   ``$FAULT_MARKER_DIR/<trial seed>.raised`` exists, and creates it (a transient fault).
+- ``raise_until_fixed``: raises from its second epoch on (in every attempt) while the marker
+  file ``$FAULT_MARKER_DIR/raise_until_fixed.fixed`` is missing (a bug fixed before a
+  ``--resume``).
 - ``nan_later``: an EF-LSTM whose predictions become NaN from its second epoch on (divergence
   after a good first epoch).
 - ``pid_probe``: an EF-LSTM that appends the id of the process building it to
@@ -22,8 +25,8 @@ import torch
 from trainables.backbones import BACKBONES
 from trainables.backbones.ef_lstm import EFLSTM
 
-NAMES = {"raise_always": "RaiseAlways", "raise_once": "RaiseOnce", "nan_later": "NanLater",
-         "pid_probe": "PidProbe"}
+NAMES = {"raise_always": "RaiseAlways", "raise_once": "RaiseOnce",
+         "raise_until_fixed": "RaiseUntilFixed", "nan_later": "NanLater", "pid_probe": "PidProbe"}
 
 
 def register() -> None:
@@ -56,6 +59,20 @@ class RaiseOnce(_Counting):
             if not marker.exists():
                 marker.touch()
                 raise RuntimeError("raise_once: a transient fault")
+        return super().forward(batch)
+
+
+class RaiseUntilFixed(_Counting):
+    resumed = False  # an attempt that continues from a checkpoint is past its first epoch
+
+    def load_state_dict(self, *args, **kwargs):
+        self.resumed = True
+        return super().load_state_dict(*args, **kwargs)
+
+    def forward(self, batch):
+        if self.training and (self.epochs_started >= 2 or self.resumed):
+            if not (Path(os.environ["FAULT_MARKER_DIR"]) / "raise_until_fixed.fixed").exists():
+                raise RuntimeError("raise_until_fixed: a bug in forward, not fixed yet")
         return super().forward(batch)
 
 

@@ -5,6 +5,7 @@ mid-search, and the disk filling up. Failing trials come from test-only backbone
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -119,6 +120,68 @@ def test_raising_and_diverging_trials(tmp_path, monkeypatch, small_data, ray_fau
     study = optuna.load_study(study_name="r1", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     states = sorted(t.state.name for t in study.trials)
     assert states == ["COMPLETE", "COMPLETE", "FAIL", "FAIL"]  # errored and diverged: FAIL
+
+
+def test_errored_trial_fixed_then_resumed_gets_a_new_optuna_trial(tmp_path, monkeypatch,
+                                                                   small_data, ray_faulty,
+                                                                   capsys, caplog):
+    """A trial that errored for good was told FAIL; after a fix, ``--resume`` runs it again from
+    its checkpoint. Its finished FAIL cannot change, so the resumed attempt is a new Optuna
+    trial with the same parameters and the first attempt's epochs (the pruner's history), told
+    COMPLETE with the value Ray and MLflow record; nothing stays RUNNING, no tell is refused.
+    A ConcurrencyLimiter (max_concurrent) must pass that trial's end on to the study too."""
+    data_dir = write_parquet(small_data, tmp_path / "data")
+    space = {
+        "name": "fixed", "backbones": ["ef_lstm", "raise_until_fixed"], "regularisers": ["none"],
+        "data": str(data_dir), "ranges": {"lr": [0.005, 0.002]},
+        "fixed": {"batch_size": 16, "patience": 0, "backbone.hidden": 16,
+                  "backbone.num_layers": 1},
+        "start_points": [{"backbone": "raise_until_fixed"}, {"backbone": "ef_lstm"}],
+        "search": {"sampler": "random", "pruner": "median", "num_samples": 2, "max_epochs": 3,
+                   "grace_epochs": 1, "seed": 0, "max_concurrent": 1},
+        "resources": {"cpu": 1},
+    }
+    (tmp_path / "fixed.yaml").write_text(yaml.safe_dump(space))
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level(logging.WARNING, logger="tuner.pruning")
+    assert main(["--space", "fixed.yaml", "--name", "f1"]) == 3  # the bug: errored
+    study = optuna.load_study(study_name="f1", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    first = {t.params["backbone"]: t for t in study.trials}
+    assert first["raise_until_fixed"].state.name == "FAIL"
+    assert first["raise_until_fixed"].intermediate_values.keys() == {1}  # epoch 1 ran
+    capsys.readouterr()
+
+    # resumed before the fix: one more try (Tune keeps its failure count: 3 before, so the 4th
+    # is final), which errors before a new report; its FAIL is all there is
+    assert main(["--space", "fixed.yaml", "--name", "f1", "--resume"]) == 3
+    again = capsys.readouterr().err
+    assert "errored for good after 4 failures (RuntimeError: raise_until_fixed" in again
+    study = optuna.load_study(study_name="f1", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "FAIL"]
+
+    (ray_faulty / "raise_until_fixed.fixed").touch()  # the fix
+    code = main(["--space", "fixed.yaml", "--name", "f1", "--resume"])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-2000:]
+    assert "Search 'f1' finished: 2 completed\n" in out, out[-2000:]
+    refused = [r.getMessage() for r in caplog.records if r.name == "tuner.pruning"
+               and r.levelno >= logging.WARNING]
+    assert not refused, refused
+
+    study = optuna.load_study(study_name="f1", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    trials = study.trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    failed, retried = trials[0], trials[2]
+    assert failed.params == retried.params and failed.distributions == retried.distributions
+    assert retried.user_attrs["retry_of"] == failed.number
+    assert retried.intermediate_values.keys() == {1, 2, 3}
+    assert retried.intermediate_values[1] == failed.intermediate_values[1]
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = [r for r in children(client, "fixed")
+              if r.data.tags["backbone"] == "raise_until_fixed"]
+    assert run.data.tags["status"] == "completed"
+    assert retried.value == pytest.approx(run.data.metrics["best_valid_mae"])
 
 
 def test_reused_worker_reproduces_fresh_runs(tmp_path, monkeypatch, small_data, ray_faulty, capsys):

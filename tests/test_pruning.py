@@ -221,6 +221,66 @@ def test_restore_fails_the_orphans_of_a_killed_driver(tmp_path):
     assert study.best_value == 0.5
 
 
+def test_an_errored_trial_that_resume_runs_again_gets_a_new_optuna_trial(tmp_path):
+    """``--resume`` restarts errored trials (told FAIL when Tune gave up on them): the resumed
+    attempt is a new Optuna trial with the same parameters and the first attempt's epochs, and
+    its end reaches the study through a ConcurrencyLimiter that did not suggest it. One that
+    errors again before reporting stays one FAIL; one that ends without a report is told too."""
+    from ray.tune.search import ConcurrencyLimiter
+
+    from tuner.pruning import StudySearchGenerator
+
+    space = space_from_dict({**SPACE, "search": {"sampler": "random", "max_epochs": 3}}, "g.yaml")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+
+    def make():
+        searcher = StudySearch(
+            space=space.define_by_run("random", 3, 0), metric=space.objective, mode="min",
+            sampler=make_sampler("random", 0), storage=optuna.storages.RDBStorage(storage),
+            study_name="e", pruner=make_pruner("median", grace_epochs=1, max_epochs=3))
+        limiter = ConcurrencyLimiter(searcher, max_concurrent=3)
+        return searcher, limiter, StudySearchGenerator(limiter), OptunaPruningScheduler(
+            searcher, metric=space.objective)
+
+    def result(value, step):
+        return {space.objective: value, "training_iteration": step, "trial_status": "running"}
+
+    searcher, limiter, generator, scheduler = make()
+    for trial_id in ("a", "b", "c"):
+        limiter.suggest(trial_id)
+        scheduler.on_trial_result(None, FakeTrial(trial_id), result(1.0, 1))
+        generator.on_trial_result(trial_id, result(1.0, 1))
+        generator.on_trial_complete(trial_id, error=True)  # Tune gave up on it
+    assert [t.state.name for t in searcher.study.trials] == ["FAIL"] * 3
+    searcher.save(str(tmp_path / "searcher.pkl"))  # Ray's experiment snapshot
+    limiter_state = limiter.get_state()
+
+    searcher, limiter, generator, scheduler = make()  # --resume
+    searcher.restore(str(tmp_path / "searcher.pkl"))
+    limiter.set_state(limiter_state)
+    assert not limiter.live_trials
+    # a: reports epochs 1 (again, from its checkpoint), 2 and 3, then completes
+    for step, value in ((1, 1.0), (2, 0.8), (3, 0.7)):
+        assert scheduler.on_trial_result(None, FakeTrial("a"), result(value, step)) == "CONTINUE"
+        generator.on_trial_result("a", result(value, step))
+    assert "a" in limiter.live_trials  # it counts towards max_concurrent, and its end gets through
+    generator.on_trial_complete("a", {space.objective: 0.7})
+    # b: its checkpoint was its last epoch: it ends without a new report
+    generator.on_trial_complete("b", {space.objective: 1.0})
+    # c: errors again before reporting
+    generator.on_trial_complete("c", error=True)
+
+    trials = optuna.load_study(study_name="e", storage=storage).trials
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL", "FAIL", "COMPLETE", "COMPLETE"]
+    for retried, failed in ((trials[3], trials[0]), (trials[4], trials[1])):
+        assert retried.params == failed.params and retried.distributions == failed.distributions
+        assert retried.user_attrs["retry_of"] == failed.number
+    assert trials[3].intermediate_values == {1: 1.0, 2: 0.8, 3: 0.7} and trials[3].value == 0.7
+    assert trials[4].intermediate_values == {1: 1.0} and trials[4].value == 1.0
+    assert not limiter.live_trials and not searcher._ot_trials
+    assert searcher.errored == {"c": 2}  # a later --resume may run it again
+
+
 # ------------------------------------------------- each pruner in a real (tiny) search
 GOOD_LRS, BAD_LR = (0.005, 0.003), 1.0e-7  # two learning rates that learn; one that cannot move
 MAX_EPOCHS = 3

@@ -5,8 +5,10 @@ tells Optuna COMPLETE for a trial that a Tune scheduler stopped. Two small piece
 
 - :class:`StudySearch` — an ``OptunaSearch`` whose study lives in an RDB storage (so pruning
   history survives a restarted driver), that reports each epoch's value once, tells Optuna
-  PRUNED for pruned trials and FAIL for diverged ones. It is the only place that touches
-  ``OptunaSearch``'s private attributes (``_ot_study``, ``_ot_trials``).
+  PRUNED for pruned trials and FAIL for diverged ones, and gives an errored trial that
+  ``--resume`` runs again a new Optuna trial (:meth:`StudySearch.reopen`). It is the only place
+  that touches ``OptunaSearch``'s private attributes (``_ot_study``, ``_ot_trials``) and the
+  study's storage (``Study._storage``).
 - :class:`OptunaPruningScheduler` — a FIFO Tune scheduler that forwards every reported value to
   the Optuna trial and asks the Optuna pruner whether to stop it.
 
@@ -94,6 +96,9 @@ class StudySearch(OptunaSearch):
         self._reported: dict[str, set[int]] = {}
         #: per running trial, its last result that Tune handed the searcher (value and status)
         self._last: dict[str, dict[str, Any]] = {}
+        #: Tune trial ids that errored for good (told FAIL) -> the number of that Optuna trial;
+        #: ``--resume`` runs them again (``resume_errored``): see :meth:`reopen`
+        self.errored: dict[str, int] = {}
         super().__init__(*args, **kwargs)
 
     def _setup_study(self, mode: Any) -> None:
@@ -108,10 +113,42 @@ class StudySearch(OptunaSearch):
     def optuna_trial(self, trial_id: str) -> optuna.Trial | None:
         return self._ot_trials.get(trial_id)
 
+    def reopen(self, trial_id: str) -> optuna.Trial | None:
+        """A trial that errored for good (told FAIL) runs again: ``--resume`` restarts errored
+        trials from their last checkpoint (``Tuner.restore(resume_errored=True)``), and Tune
+        tells the searcher nothing about it until its next result or its end.
+
+        A finished Optuna trial cannot change state, and its FAIL is true of that attempt, so
+        the resumed one is a new RUNNING Optuna trial with the same parameters and
+        distributions, the first attempt's intermediate values (the epochs before its
+        checkpoint, which the pruner compares and the resumed trial does not report again) and
+        the user attribute ``retry_of`` (the failed trial's number). Returns it, or None for a
+        trial that did not error. Called on the trial's first result (:meth:`report`) or at its
+        end when it reported nothing (:meth:`on_trial_complete`); one that errors again before
+        reporting keeps only its FAIL."""
+        number = self.errored.pop(trial_id, None)
+        if number is None:
+            return None
+        storage = self.study._storage
+        study_id = storage.get_study_id_from_name(self.study.study_name)
+        failed = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id,
+                                                                                   number))
+        template = optuna.trial.create_trial(
+            state=TrialState.RUNNING, params=failed.params, distributions=failed.distributions,
+            user_attrs={**failed.user_attrs, "retry_of": failed.number},
+            intermediate_values=failed.intermediate_values)
+        ot_trial = optuna.Trial(self.study, storage.create_new_trial(study_id, template))
+        self._ot_trials[trial_id] = ot_trial
+        self._reported[trial_id] = set(failed.intermediate_values)
+        self._completed_trials.discard(trial_id)
+        log.info("Tune trial %s runs again after an error: Optuna trial %d (trial %d stays FAIL)",
+                 trial_id, ot_trial.number, number)
+        return ot_trial
+
     # -- reporting ---------------------------------------------------------------------------
     def report(self, trial_id: str, value: Any, step: int) -> optuna.Trial | None:
         """Report ``value`` at ``step`` once (retried trials re-report steps they already did)."""
-        ot_trial = self.optuna_trial(trial_id)
+        ot_trial = self.optuna_trial(trial_id) or self.reopen(trial_id)
         if ot_trial is None or not _finite(value) or trial_id in self._completed_trials:
             return None
         steps = self._reported.setdefault(trial_id, set())
@@ -152,6 +189,8 @@ class StudySearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
+        if not error:
+            self.reopen(trial_id)  # an errored trial resumed that ends without a new report
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
         value = (result or {}).get(self.metric)
@@ -168,6 +207,8 @@ class StudySearch(OptunaSearch):
             self.study.tell(self._ot_trials[trial_id], value, state=state)
         except Exception as exc:  # never let bookkeeping stop the search
             log.warning("could not tell Optuna about trial %s: %s", trial_id, exc)
+        if error:  # Tune gave up on it (FailureConfig); --resume may run it again
+            self.errored[trial_id] = self._ot_trials[trial_id].number
         self._completed_trials.add(trial_id)
         self.forget(trial_id)
 
@@ -201,9 +242,10 @@ class StudySearch(OptunaSearch):
         self.pruned.discard(trial_id)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # a searcher pickled by an older version (a resumed search) lacks _last
+        # a searcher pickled by an older version (a resumed search) lacks _last and errored
         self.__dict__.update(state)
         self.__dict__.setdefault("_last", {})
+        self.__dict__.setdefault("errored", {})
 
 
 def _study_search(searcher: Any) -> StudySearch | None:
@@ -226,11 +268,41 @@ class StudySearchGenerator(SearchGenerator):
     whose stopper still says stop is refused before it starts (:func:`tuner.search.run_search`).
     Only ``TuneController._stop_experiment_if_needed`` calls ``set_finished``: for our stopper,
     or for ``fail_fast`` / Tune's server, which this project uses neither of.
+
+    An errored trial that ``--resume`` runs again (:meth:`StudySearch.reopen`) was not suggested
+    in this run, so a ``ConcurrencyLimiter`` would drop its end (it passes on only the trials it
+    holds as live) and leave its new Optuna trial RUNNING: once reopened, such a trial is added
+    to the limiter's live trials, where it also counts towards ``max_concurrent`` like any other.
     """
 
     def __init__(self, searcher: Any) -> None:
         super().__init__(searcher)
         self._ended_by_stopper = False
+
+    def _hold_reopened(self, trial_id: str) -> None:
+        """Make the ``ConcurrencyLimiter`` (if any) hold a trial the study reopened."""
+        study_search = _study_search(self.searcher)
+        if study_search is None or study_search.optuna_trial(trial_id) is None:
+            return
+        wrapper = self.searcher
+        while wrapper is not study_search:
+            live = getattr(wrapper, "live_trials", None)
+            if live is not None and trial_id not in live:
+                live.add(trial_id)
+                wrapper.num_unfinished_live_trials += 1
+            wrapper = wrapper.searcher
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        super().on_trial_result(trial_id, result)  # reaches StudySearch, which may reopen it
+        self._hold_reopened(trial_id)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        study_search = _study_search(self.searcher)
+        if study_search is not None and not error:
+            study_search.reopen(trial_id)  # one that ends without a result after the resume
+        self._hold_reopened(trial_id)
+        super().on_trial_complete(trial_id, result=result, error=error)
 
     def set_finished(self) -> None:
         study_search = _study_search(self.searcher)
