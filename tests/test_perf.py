@@ -5,6 +5,7 @@ set torch's threads, and checkpoints are written every k epochs and on improveme
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,3 +216,43 @@ def test_tfn_dropout_mask_is_a_checked_config_key():
     assert tfn_config().backbone_cfg.dropout_mask == "uniform"  # the previous draws by default
     with pytest.raises(ConfigError, match="dropout_mask"):
         tfn_config(**{"backbone.dropout_mask": "bits"})
+
+
+def _rss_bytes() -> int:
+    import resource
+
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
+def test_keep_freed_memory_keeps_a_large_block_for_reuse():
+    """glibc returns a block over its mmap threshold to the OS on free (the pages fault in again at
+    the next step); with keep_freed_memory the freed 64 MB stay resident and are reused."""
+    from trainables.loop import keep_freed_memory
+
+    def rss_after_free() -> int:
+        x = torch.ones(16 * 1024 * 1024)  # 64 MB, touched
+        before = _rss_bytes()
+        del x
+        return before - _rss_bytes()  # what free gave back to the OS
+
+    try:
+        assert keep_freed_memory(False)
+        assert rss_after_free() > 48 * 1024 * 1024  # glibc's default: returned at once
+        assert keep_freed_memory(True)
+        rss_after_free()  # the first block now lives in the heap
+        assert rss_after_free() < 8 * 1024 * 1024  # kept for reuse
+    finally:
+        keep_freed_memory(True)
+
+
+def test_the_trainer_keeps_freed_memory_unless_told_not_to(monkeypatch, small_data):
+    from trainables import loop
+
+    calls = []
+    monkeypatch.setattr(loop, "keep_freed_memory", lambda keep=True: calls.append(keep) or True)
+    for keep in (True, False):
+        cfg = TrialConfig.from_flat({"backbone": "ef_lstm", "max_epochs": 1,
+                                     "cpu_keep_freed_memory": keep})
+        loop.Trainer(cfg, small_data, device="cpu")
+    assert calls == [True, False]

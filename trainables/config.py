@@ -173,6 +173,12 @@ class TrialConfig:
     #: bf16 autocast of the forward pass on CPUs with native bf16 (``avx512_bf16`` / ``amx_bf16``
     #: in /proc/cpuinfo); ignored, with a warning, where the CPU lacks it. CUDA always uses AMP.
     cpu_bf16: bool = False
+    #: on the CPU (glibc), keep freed memory in the process instead of returning it to the OS
+    #: (``mallopt``: no mmap-ed blocks, a 1 GiB trim threshold): glibc serves blocks over 32 MiB
+    #: (TFN's 36 MB post-fusion weight gradient, every step) with a fresh ``mmap`` whose pages
+    #: fault in one by one; kept, they are reused. The process's peak memory is unchanged; it is
+    #: not given back after the peak. Process-wide (a trial's worker); no effect on results.
+    cpu_keep_freed_memory: bool = True
     #: ``torch.compile`` the model (CUDA only; ignored on the CPU)
     compile: bool = False
     #: under Tune, write the (resumable) checkpoint every this many epochs, and also on every
