@@ -116,6 +116,16 @@ def write_mmsa_pickle(data, path: Path) -> Path:
     return path
 
 
+def _key_value(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with a YAML value (``true``, ``1e-3``, ``bytes``)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), yaml.safe_load(value)
+
+
 def _timed(fn):
     w, c = time.perf_counter(), time.process_time()
     out = fn()
@@ -130,6 +140,9 @@ def ours_config(name: str, args) -> dict:
             # no other loop here does
             "max_epochs": args.epochs + 1, "cpu_bf16": args.cpu_bf16}
     flat.update(OURS_CONFIG.get(name, {}))
+    for item in getattr(args, "set", None) or []:  # --set KEY=VALUE: ours only
+        key, value = item
+        flat[key] = value
     if name in TRANSFORMER_MODELS:
         flat["backbone.text_model"] = args.text_model
     return flat
@@ -461,6 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mmsa-python", default=DEFAULT_MMSA_PYTHON,
                    help=f"python of the venv with mmsa installed (default {DEFAULT_MMSA_PYTHON})")
     p.add_argument("--no-mmsa", action="store_true", help="skip MMSA's trainers")
+    p.add_argument("--set", action="append", type=_key_value, metavar="KEY=VALUE",
+                   help="a trial key for ours (repeatable; YAML values), e.g. --set "
+                        "group_by_length=true or --set cpu_keep_freed_memory=false")
     p.add_argument("--profile", type=int, metavar="N",
                    help="only profile N training batches of ours per model (torch.profiler, "
                         "top ops by self CPU time) after N untimed ones; times nothing else")

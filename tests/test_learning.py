@@ -33,6 +33,10 @@ LR = 1e-2
 TEXT_LR = 5e-4
 EPOCHS = 20
 BATCH = 16
+#: backbones trained at their default size here: the tiny TFN (a 6x8x7 fusion tensor) learns
+#: too little of the small set's text, now that its sentences carry MOSI's spoken filler (best
+#: ratio 0.90 / 0.72 / 0.80 over seeds 0-2); TFN's defaults give 0.71 / 0.75 / 0.72 (~5 s)
+FULL_SIZE = {"tfn"}
 
 
 def mean_baseline_mae(data) -> float:
@@ -51,7 +55,8 @@ def test_mean_baseline_is_not_trivial(small_data):
 def test_backbone_learns(backbone, small_data):
     flat = {"backbone": backbone, "regulariser": "none", "seed": 0, "lr": LR, "text_lr": TEXT_LR,
             "max_epochs": EPOCHS, "batch_size": BATCH, "patience": 0}
-    flat.update({f"backbone.{k}": v for k, v in TINY_BACKBONE.get(backbone, {}).items()})
+    tiny = {} if backbone in FULL_SIZE else TINY_BACKBONE.get(backbone, {})
+    flat.update({f"backbone.{k}": v for k, v in tiny.items()})
     trainer = Trainer(TrialConfig.from_flat(flat), small_data, device="cpu")
     history = trainer.fit()
     assert len(history) == EPOCHS and not trainer.summary()["diverged"]

@@ -76,7 +76,7 @@ def test_selection_follows_validation_when_test_disagrees(tmp_path, monkeypatch,
     others = [r for r in runs if r is not planted]
     for other in others:
         assert planted.data.metrics["test_mae"] < other.data.metrics["test_mae"] - 0.1
-        assert planted.data.metrics["best_valid_mae"] > other.data.metrics["best_valid_mae"] + 0.1
+        assert planted.data.metrics["best_valid_mae"] > other.data.metrics["best_valid_mae"] + 0.05
     best_valid = min(others, key=lambda r: r.data.metrics["best_valid_mae"])
 
     # the search's summary and parent run

@@ -183,7 +183,7 @@ class Trainer:
         if cfg.compile and self.device.type == "cuda":
             self.model.compile()  # in place: the state-dict keys stay the same
         #: cut every batch to its longest row (exact for this backbone: Backbone.trim_padding)
-        self.trim = bool(backbone_cls.trim_padding)
+        self.trim = bool(getattr(backbone_cls, "trim_padding", False))
         pin = self.device.type == "cuda"
         self.splits = {name: TensorSplit.from_arrays(self.model.prepare_split(arr), pin_memory=pin)
                        for name, arr in data.splits.items() if arr is not data.unlabeled}
