@@ -25,8 +25,13 @@ Departures from the official code (declare-lab/Multimodal-Infomax, ``src/model.p
   XLNet-style encoders (summary token last) are refused;
 - ``dropout_a``/``dropout_v`` act on the LSTM's final state as their help text says; the official
   ``RNNEncoder`` sets them to 0 for a one-layer LSTM (its default), so they had no effect there;
-- PyTorch's default initialisation (the official solver re-initialises every non-BERT matrix with
-  Xavier-normal).
+- PyTorch's default initialisation (the official solver and MMSA's trainer re-initialise every
+  non-BERT matrix with Xavier-normal: ``init: xavier``; the paper is silent).
+
+Named options for comparisons with MMSA (``pip install mmsa``, ``config_regression.json`` "mmim"):
+``bidirectional: true`` reads the audio/vision sequences both ways, h = W [forward final state;
+backward final state], as MMSA's MOSI/MOSEI configs; the paper's Eq. 2 says unidirectional, which
+stays the default. ``init: xavier`` as above.
 """
 
 from __future__ import annotations
