@@ -469,6 +469,51 @@ def test_features_are_cls_and_lstm_states_and_token_padding_is_ignored():
     torch.testing.assert_close(out.prediction, ref.prediction, rtol=1e-5, atol=1e-6)
 
 
+def test_bidirectional_lstms_read_each_rows_valid_steps_both_ways():
+    """``bidirectional: true`` (MMSA's MOSI config): h = W [forward final; backward final], the
+    backward state being the one at each row's first step after reading its valid steps only."""
+    model = tiny_mmim(bidirectional=True, d_ah=4)
+    enc = model.audio_encoder
+    assert enc.linear.in_features == 8 and model.feature_dims["audio"] == 16
+    model.eval()
+    batch = token_batch()
+    with torch.no_grad():
+        got = enc.lstm(batch.audio, batch.audio_lengths)  # (B, 8)
+        lstm = enc.lstm.lstm
+        for i, n in enumerate(batch.audio_lengths.tolist()):
+            x = batch.audio[i, :n]  # (n, d): the valid steps only
+            fwd = nn.LSTM(5, 4, batch_first=True)
+            fwd.load_state_dict({k.replace("_reverse", ""): v for k, v in lstm.state_dict().items()
+                                 if k.endswith("_l0")})
+            bwd = nn.LSTM(5, 4, batch_first=True)
+            bwd.load_state_dict({k.replace("_reverse", ""): v for k, v in lstm.state_dict().items()
+                                 if k.endswith("_reverse")})
+            want_f = fwd(x[None])[1][0][0, 0]
+            want_b = bwd(x.flip(0)[None])[1][0][0, 0]
+            torch.testing.assert_close(got[i], torch.cat([want_f, want_b]))
+    assert tiny_mmim().audio_encoder.linear.in_features == 16  # the paper's unidirectional default
+
+
+def test_xavier_init_reinitialises_every_non_text_matrix_only():
+    default, xavier = tiny_mmim(), tiny_mmim(init="xavier")
+    text = dict(default.text_encoder.named_parameters())
+    for name, p in xavier.text_encoder.named_parameters():
+        torch.testing.assert_close(p, text[name], rtol=0, atol=0)  # pretrained weights untouched
+    ref = dict(default.named_parameters())
+    for name, p in xavier.named_parameters():
+        if name.startswith("text_encoder."):
+            continue
+        if p.dim() > 1:
+            assert not torch.equal(p, ref[name]), name
+            fan_out, fan_in = p.shape[0], p[0].numel()
+            want = math.sqrt(2.0 / (fan_in + fan_out))
+            assert abs(float(p.detach().std()) / want - 1) < 0.35, (name, want)
+        else:  # biases keep PyTorch's initialisation
+            torch.testing.assert_close(p, ref[name], rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="init"):
+        build_dataclass(MMIMConfig, {"init": "kaiming"})
+
+
 def test_mmim_trains_end_to_end_and_resumes_exactly(small_data, tmp_path):
     flat = {"backbone": "mmim", "regulariser": "mmim", "backbone.text_model": "tiny-bert",
             "backbone.d_prjh": 32, "regulariser.memory_size": 2, "max_epochs": 2, "batch_size": 16,

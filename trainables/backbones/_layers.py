@@ -101,9 +101,13 @@ class LengthLSTM(nn.Module):
     state the one at each row's own last valid step, and padding steps are never read.
     """
 
-    def __init__(self, in_size: int, hidden: int, num_layers: int = 1, dropout: float = 0.0) -> None:
+    def __init__(self, in_size: int, hidden: int, num_layers: int = 1, dropout: float = 0.0,
+                 bidirectional: bool = False) -> None:
         super().__init__()
         self.hidden = hidden
+        self.bidirectional = bidirectional
+        #: width of the returned state: ``hidden``, or ``2 * hidden`` when bidirectional
+        self.out_size = hidden * (2 if bidirectional else 1)
         self.lstm = nn.LSTM(
             in_size,
             hidden,
@@ -111,14 +115,19 @@ class LengthLSTM(nn.Module):
             # nn.LSTM applies dropout between layers only and warns when there is one layer
             dropout=dropout if num_layers > 1 else 0.0,
             batch_first=True,
+            bidirectional=bidirectional,
         )
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """x (B, L, d_in), lengths (B,) -> (B, hidden)."""
+        """x (B, L, d_in), lengths (B,) -> (B, hidden), or (B, 2 * hidden) when bidirectional:
+        [forward state at the last valid step; backward state at the first step]."""
         # pack_padded_sequence wants the lengths on the CPU whatever the device of x
         lengths = clamp_lengths(lengths, x.shape[1]).cpu()
         packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-        _, (h_n, _) = self.lstm(packed)  # h_n: (num_layers, B, hidden), in the input's row order
+        # h_n: (num_layers * directions, B, hidden), in the input's row order
+        _, (h_n, _) = self.lstm(packed)
+        if self.bidirectional:
+            return torch.cat([h_n[-2], h_n[-1]], dim=-1)  # (B, 2 * hidden)
         return h_n[-1]
 
 

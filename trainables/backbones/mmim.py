@@ -25,8 +25,13 @@ Departures from the official code (declare-lab/Multimodal-Infomax, ``src/model.p
   XLNet-style encoders (summary token last) are refused;
 - ``dropout_a``/``dropout_v`` act on the LSTM's final state as their help text says; the official
   ``RNNEncoder`` sets them to 0 for a one-layer LSTM (its default), so they had no effect there;
-- PyTorch's default initialisation (the official solver re-initialises every non-BERT matrix with
-  Xavier-normal).
+- PyTorch's default initialisation (the official solver and MMSA's trainer re-initialise every
+  non-BERT matrix with Xavier-normal: ``init: xavier``; the paper is silent).
+
+Named options for comparisons with MMSA (``pip install mmsa``, ``config_regression.json`` "mmim"):
+``bidirectional: true`` reads the audio/vision sequences both ways, h = W [forward final state;
+backward final state], as MMSA's MOSI/MOSEI configs; the paper's Eq. 2 says unidirectional, which
+stays the default. ``init: xavier`` as above.
 """
 
 from __future__ import annotations
@@ -70,6 +75,14 @@ class MMIMConfig:
     d_prjh: int = 128
     #: dropout on the fusion MLP's input
     dropout_prj: float = 0.1
+    #: audio / vision LSTMs read both directions (h = [forward; backward] final states before the
+    #: linear map), as MMSA's MOSI/MOSEI configs (``bidirectional: true``). The paper's Eq. 2 uses
+    #: unidirectional LSTMs (false, the default)
+    bidirectional: bool = False
+    #: initialisation of every non-text weight matrix: "default" (PyTorch's), or "xavier"
+    #: (Xavier-normal, as the official solver and MMSA's trainer re-initialise them; the paper is
+    #: silent)
+    init: str = "default"
 
     def validate(self) -> None:
         for name in ("d_ah", "d_vh", "d_aout", "d_vout", "n_layer", "d_prjh"):
@@ -78,6 +91,8 @@ class MMIMConfig:
         for name in ("dropout_a", "dropout_v", "dropout_prj"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name}: expected a number in [0, 1), got {getattr(self, name)}")
+        if self.init not in ("default", "xavier"):
+            raise ConfigError(f"init: expected 'default' or 'xavier', got {self.init!r}")
         if not self.text_model:
             raise ConfigError("text_model: expected a model name or folder, got an empty string")
 
@@ -85,11 +100,13 @@ class MMIMConfig:
 class SequenceEncoder(nn.Module):
     """sLSTM: a unidirectional LSTM over the valid steps -> dropout -> linear, (B, L, d) -> (B, out)."""
 
-    def __init__(self, in_size: int, hidden: int, out: int, num_layers: int, dropout: float) -> None:
+    def __init__(self, in_size: int, hidden: int, out: int, num_layers: int, dropout: float,
+                 bidirectional: bool = False) -> None:
         super().__init__()
-        self.lstm = LengthLSTM(in_size, hidden, num_layers=num_layers, dropout=dropout)
+        self.lstm = LengthLSTM(in_size, hidden, num_layers=num_layers, dropout=dropout,
+                               bidirectional=bidirectional)
         self.dropout = nn.Dropout(dropout)
-        self.linear = nn.Linear(hidden, out)
+        self.linear = nn.Linear(self.lstm.out_size, out)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.linear(self.dropout(self.lstm(x, lengths)))  # (B, out)
@@ -110,13 +127,20 @@ class MMIM(Backbone):
                 "BERT-family encoder (XLNet puts its summary token last)"
             )
         d_t = int(self.text_encoder.config.hidden_size)
-        self.audio_encoder = SequenceEncoder(dims.audio, c.d_ah, c.d_aout, c.n_layer, c.dropout_a)
-        self.vision_encoder = SequenceEncoder(dims.vision, c.d_vh, c.d_vout, c.n_layer, c.dropout_v)
+        self.audio_encoder = SequenceEncoder(dims.audio, c.d_ah, c.d_aout, c.n_layer, c.dropout_a,
+                                             c.bidirectional)
+        self.vision_encoder = SequenceEncoder(dims.vision, c.d_vh, c.d_vout, c.n_layer, c.dropout_v,
+                                              c.bidirectional)
         self.fusion_dropout = nn.Dropout(c.dropout_prj)
         self.fusion_1 = nn.Linear(d_t + c.d_aout + c.d_vout, c.d_prjh)
         self.fusion_2 = nn.Linear(c.d_prjh, c.d_prjh)
         self.head = nn.Linear(c.d_prjh, 1)
         self.feature_dims = {"text": d_t, "audio": c.d_aout, "vision": c.d_vout, "fused": c.d_prjh}
+        if c.init == "xavier":
+            text_ids = {id(p) for p in self.text_encoder.parameters()}
+            for p in self.parameters():
+                if id(p) not in text_ids and p.dim() > 1:
+                    nn.init.xavier_normal_(p)
 
     def forward(self, batch: Batch) -> BackboneOutput:
         ids, mask, segments = batch.text_bert.unbind(dim=1)  # (B, L) each
