@@ -218,32 +218,43 @@ def test_tfn_dropout_mask_is_a_checked_config_key():
         tfn_config(**{"backbone.dropout_mask": "bits"})
 
 
-def _rss_bytes() -> int:
-    import resource
+_KEEP_CHECK = """
+import resource, sys
+from pathlib import Path
+import torch
+from trainables.loop import keep_freed_memory
 
+def rss():
     return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+
+def given_back():  # what free of a touched 64 MB tensor gives back to the OS
+    x = torch.ones(16 * 1024 * 1024)
+    before = rss()
+    del x
+    return before - rss()
+
+assert keep_freed_memory(sys.argv[1] == "keep")
+given_back()  # where the first block lives now (the heap when kept)
+print(given_back())
+"""
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
-def test_keep_freed_memory_keeps_a_large_block_for_reuse():
-    """glibc returns a block over its mmap threshold to the OS on free (the pages fault in again at
-    the next step); with keep_freed_memory the freed 64 MB stay resident and are reused."""
-    from trainables.loop import keep_freed_memory
+@pytest.mark.parametrize("mode", ["keep", "default"])
+def test_keep_freed_memory_keeps_a_large_block_for_reuse(mode):
+    """glibc returns a block over its mmap threshold to the OS on free (its pages fault in again
+    at the next step); with keep_freed_memory the freed 64 MB stay resident and are reused. Each
+    case in a fresh process: this one's heap already holds what earlier tests freed."""
+    import subprocess
+    import sys
 
-    def rss_after_free() -> int:
-        x = torch.ones(16 * 1024 * 1024)  # 64 MB, touched
-        before = _rss_bytes()
-        del x
-        return before - _rss_bytes()  # what free gave back to the OS
-
-    try:
-        assert keep_freed_memory(False)
-        assert rss_after_free() > 48 * 1024 * 1024  # glibc's default: returned at once
-        assert keep_freed_memory(True)
-        rss_after_free()  # the first block now lives in the heap
-        assert rss_after_free() < 8 * 1024 * 1024  # kept for reuse
-    finally:
-        keep_freed_memory(True)
+    out = subprocess.run([sys.executable, "-c", _KEEP_CHECK, mode], capture_output=True,
+                         text=True, check=True, timeout=120)
+    given_back = int(out.stdout.split()[-1])
+    if mode == "keep":
+        assert given_back < 8 * 1024 * 1024
+    else:
+        assert given_back > 48 * 1024 * 1024
 
 
 def test_the_trainer_keeps_freed_memory_unless_told_not_to(monkeypatch, small_data):
