@@ -68,20 +68,27 @@ def test_seeded_runs_are_identical_on_cpu(small_data):
     assert strip(a) != strip(c)
 
 
-def test_resume_from_checkpoint_continues_exactly(small_data, tmp_path):
-    full = Trainer(config(max_epochs=4), small_data).fit()
-    first = Trainer(config(max_epochs=4), small_data)
+def assert_resumes_exactly(cfg: dict, data, directory) -> list[dict]:
+    """4 epochs in one go equal 2 epochs, a checkpoint, a fresh Trainer loading it and 2 more
+    (timings aside); returns the uninterrupted history."""
+    full = Trainer(config(**cfg, max_epochs=4), data).fit()
+    first = Trainer(config(**cfg, max_epochs=4), data)
     first.run_epoch()
     first.run_epoch()
-    first.save(tmp_path)
-    assert (tmp_path / STATE_FILE).exists() and (tmp_path / BEST_FILE).exists()
-    second = Trainer(config(max_epochs=4), small_data)
-    second.load(tmp_path)
+    first.save(directory)
+    assert (directory / STATE_FILE).exists() and (directory / BEST_FILE).exists()
+    second = Trainer(config(**cfg, max_epochs=4), data)
+    second.load(directory)
     rest = [second.run_epoch(), second.run_epoch()]
     for h in (full[2:], rest):
         for r in h:
             r.pop("epoch_seconds")
     assert full[2:] == rest
+    return full
+
+
+def test_resume_from_checkpoint_continues_exactly(small_data, tmp_path):
+    assert_resumes_exactly({}, small_data, tmp_path)
 
 
 def test_best_checkpoint_reproduces_its_metrics(small_data, tmp_path):
@@ -286,18 +293,6 @@ def test_group_by_length_keeps_every_row_once_in_homogeneous_batches(small_data)
 
 
 def test_group_by_length_resumes_exactly(small_data, tmp_path):
-    cfg = dict(max_epochs=4, group_by_length=True, batch_size=8)
-    full = Trainer(config(**cfg), small_data).fit()
-    first = Trainer(config(**cfg), small_data)
-    first.run_epoch()
-    first.run_epoch()
-    first.save(tmp_path)
-    second = Trainer(config(**cfg), small_data)
-    second.load(tmp_path)
-    rest = [second.run_epoch(), second.run_epoch()]
-    for h in (full[2:], rest):
-        for r in h:
-            r.pop("epoch_seconds")
-    assert full[2:] == rest
+    full = assert_resumes_exactly({"group_by_length": True, "batch_size": 8}, small_data, tmp_path)
     plain = Trainer(config(max_epochs=4, batch_size=8), small_data).fit()
     assert plain[0]["valid_mae"] != full[0]["valid_mae"]  # the option changes the batches
