@@ -101,9 +101,9 @@ _KEEP = {_M_TRIM_THRESHOLD: 1 << 30, _M_MMAP_MAX: 0}
 
 
 def keep_freed_memory(keep: bool = True) -> bool:
-    """Make glibc's malloc keep freed memory for reuse (``keep``) or set its default values back (its
-    adaptive mmap threshold stays off once set: glibc cannot re-enable it); True
-    when set (glibc only; elsewhere a no-op returning False).
+    """Make glibc's malloc keep freed memory for reuse (``keep``) or set its default values back
+    (its adaptive mmap threshold stays off once set: glibc cannot re-enable it); True when set
+    (glibc only; elsewhere a no-op returning False).
 
     Allocations above glibc's mmap threshold (at most 32 MiB, however it adapts) each get their own
     ``mmap``, returned to the OS on ``free``, so every training step of TFN page-faults its 36 MB
