@@ -201,6 +201,7 @@ def test_ui_flags_are_checked_before_ray(tmp_path, monkeypatch, capsys):
     assert main(["--space", "smoke", "--ui-port", "5000"]) == 2
     assert "--ui-port: only with --ui" in capsys.readouterr().err
     assert not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "data").exists()  # refused before the synthetic data is generated
 
 
 def test_ui_only_for_a_local_store():

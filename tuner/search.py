@@ -898,17 +898,18 @@ def main(argv: list[str] | None = None) -> int:
         selection = space.selection_warning()  # an explicit mode against the metric's direction
         if selection:
             print(f"warning: {selection}", file=sys.stderr)
+        if not args.dry_run:  # the flags first: seconds, where the data can take a minute
+            check_tracking_uri(args.mlflow_uri)
+            check_address(args.address)
+            check_storage(args)
+            check_ui(args)
         data = None
         if not (args.dry_run and space.data.startswith("synthetic:")):
             data = _load_data(space.data, args.nonfinite, args.unlabeled)  # checked even then
             check_models(space, data)
         check_unlabeled(space, data)
         if not args.dry_run:
-            check_tracking_uri(args.mlflow_uri)
-            check_address(args.address)
             check_text_models(space)
-            check_storage(args)
-            check_ui(args)
     except (SpaceError, UsageError, ConfigError, DataError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
