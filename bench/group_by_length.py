@@ -6,10 +6,15 @@ each seed with random batches (the papers') and with length-grouped batches; eve
 to its longest row in both. Prints, per setting, the best validation MAE of every seed, their
 mean and standard deviation, and the mean training-epoch seconds; then the epoch-time ratio.
 The setting's default (``TrialConfig.group_by_length``) was chosen from this output
-(docs/fidelity.md, "Batching").
+(docs/fidelity.md, "Batching"). Because each seed trains both settings, the per-seed differences
+(option minus default) are printed too, with their mean, sd and a paired t-test's p-value.
+
+``--option KEY=VALUE`` compares another trial key against its default the same way, e.g. the
+CPU's bf16 autocast (docs/fidelity.md, "Speed options that touch the computation").
 
     python bench/group_by_length.py                       # medium size, seeds 0 1 2, 6 epochs
     python bench/group_by_length.py --size small --epochs 4 --seeds 0 1
+    python bench/group_by_length.py --option cpu_bf16=true --seeds 0 1 2 3 4
 """
 
 from __future__ import annotations
@@ -34,9 +39,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=6, help="epochs per run (no early stop)")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch size")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--option", default="group_by_length=true", metavar="KEY=VALUE",
+                        help="the trial key compared against its default (default "
+                             "group_by_length=true; VALUE is read as YAML)")
     args = parser.parse_args(argv)
+    import yaml
+
+    key, sep, raw = args.option.partition("=")
+    if not sep or not key:
+        parser.error(f"--option {args.option}: expected KEY=VALUE")
+    value = yaml.safe_load(raw)
 
     import torch
+    from scipy import stats
 
     from trainables.config import TrialConfig
     from trainables.data import arrays_from_mmsa
@@ -46,13 +61,20 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     data = arrays_from_mmsa(make_synthetic(args.size, seed=0, unlabeled_factor=0),
                             f"synthetic:{args.size}")
+    base = {"backbone": "mag_bert", "regulariser": "none", "max_epochs": args.epochs,
+            "patience": 0, "batch_size": args.batch_size, "lr": 1e-3, "text_lr": 5e-5,
+            "warmup": 0.1}
+    default = getattr(TrialConfig.from_flat(base), key, None)
+    changed = TrialConfig.from_flat({**base, key: value})  # a bad key or value fails here
+    label = {False: f"{key}={yaml.safe_dump(default).split(chr(10))[0]} (default)",
+             True: f"{key}={raw}"}
+    if getattr(changed, key, value) == default:
+        parser.error(f"--option {args.option}: that is the default already")
     results: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
     for seed in args.seeds:
         for grouped in (False, True):  # interleaved: machine load hits both settings alike
-            cfg = TrialConfig.from_flat({
-                "backbone": "mag_bert", "regulariser": "none", "seed": seed,
-                "max_epochs": args.epochs, "patience": 0, "batch_size": args.batch_size,
-                "lr": 1e-3, "text_lr": 5e-5, "warmup": 0.1, "group_by_length": grouped})
+            flat = {**base, "seed": seed, **({key: value} if grouped else {})}
+            cfg = TrialConfig.from_flat(flat)
             trainer = Trainer(cfg, data, device="cpu")
             seconds: list[float] = []
             train_pass = trainer.train_epoch
@@ -67,20 +89,28 @@ def main(argv: list[str] | None = None) -> int:
             trainer.fit()
             best = trainer.best.value
             results[grouped].append((best, statistics.mean(seconds)))
-            print(f"seed {seed} group_by_length={str(grouped).lower():5} best valid_mae "
+            print(f"seed {seed} {label[grouped]:<28} best valid_mae "
                   f"{best:.4f}  train s/epoch {statistics.mean(seconds):.2f}", flush=True)
     print()
-    print("| group_by_length | best valid MAE per seed | mean ± sd | train s/epoch |")
+    print(f"| setting | best valid MAE per seed ({', '.join(map(str, args.seeds))}) | mean ± sd "
+          "| train s/epoch |")
     print("|---|---|---|---:|")
     for grouped, rows in results.items():
         maes = [m for m, _ in rows]
         sd = statistics.stdev(maes) if len(maes) > 1 else 0.0
-        print(f"| {str(grouped).lower()} | {', '.join(f'{m:.3f}' for m in maes)} | "
+        print(f"| {label[grouped]} | {', '.join(f'{m:.3f}' for m in maes)} | "
               f"{statistics.mean(maes):.3f} ± {sd:.3f} | "
               f"{statistics.mean(s for _, s in rows):.2f} |")
+    diffs = [b[0] - a[0] for a, b in zip(results[False], results[True])]
+    line = (f"\nper seed, option minus default: {', '.join(f'{d:+.3f}' for d in diffs)}; mean "
+            f"{statistics.mean(diffs):+.3f}")
+    if len(diffs) > 1:
+        line += (f" ± {statistics.stdev(diffs):.3f} (sd); paired t-test p = "
+                 f"{stats.ttest_rel([b for b, _ in results[True]], [a for a, _ in results[False]]).pvalue:.3f}")
+    print(line)
     ratio = (statistics.mean(s for _, s in results[False])
              / statistics.mean(s for _, s in results[True]))
-    print(f"\nepoch time, random ÷ grouped batches: {ratio:.2f}x ({args.size}, {args.threads} "
+    print(f"epoch time, default ÷ option: {ratio:.2f}x ({args.size}, {args.threads} "
           f"threads, batch {args.batch_size}, {args.epochs} epochs; load average "
           f"{os.getloadavg()[0]:.1f})")
     return 0

@@ -440,3 +440,46 @@ def test_tune_overhead_prints_a_table(capsys, small_data, tmp_path):
         parts = [float(v[col]) for k, v in phases.items()
                  if k not in ("of which", "**total") and v[col] != "–"]
         assert sum(parts) == pytest.approx(float(phases["**total"][col]), abs=0.05)
+
+
+def test_option_effect_pairs_the_seeds(capsys, monkeypatch):
+    """bench/group_by_length.py: each seed trains both settings (the real configs, a stand-in
+    Trainer whose best MAE is known); the table, the per-seed differences and the paired t-test
+    are those values'; a key that is already the default is refused."""
+    from types import SimpleNamespace
+
+    from scipy import stats
+
+    import trainables.loop
+
+    def best_of(cfg):  # what the stand-in "learns": seed-dependent, the option adds 0.01 (seed+1)
+        return 1.0 + 0.1 * cfg.seed + (0.01 * (cfg.seed + 1) if cfg.group_by_length else 0.0)
+
+    class Trainer:
+        def __init__(self, cfg, data, device):
+            assert device == "cpu" and cfg.backbone == "mag_bert" and cfg.max_epochs == 2
+            self.cfg, self.data = cfg, data
+
+        def train_epoch(self):
+            return {}
+
+        def fit(self):
+            for _ in range(self.cfg.max_epochs):
+                self.train_epoch()
+            self.best = SimpleNamespace(value=best_of(self.cfg))
+
+    monkeypatch.setattr(trainables.loop, "Trainer", Trainer)
+    bench = load_bench("group_by_length")
+    with pytest.raises(SystemExit):
+        bench.main(["--option", "group_by_length=false"])
+    assert "that is the default already" in capsys.readouterr().err
+    assert bench.main(["--size", "small", "--epochs", "2", "--seeds", "0", "1", "2",
+                       "--option", "group_by_length=true", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    default, option = table_rows(printed)
+    assert default[:3] == ["group_by_length=false (default)", "1.000, 1.100, 1.200", "1.100 ± 0.100"]
+    assert option[:3] == ["group_by_length=true", "1.010, 1.120, 1.230", "1.120 ± 0.110"]
+    line = next(x for x in printed.splitlines() if x.startswith("per seed, option minus default"))
+    p = stats.ttest_rel([1.01, 1.12, 1.23], [1.0, 1.1, 1.2]).pvalue
+    assert line == (f"per seed, option minus default: +0.010, +0.020, +0.030; mean +0.020 ± 0.010 "
+                    f"(sd); paired t-test p = {p:.3f}")
