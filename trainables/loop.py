@@ -274,7 +274,10 @@ class Trainer:
         would make B̄ a product of marginals *given the length*. Cut to the longest row."""
         train, size = self.splits["train"], self.encoder.batch_size
         index = torch.cat([torch.randperm(len(train), generator=self.generator)[:size] for _ in range(k)])
-        batch = train.batch(index)
+        return self._ready(train.batch(index))
+
+    def _ready(self, batch: Batch) -> Batch:
+        """``batch`` cut to its longest row (backbones that mask their padding), on the device."""
         return (trim_batch(batch) if self.trim else batch).to(self.device, non_blocking=True)
 
     def _train_batches(self):
@@ -286,9 +289,7 @@ class Trainer:
                                      group_by_length=self.cfg.group_by_length):
             if self.cfg.unlabeled_rate > 0:
                 batch = self._with_unlabeled(batch)
-            if self.trim:
-                batch = trim_batch(batch)
-            yield batch.to(self.device, non_blocking=True)
+            yield self._ready(batch)
 
     def train_epoch(self) -> dict[str, float]:
         """One pass over train. Returns mean losses; raises nothing on divergence (see status)."""
@@ -397,11 +398,9 @@ class Trainer:
         size = max(self.cfg.batch_size, 256)
         for start in range(0, len(data), size):
             index = order[start:start + size]
-            batch = data.batch(index)
-            if self.trim:
-                batch = trim_batch(batch)
+            batch = self._ready(data.batch(index))
             with self._autocast():
-                out = self.model(batch.to(self.device, non_blocking=True))
+                out = self.model(batch)
             preds[index] = out.prediction.float().cpu()
         if state is not None:
             self._load_weights(current)
