@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer.fit()
             best = trainer.best.value
             results[grouped].append((best, statistics.mean(seconds)))
-            print(f"seed {seed} {label[grouped]:<28} best valid_mae "
+            print(f"seed {seed} {label[grouped]:<32} best valid_mae "
                   f"{best:.4f}  train s/epoch {statistics.mean(seconds):.2f}", flush=True)
     print()
     print(f"| setting | best valid MAE per seed ({', '.join(map(str, args.seeds))}) | mean ± sd "

@@ -453,6 +453,39 @@ def test_tfn_fusion_is_the_outer_product_of_padded_embeddings():
     torch.testing.assert_close(cube[:, -1, -1, :4], h_t)
 
 
+def test_tfn_in_major_post_fusion_layer_is_nn_linear():
+    """TFN stores its wide post-fusion weight transposed (a speed layout): the same predictions,
+    gradients and AdamW steps as nn.Linear with the same initial values, bit for bit on the CPU;
+    a state dict written with nn.Linear's ``weight`` (out, in) loads into it."""
+    from trainables.backbones.tfn import InMajorLinear
+
+    model, reg = build("tfn", "none", seed=1)
+    layer = model.post_fusion_1
+    assert isinstance(layer, InMajorLinear) and layer.weight_t.is_contiguous()
+    assert layer.weight.shape == (layer.out_features, layer.in_features)
+    plain = copy.deepcopy(model)
+    linear = torch.nn.Linear(layer.in_features, layer.out_features)
+    linear.load_state_dict({"weight": layer.weight.detach(), "bias": layer.bias.detach()})
+    plain.post_fusion_1 = linear
+    batch = make_batch(model.dims)
+    for m in (model, plain):
+        torch.manual_seed(0)  # the same dropout masks
+        train_step(m, reg, batch, main_optimizer(m, reg))
+    torch.manual_seed(1)
+    out = predict(model, batch)
+    torch.manual_seed(1)
+    assert torch.equal(out, predict(plain, batch))
+    assert torch.equal(layer.weight, linear.weight) and torch.equal(layer.bias, linear.bias)
+    assert torch.equal(layer.weight_t.grad.t(), linear.weight.grad)
+    # an nn.Linear-shaped state dict (checkpoints from before) loads, and its own round-trips
+    clone, _ = build("tfn", "none", seed=2)
+    clone.load_state_dict(plain.state_dict())
+    assert torch.equal(clone.post_fusion_1.weight, linear.weight)
+    clone, _ = build("tfn", "none", seed=2)
+    clone.load_state_dict(model.state_dict())
+    assert torch.equal(clone.post_fusion_1.weight_t, layer.weight_t)
+
+
 @pytest.mark.parametrize("backbone", known_backbones())
 def test_config_rejects_unknown_keys(backbone):
     with pytest.raises(ConfigError, match="unknown key"):

@@ -77,6 +77,42 @@ class TFNConfig:
             raise ConfigError(f"dropout_mask: expected 'uniform' or 'bytes', got {self.dropout_mask!r}")
 
 
+class InMajorLinear(nn.Module):
+    """``linear`` (nn.Linear, its initial values kept) with the weight stored transposed, as the
+    contiguous (in, out) parameter ``weight_t``: y = x W^T + b = addmm(b, x, weight_t), nn.Linear's
+    own product, the same values bit for bit on the CPU.
+
+    For TFN's (140,481 -> 64) post-fusion layer the layout is a speed choice: autograd then
+    computes the weight gradient as z^T g (a tall product) instead of g^T z (a wide one with inner
+    size B = 32), which MKL does 2-3x faster, and fused AdamW gets contiguous tensors (a strided
+    view of the same layout would make its step ~3x slower). ``weight`` is W (out, in), a view.
+    A state dict with nn.Linear's ``weight`` (out, in) loads too (checkpoints written before).
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous())
+        self.bias = nn.Parameter(linear.bias.detach().clone())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_t.t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x, self.weight_t)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        old = state_dict.get(prefix + "weight")
+        if old is not None and prefix + "weight_t" not in state_dict:
+            state_dict = dict(state_dict)
+            state_dict[prefix + "weight_t"] = state_dict.pop(prefix + "weight").t()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight stored (in, out)"
+
+
 class TFN(Backbone):
     name = "tfn"
     config_class = TFNConfig
@@ -93,7 +129,7 @@ class TFN(Backbone):
         # in place: the fusion tensor is a fresh product that nothing else reads (bmm saves its
         # inputs, not its output), so no second 140k-wide tensor per row is allocated
         self.post_fusion_dropout = FastDropout(c.post_fusion_dropout, inplace=True, mask=c.dropout_mask)
-        self.post_fusion_1 = nn.Linear(fusion_dim, c.post_fusion_dim)
+        self.post_fusion_1 = InMajorLinear(nn.Linear(fusion_dim, c.post_fusion_dim))
         self.post_fusion_2 = nn.Linear(c.post_fusion_dim, c.post_fusion_dim)
         self.head = nn.Linear(c.post_fusion_dim, 1)
         self.feature_dims = {
