@@ -70,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
              True: f"{key}={raw}"}
     if getattr(changed, key, value) == default:
         parser.error(f"--option {args.option}: that is the default already")
-    results: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+    results: dict[bool, list[tuple[float, float]]] = {False: [], True: []}  # option on?
     for seed in args.seeds:
-        for grouped in (False, True):  # interleaved: machine load hits both settings alike
-            flat = {**base, "seed": seed, **({key: value} if grouped else {})}
+        for on in (False, True):  # interleaved: machine load hits both settings alike
+            flat = {**base, "seed": seed, **({key: value} if on else {})}
             cfg = TrialConfig.from_flat(flat)
             trainer = Trainer(cfg, data, device="cpu")
             seconds: list[float] = []
@@ -88,25 +88,25 @@ def main(argv: list[str] | None = None) -> int:
             trainer.train_epoch = timed
             trainer.fit()
             best = trainer.best.value
-            results[grouped].append((best, statistics.mean(seconds)))
-            print(f"seed {seed} {label[grouped]:<32} best valid_mae "
+            results[on].append((best, statistics.mean(seconds)))
+            print(f"seed {seed} {label[on]:<32} best valid_mae "
                   f"{best:.4f}  train s/epoch {statistics.mean(seconds):.2f}", flush=True)
     print()
     print(f"| setting | best valid MAE per seed ({', '.join(map(str, args.seeds))}) | mean ± sd "
           "| train s/epoch |")
     print("|---|---|---|---:|")
-    for grouped, rows in results.items():
-        maes = [m for m, _ in rows]
-        sd = statistics.stdev(maes) if len(maes) > 1 else 0.0
-        print(f"| {label[grouped]} | {', '.join(f'{m:.3f}' for m in maes)} | "
-              f"{statistics.mean(maes):.3f} ± {sd:.3f} | "
+    maes = {on: [m for m, _ in rows] for on, rows in results.items()}
+    for on, rows in results.items():
+        sd = statistics.stdev(maes[on]) if len(rows) > 1 else 0.0
+        print(f"| {label[on]} | {', '.join(f'{m:.3f}' for m in maes[on])} | "
+              f"{statistics.mean(maes[on]):.3f} ± {sd:.3f} | "
               f"{statistics.mean(s for _, s in rows):.2f} |")
-    diffs = [b[0] - a[0] for a, b in zip(results[False], results[True])]
+    diffs = [b - a for a, b in zip(maes[False], maes[True])]
     line = (f"\nper seed, option minus default: {', '.join(f'{d:+.3f}' for d in diffs)}; mean "
             f"{statistics.mean(diffs):+.3f}")
     if len(diffs) > 1:
         line += (f" ± {statistics.stdev(diffs):.3f} (sd); paired t-test p = "
-                 f"{stats.ttest_rel([b for b, _ in results[True]], [a for a, _ in results[False]]).pvalue:.3f}")
+                 f"{stats.ttest_rel(maes[True], maes[False]).pvalue:.3f}")
     print(line)
     ratio = (statistics.mean(s for _, s in results[False])
              / statistics.mean(s for _, s in results[True]))

@@ -103,8 +103,7 @@ class InMajorLinear(nn.Module):
         return torch.addmm(self.bias, x, self.weight_t)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        old = state_dict.get(prefix + "weight")
-        if old is not None and prefix + "weight_t" not in state_dict:
+        if prefix + "weight" in state_dict and prefix + "weight_t" not in state_dict:
             state_dict = dict(state_dict)
             state_dict[prefix + "weight_t"] = state_dict.pop(prefix + "weight").t()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
