@@ -1,12 +1,13 @@
 """Search spaces: YAML validation (one line naming file and key) and the Optuna space."""
 
+import re
 import dataclasses
 
 import optuna
 import pytest
 import yaml
 
-from tuner.spaces import SpaceError, apply_overrides, load_space, space_from_dict
+from tuner.spaces import SpaceError, apply_overrides, load_space, narrow, space_from_dict, space_path
 
 BASE = {
     "name": "t",
@@ -208,3 +209,45 @@ def test_smoke_grid_has_the_readme_count(tmp_path, monkeypatch, capsys):
     assert main(["--space", "smoke", "--sampler", "grid", "--dry-run"]) == 0
     plan = yaml.safe_load(capsys.readouterr().out)
     assert plan["trials"] == plan["grid_size"] == 42
+
+
+# ------------------------------------------------------------------------------ cells
+def test_cells_are_the_rows_of_the_papers_tables():
+    from tuner.spaces import cell_label, cell_of, cell_tag, parse_cell_tag
+
+    mdm = load_space("mdm")
+    cells = mdm.cells_of_space()
+    # six backbones x (none + one row per estimator): MDM's Table 1 rows
+    assert len(cells) == 6 * 4
+    labels = {cell_label(c) for c in cells}
+    assert {"tfn + none", "tfn + mdm (estimator=kl)", "tfn + mdm (estimator=f)",
+            "tfn + mdm (estimator=w)"} <= labels
+    # the estimator is not part of the baseline's cell (none does not read it)
+    assert cell_of({"backbone": "tfn", "regulariser": "none", "lr": 0.001}, mdm.cells) == (
+        ("backbone", "tfn"), ("regulariser", "none"))
+    # a cell built from a typed config equals the one built from MLflow's param strings
+    typed = mdm.cell({"backbone": "lmf", "regulariser": "mdm", "regulariser.estimator": "w",
+                      "lr": 0.002})
+    logged = mdm.cell({"backbone": "lmf", "regulariser": "mdm", "regulariser.estimator": "w",
+                       "lr": "0.002"})
+    assert typed == logged and parse_cell_tag(cell_tag(typed)) == typed
+    assert len(load_space("synergy").cells_of_space()) == 6 * 3
+    assert load_space("smoke").cells == ["backbone", "regulariser"]
+
+
+@pytest.mark.parametrize("cells, message", [
+    (["regulariser", "backbone"], "expected [backbone, regulariser"),
+    (["backbone", "regulariser", "regulariser.nope"], "not a field"),
+    (["backbone", "regulariser", "regulariser.weight"], "continuous range"),
+    (["backbone", "regulariser", "lr"], "continuous range"),
+])
+def test_bad_cells_are_one_line(tmp_path, cells, message):
+    raw = yaml.safe_load(space_path("smoke").read_text())
+    raw["cells"] = cells
+    with pytest.raises(SpaceError, match=re.escape(message)):
+        space_from_dict(raw, "x.yaml")
+
+
+def test_narrowing_drops_cell_keys_no_pair_reads():
+    space, _ = narrow(load_space("mdm"), backbones=["tfn"], regularisers=["none"])
+    assert space.cells_of_space() == [(("backbone", "tfn"), ("regulariser", "none"))]

@@ -14,11 +14,19 @@ A space file (``search_spaces/NAME.yaml``)::
     search:  {sampler: tpe, pruner: median, num_samples: 8, max_epochs: 6, grace_epochs: 2}
     resources: {cpu: 1, gpu: 0}      # custom: {accel_a10g: 1} for custom Ray resources
     seeds: [0, 1, 2]                   # seeds of the multi-seed report
+    cells: [backbone, regulariser, regulariser.estimator]   # the keys of a table row
 
 Keys of ``grid``/``ranges``/``fixed`` are trial-config keys (``lr``, ``batch_size``...) or
 ``backbone.X`` / ``regulariser.X`` fields. A key applies to a trial when the trial's backbone or
 regulariser has that field (``regulariser.weight`` is not sampled for ``none``); a key that
 applies to none of the space's models is an error, so typos fail before Ray starts.
+
+A trial's *cell* is the row of its paper's table that it belongs to: the values of the space's
+``cells`` keys (default ``[backbone, regulariser]``; MDM adds ``regulariser.estimator``, one row
+per L_kl / L_f / L_W). A cell key that a pair does not read is not part of that pair's cell (the
+``none`` baseline of a backbone is one cell). Cell keys other than backbone and regulariser must be
+searched over a finite list (``grid``, or ``ranges`` choices) or fixed. Budgets, pruning and the
+table's choice of a configuration are made per cell (:func:`cell_of`, :meth:`SearchSpace.cells_of_space`).
 
 Only a validation metric selects (:data:`SELECTION_METRICS`: ``valid_`` + each key of
 ``trainables.metrics.compute_metrics``); ``train_*``, ``test_*`` or an unknown name is an error.
@@ -51,6 +59,12 @@ __all__ = [
     "Resources",
     "SearchSpace",
     "SpaceError",
+    "DEFAULT_CELL_KEYS",
+    "Cell",
+    "cell_of",
+    "cell_label",
+    "cell_tag",
+    "parse_cell_tag",
     "check_selection",
     "load_space",
     "space_path",
@@ -66,6 +80,51 @@ SELECTION_METRICS: tuple[str, ...] = tuple(f"valid_{name}" for name in METRIC_NA
 
 class SpaceError(ValueError):
     """A search-space file that cannot be used; one line naming the file and key."""
+
+
+#: the keys of a table row when a space names none
+DEFAULT_CELL_KEYS: tuple[str, ...] = ("backbone", "regulariser")
+#: a cell: ``((key, value text), ...)`` in the space's ``cells`` order, keys its pair does not read
+#: left out; hashable, and the same whether built from a trial config or from MLflow params
+Cell = tuple[tuple[str, str], ...]
+
+
+def _cell_text(value: Any) -> str:
+    # MLflow logs a param as ``str(value)`` (tracking._param_value); a cell built from a config
+    # and one built from the logged params must compare equal
+    return str(value)
+
+
+def cell_of(params: dict[str, Any], cell_keys: "tuple[str, ...] | list[str]" = DEFAULT_CELL_KEYS) -> Cell:
+    """The cell of one trial from its flat config or its MLflow params: ``(key, str(value))`` for
+    each of ``cell_keys`` that the trial has. A key its pair does not read is absent from the
+    trial's params (the space samples only keys that apply), so e.g. ``regulariser.estimator``
+    is not part of a ``none`` trial's cell."""
+    missing = [k for k in ("backbone", "regulariser") if k not in params]
+    if missing:
+        raise KeyError(f"a trial's cell needs {', '.join(missing)}")
+    return tuple((key, _cell_text(params[key])) for key in cell_keys if key in params)
+
+
+def cell_label(cell: Cell) -> str:
+    """``tfn + mdm (estimator=kl)``: the backbone, the regulariser and the other keys of the
+    cell by their short names, for tables and messages."""
+    values = dict(cell)
+    rest = [f"{key.partition('.')[2] or key}={value}" for key, value in cell
+            if key not in ("backbone", "regulariser")]
+    text = f"{values.get('backbone')} + {values.get('regulariser')}"
+    return f"{text} ({', '.join(rest)})" if rest else text
+
+
+def cell_tag(cell: Cell) -> str:
+    """The cell as one MLflow tag value: ``backbone=tfn,regulariser=mdm,regulariser.estimator=kl``
+    (:func:`parse_cell_tag` reads it back)."""
+    return ",".join(f"{key}={value}" for key, value in cell)
+
+
+def parse_cell_tag(text: str) -> Cell:
+    """The cell that :func:`cell_tag` wrote."""
+    return tuple(tuple(item.split("=", 1)) for item in text.split(",") if item)  # type: ignore[misc]
 
 
 def _direction(metric: str) -> str:
@@ -195,6 +254,8 @@ class SearchSpace:
     seeds: list[int] = field(default_factory=lambda: list(range(10)))
     #: configurations tried first, in order (e.g. a paper's best); unnamed keys are sampled
     start_points: list[dict[str, Any]] = field(default_factory=list)
+    #: the keys that make a row of the paper's table (a trial's *cell*); see the module docstring
+    cells: list[str] = field(default_factory=lambda: list(DEFAULT_CELL_KEYS))
     #: where the space was read from (for messages and MLflow)
     source: str = ""
     #: whether ``mode`` was chosen for this metric (the YAML has the key, or ``--set mode=``)
@@ -217,6 +278,35 @@ class SearchSpace:
 
     def model_pairs(self) -> list[tuple[str, str]]:
         return list(itertools.product(self.backbones, self.regularisers))
+
+    def cell(self, point: dict[str, Any]) -> Cell:
+        """The cell of a trial of this space (its flat config or MLflow params)."""
+        return cell_of(point, self.cells)
+
+    def cell_values(self, key: str, sampler: str) -> list[Any]:
+        """The values a cell key takes in this space under ``sampler`` (the grid's list for the
+        grid sampler, else the ranges' choices or the grid's list; a fixed key's one value)."""
+        if key in self.fixed:
+            return [self.fixed[key]]
+        spec = self.ranges.get(key) if sampler != "grid" else None
+        if spec is not None:
+            return list(spec.choices or [])
+        return list(self.grid.get(key, []))
+
+    def cells_of_space(self, sampler: str | None = None) -> list[Cell]:
+        """Every cell this space can produce under ``sampler`` (default: the space's own), in
+        backbone, regulariser, value order."""
+        sampler = sampler or self.search.sampler
+        out: list[Cell] = []
+        for backbone, reg in self.model_pairs():
+            keys = [k for k in self.cells if k not in ("backbone", "regulariser")
+                    and self.applies(k, backbone, reg)]
+            for values in itertools.product(*(self.cell_values(k, sampler) for k in keys)):
+                point = {"backbone": backbone, "regulariser": reg, **dict(zip(keys, values))}
+                cell = self.cell(point)
+                if cell not in out:
+                    out.append(cell)
+        return out
 
     def grid_points(self) -> list[dict[str, Any]]:
         """The paper's grid, expanded per backbone x regulariser; keys that do not apply to a
@@ -308,6 +398,7 @@ class SearchSpace:
             if key in self.grid or key in self.ranges:
                 raise SpaceError(f"{where}: fixed.{key}: also in grid/ranges; a key is either "
                                  "fixed or searched")
+        self._check_cells(where)
         # every pair must build with the fixed values and one value of each sampled key
         for backbone, reg in self.model_pairs():
             point = {"backbone": backbone, "regulariser": reg,
@@ -323,6 +414,27 @@ class SearchSpace:
                 self.trial_config(point)
             except (ConfigError, ValueError) as exc:
                 raise SpaceError(f"{where}: {backbone} + {reg}: {exc}") from None
+
+    def _check_cells(self, where: str) -> None:
+        if not isinstance(self.cells, list) or not all(isinstance(k, str) for k in self.cells):
+            raise SpaceError(f"{where}: cells: expected a list of keys, got {self.cells!r}")
+        if self.cells[:2] != list(DEFAULT_CELL_KEYS) or len(set(self.cells)) != len(self.cells):
+            raise SpaceError(f"{where}: cells: expected [backbone, regulariser, ...] without "
+                             f"repeats, got {self.cells!r}")
+        trial_keys = {f.name for f in dataclasses.fields(TrialConfig)}
+        for key in self.cells[2:]:
+            known = (any(self.applies(key, b, r) for b, r in self.model_pairs()) if "." in key
+                     else key in trial_keys)
+            if not known:
+                raise SpaceError(f"{where}: cells: {key!r} is not a field of any backbone or "
+                                 "regulariser of this space, nor a trial key")
+            spec = self.ranges.get(key)
+            if key not in self.fixed and key not in self.grid and (spec is None or spec.choices is None):
+                raise SpaceError(f"{where}: cells: {key!r} must be fixed or searched over a list "
+                                 "(grid, or ranges choices): a table row is one value of it")
+            if key in self.grid and spec is not None and spec.choices is None:
+                raise SpaceError(f"{where}: cells: {key!r} has a continuous range; give "
+                                 f"ranges.{key} as a list of choices")
 
     def define_by_run(self, sampler: str, max_epochs: int, seed: int) -> "DefineByRun":
         """An Optuna define-by-run function for OptunaSearch (conditional keys per model)."""
@@ -425,6 +537,8 @@ def space_from_dict(raw: Any, source: str) -> SearchSpace:
             for k, v in raw["grid"].items():
                 if not isinstance(v, list) or not v:
                     raise ConfigError(f"grid.{k}: expected a non-empty list, got {v!r}")
+        if "cells" in raw:
+            raw["cells"] = _as_list(raw["cells"], f"{source}: cells")
         if "seeds" in raw and (not isinstance(raw["seeds"], list) or not raw["seeds"]):
             raise ConfigError(f"seeds: expected a non-empty list of integers, got {raw['seeds']!r}")
         space = build_dataclass(SearchSpace, {**raw, "source": source})
@@ -487,8 +601,10 @@ def narrow(space: SearchSpace, backbones: list[str] | None = None,
             kept = {k: v for k, v in point.items() if k in sampled}
             if kept:
                 starts.append(kept)
+    cells = [k for k in space.cells if k in DEFAULT_CELL_KEYS or "." not in k
+             or any(SearchSpace.applies(k, b, r) for b, r in pairs)]
     narrowed = dataclasses.replace(space, backbones=kept_b, regularisers=kept_r, start_points=starts,
-                                   **sections)
+                                   cells=cells, **sections)
     narrowed.mode_explicit = space.mode_explicit  # replace() leaves init=False fields at default
     narrowed.check()
     return narrowed, dropped
