@@ -24,7 +24,9 @@ with the machine.
 
 A regulariser may carry config overrides after a colon (``NAME:key=value,key=value``, the keys of
 its config without the ``regulariser.`` prefix); ``--set KEY=VALUE`` sets a trial key for every
-run (e.g. ``--set backbone.text_model=minilm``).
+run (e.g. ``--set backbone.text_model=minilm``). LMF runs at ``backbone.output_dim`` 32, as in
+the mdm and synergy spaces (at MMSA's 1 its fused vector is the score itself, and MDM and Synergy,
+which read it, are refused).
 
 Times: CPU seconds are the process's (``time.process_time``, all threads), wall seconds beside
 them. The ratio to ``none`` uses CPU seconds, which a second user of the machine disturbs less
@@ -65,8 +67,11 @@ def parse_spec(spec: str) -> tuple[str, dict[str, object]]:
 
 def flat_config(backbone: str, spec: str, args) -> dict:
     name, overrides = parse_spec(spec)
+    # LMF as the mdm and synergy spaces run it: at MMSA's output_dim 1 its fused vector is the
+    # score, and a regulariser that reads it is refused (TrialConfig.from_flat)
+    lmf = {"backbone.output_dim": 32} if backbone == "lmf" else {}
     return {"backbone": backbone, "regulariser": name, "seed": 0, "batch_size": args.batch,
-            "max_epochs": max(args.epochs, 1), "patience": 0, **args.set, **overrides}
+            "max_epochs": max(args.epochs, 1), "patience": 0, **lmf, **args.set, **overrides}
 
 
 def inner_steps_of(spec: str) -> int:

@@ -496,7 +496,34 @@ def test_trained_critic_finds_planted_dependency_and_none_in_shuffled_data(probe
                               **{"regulariser.estimator": estimator, "regulariser.unroll": 10,
                                  "regulariser.critic_lr": 5e-3, "regulariser.dropout": 0.0,
                                  **PLANTED_CRITIC[estimator]})
-        trainer.fit()
+        history = trainer.fit()
+        # the loop logs the collapse check every epoch; a working critic never trips it
+        assert [h["train_critic_collapsed"] for h in history] == [0.0] * len(history)
         estimates[independent] = held_out_dependency(trainer)
     assert estimates[False] > 0.1, estimates
     assert abs(estimates[True]) < 0.1 and estimates[False] > 5 * abs(estimates[True]), estimates
+
+
+def test_a_critic_with_constant_output_is_reported_collapsed(caplog):
+    """A saturated sigmoid critic (T = 1 for every input, whatever the dropout mask) reads D = 0
+    and gives no gradient: ``epoch_end`` reports ``critic_collapsed`` 1 once per epoch, with one
+    warning line per trial; a working critic reports 0, and the range restarts each epoch."""
+    dims = {"text": 16, "audio": 16, "vision": 32}  # shared_factors' widths
+    g = torch.Generator().manual_seed(0)
+    working = make_mdm(dims, estimator="w")
+    fit(working, lambda n, gen: shared_factors(n, 0.8, gen), steps=3, batch=32)
+    assert working.epoch_end()["critic_collapsed"] == 0.0
+    assert working.epoch_end() == {}  # nothing read since: no verdict
+
+    saturated = make_mdm(dims, estimator="w")
+    with torch.no_grad():
+        saturated.critic.net[-2].bias.fill_(50.0)  # the last Linear: sigmoid(50) = 1.0 in float32
+    with caplog.at_level("WARNING", logger="trainables.regularisers.mdm"):
+        for _epoch in range(2):
+            fit(saturated, lambda n, gen: shared_factors(n, 0.8, gen), steps=3, batch=32)
+            d = saturated.dependency(shared_factors(32, 0.8, g))
+            assert d.item() == 0.0
+            stats = saturated.epoch_end()
+            assert stats["critic_collapsed"] == 1.0 and stats["critic_range"] == 0.0
+    warned = [r for r in caplog.records if "constant" in r.getMessage()]
+    assert len(warned) == 1 and "train_critic_collapsed" in warned[0].getMessage()

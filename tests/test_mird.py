@@ -278,7 +278,8 @@ def test_state_dict_round_trip_gives_identical_penalty():
 
 
 def test_standardised_penalty_ignores_the_scale_of_the_codes():
-    reg = make_reg()
+    assert MIRDRegulariserConfig().standardise is False  # the default: Eq. 20's raw codes
+    reg = make_reg(standardise=True)  # the named option
     fit(reg, steps=20)
     out = codes(64, torch.Generator().manual_seed(3))
     small = BackboneOutput(out.prediction, {k: 1e-3 * v for k, v in out.features.items()})

@@ -223,6 +223,12 @@ def test_parameters_split_cpc_maps_to_the_model_and_q_to_the_estimator_optimiser
     assert est == {id(p) for p in reg.ba.parameters()} and est
     assert {id(p) for p in reg.optimizer.param_groups[0]["params"]} == est
     assert reg.optimizer.param_groups[0]["lr"] == reg.config.lr_lld
+    # q's optimiser: the official optimizer_mmilb, Adam with weight decay 1e-4 (src/solver.py)
+    assert type(reg.optimizer) is torch.optim.Adam
+    assert reg.optimizer.param_groups[0]["weight_decay"] == 1e-4
+    earlier = make_reg(lld_optimizer="adamw", lld_weight_decay=0.01)
+    assert type(earlier.optimizer) is torch.optim.AdamW
+    assert earlier.optimizer.param_groups[0]["weight_decay"] == 0.01
     # q predicts audio and vision from text (the official mi_ta / mi_tv)
     assert reg.ba["audio"].q.mu[0].in_features == DIMS["text"]
     assert reg.ba["vision"].q.mu[-1].out_features == DIMS["vision"]
@@ -635,3 +641,13 @@ def test_grid_tunes_the_lstm_hidden_sizes_and_starts_at_the_papers_mosi_best(tmp
     assert main(["--space", "mmim", "--dry-run"]) == 0  # tpe: the same point first
     plan = yaml.safe_load(capsys.readouterr().out)
     assert [{"backbone": "mmim", **p} for p in plan["start_points"]] == [mosi_best]
+    # Table 3's MOSEI best (A-LSTM 16, outside the paper's {32, 64}): the documented --set line
+    # of mmim.yaml / docs/fidelity.md makes it the first point
+    mosei_best = {"regulariser": "mmim", "batch_size": 64, "lr": 5e-4, "regulariser.lr_lld": 1e-3,
+                  "regulariser.alpha": 0.1, "regulariser.beta": 0.05, "backbone.d_ah": 16,
+                  "backbone.d_vh": 64, "regulariser.memory_size": 1}
+    from tuner.spaces import apply_overrides
+    start = yaml.safe_dump(mosei_best, default_flow_style=True).strip()
+    mosei = apply_overrides(space, ["grid.backbone.d_ah=[16, 32, 64]",
+                                    "ranges.backbone.d_ah=[16, 32, 64]", f"start_points=[{start}]"])
+    assert mosei.grid_points()[0] == {"backbone": "mmim", **mosei_best}

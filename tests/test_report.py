@@ -192,6 +192,20 @@ def test_the_report_never_chooses_a_trial_that_did_not_finish_cleanly():
         choose_trial(SearchInfo("1", "e", None, trials[:3], "s", "valid_mae", "min"), None)
 
 
+def test_a_collapsed_critic_is_flagged_from_its_logged_metric():
+    """``collapsed_note`` reads ``train_critic_collapsed`` (MDM.epoch_end, logged by the loop)
+    from an MLflow run or a Tune result; the report lists it per re-run and for the chosen trial."""
+    from types import SimpleNamespace
+
+    from tuner.report import COLLAPSE_METRIC, collapsed_note
+
+    assert COLLAPSE_METRIC == "train_critic_collapsed"
+    assert collapsed_note({COLLAPSE_METRIC: 1.0}).startswith("critic collapsed")
+    assert collapsed_note(SimpleNamespace(data=SimpleNamespace(metrics={COLLAPSE_METRIC: 1.0})))
+    assert collapsed_note({COLLAPSE_METRIC: 0.0}) is None and collapsed_note({}) is None
+    assert collapsed_note(SimpleNamespace(data=SimpleNamespace(metrics={}))) is None
+
+
 def test_drop_rejects_an_unknown_modality(small_data):
     for bad in ("video", "text+video", "text+text", "", "text+"):
         with pytest.raises(ValueError, match="modality: expected one of text, audio, vision"):

@@ -231,7 +231,7 @@ def test_dry_run_prints_the_plan(tmp_path, monkeypatch, tiny_space, capsys):
     assert plan["trial_epochs_at_most"] == plan["trials"] * 4
 
 
-@pytest.mark.parametrize("name, trials", [("mdm", 312), ("mmim", 1320), ("mird", 36),
+@pytest.mark.parametrize("name, trials", [("mdm", 312), ("mmim", 1320), ("mird", 31),
                                           ("synergy", 420)])
 def test_grid_dry_run_counts_the_papers_grid(tmp_path, monkeypatch, capsys, name, trials):
     monkeypatch.chdir(tmp_path)

@@ -40,8 +40,8 @@ def test_every_shipped_space_loads():
     # none: 2 batch x 3 lr x 2 d_ah x 2 d_vh; mmim: 2 x 3 x 2 lr_lld x 3 α x 3 β x 2 d_ah x 2 d_vh
     # x 3 memory
     ("mmim", 2 * 3 * 2 * 2 + 2 * 3 * 2 * 3 * 3 * 2 * 2 * 3),
-    # mird: 4 α x 6 split rates; orthogonal and none: 6 split rates each
-    ("mird", 4 * 6 + 6 + 6),
+    # mird: 4 α x 6 split rates; orthogonal: 6 split rates; none reads no unlabeled row: 1
+    ("mird", 4 * 6 + 6 + 1),
     # 6 backbones x (none: 2 batch x 5 lr + synergy: 2 x 5 x 3 β x 2 divergences, MMD and KL)
     ("synergy", 6 * (2 * 5 + 2 * 5 * 3 * 2)),
 ])
@@ -53,6 +53,49 @@ def test_paper_grids_have_the_papers_size(name, expected):
     for point in points[:: max(1, len(points) // 25)]:  # a sample builds into trial configs
         space.trial_config({**point, **space.constants(point["backbone"], point["regulariser"],
                                                        space.search.max_epochs, 0)})
+
+
+def test_mird_grid_runs_the_baseline_once_per_other_combination():
+    """The split rate s changes nothing for ``none`` (no term reads unlabeled rows): one `none`
+    point per backbone x lr, however many split rates; the regularisers that read them get all."""
+    from tuner.spaces import space_path
+
+    raw = yaml.safe_load(space_path("mird").read_text())
+    raw["fixed"].pop("lr")
+    raw["grid"]["lr"] = [1e-5, 1e-4, 1e-3]
+    space = space_from_dict(raw, "mird.yaml")
+    points = space.grid_points()
+    baseline = [p for p in points if p["regulariser"] == "none"]
+    assert sorted((p["backbone"], p["lr"]) for p in baseline) == [("mird", 1e-5), ("mird", 1e-4),
+                                                                  ("mird", 1e-3)]
+    assert all("unlabeled_rate" not in p for p in baseline)
+    for reg, per_lr in (("orthogonal", 6), ("mird", 4 * 6)):
+        assert len([p for p in points if p["regulariser"] == reg]) == 3 * per_lr
+    assert all("unlabeled_rate" in p for p in points if p["regulariser"] != "none")
+    # the samplers' define-by-run space and the fixed values follow the same rule
+    trial = optuna.trial.FixedTrial({"backbone": "mird", "regulariser": "none", "lr": 1e-4,
+                                     "regulariser.alpha": 0.1})
+    space.define_by_run("tpe", 2, 0)(trial)  # asks for no unlabeled_rate (FixedTrial would raise)
+    del raw["grid"]["unlabeled_rate"], raw["ranges"]["unlabeled_rate"]
+    fixed = space_from_dict({**raw, "fixed": {**raw["fixed"], "unlabeled_rate": 2}}, "mird.yaml")
+    assert "unlabeled_rate" not in fixed.constants("mird", "none", 2, 0)
+    assert fixed.constants("mird", "mird", 2, 0)["unlabeled_rate"] == 2
+    with pytest.raises(SpaceError, match="grid.unlabeled_rate: no regulariser of this space"):
+        space_from_dict({**BASE, "regularisers": ["none"], "grid": {"unlabeled_rate": [0, 1]},
+                         "ranges": {}}, "t.yaml")
+
+
+@pytest.mark.parametrize("reg", ["mdm", "synergy"])
+def test_lmf_whose_fused_vector_is_the_score_is_refused_with_a_reader_of_z(reg):
+    """LMF at output_dim 1 (MMSA's) has h = the score: MDM's critic and Synergy's κ would act on
+    the prediction. A space pairing them fails before any trial, naming backbone.output_dim."""
+    raw = {**BASE, "backbones": ["lmf"], "regularisers": ["none", reg], "grid": {},
+           "ranges": {}}
+    with pytest.raises(SpaceError, match=rf"t.yaml: lmf \+ {reg}: .*backbone.output_dim: 1 "):
+        space_from_dict(raw, "t.yaml")
+    ok = space_from_dict({**raw, "fixed": {"backbone.output_dim": 32}}, "t.yaml")
+    assert ok.grid_points()
+    space_from_dict({**raw, "regularisers": ["none", "mmim"]}, "t.yaml")  # reads no fused Z
 
 
 def test_grid_skips_keys_that_do_not_apply():

@@ -285,7 +285,10 @@ def test_sources_without_a_pool(small_data):
 
 def space_file(tmp_path: Path, data: Path, **fixed) -> Path:
     space = {
-        "name": "unlab", "backbones": ["ef_lstm"], "regularisers": ["none"], "data": str(data),
+        # orthogonal: a regulariser with terms on unlabeled rows (``none`` reads none, so a space
+        # does not grid the split rate for it)
+        "name": "unlab", "backbones": ["ef_lstm"], "regularisers": ["orthogonal"],
+        "data": str(data),
         "grid": {"unlabeled_rate": [0, 3]},
         "fixed": {"batch_size": 32, "backbone.hidden": 8, "patience": 0, **fixed},
         "search": {"sampler": "grid", "pruner": "none", "max_epochs": 1, "max_concurrent": 1},

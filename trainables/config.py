@@ -235,6 +235,13 @@ class TrialConfig:
         cfg.regulariser_cfg = build_dataclass(
             reg_cls.config_class, nested["regulariser"], f"regulariser {cfg.regulariser!r}"
         )
+        # a regulariser that reads the fused representation needs one that is not the prediction
+        # (LMF at output_dim 1: MDM's critic and Synergy's κ would act on the score itself)
+        if reg_cls.reads_fused(cfg.regulariser_cfg):
+            problem = backbone_cls.fused_problem(cfg.backbone_cfg)
+            if problem:
+                raise ConfigError(f"backbone {cfg.backbone!r} with regulariser "
+                                  f"{cfg.regulariser!r}: {problem}")
         return cfg
 
     def to_flat(self) -> dict[str, Any]:

@@ -324,6 +324,7 @@ class Trainer:
         stats = {f"train_{k}": float(v) / max(n_batches, 1) for k, v in totals.items()}
         stats.update({f"train_{k}": v / max(n_batches, 1) for k, v in est_totals.items()})
         stats.update(stage1)
+        stats.update({f"train_{k}": float(v) for k, v in self.reg.epoch_end().items()})
         return stats
 
     def _estimator_pass(self) -> dict[str, float]:

@@ -54,8 +54,8 @@ from trainables.data import DROP_SETS, DROPPABLE, DataError, MultimodalData, dro
 from tuner.search import UsageError  # one error type (one line, exit 2) for the project's CLIs
 from tuner.tracking import NEVER_BEST, all_runs, finite, parse_param
 
-__all__ = ["REPORT_METRICS", "ROBUSTNESS_METRICS", "build_parser", "main", "mann_whitney",
-           "robustness_table", "train_rerun"]
+__all__ = ["COLLAPSE_METRIC", "REPORT_METRICS", "ROBUSTNESS_METRICS", "build_parser",
+           "collapsed_note", "main", "mann_whitney", "robustness_table", "train_rerun"]
 
 log = logging.getLogger("tuner.report")
 
@@ -65,6 +65,24 @@ REPORT_METRICS = ("mae", "corr", "acc2_has0", "acc2_non0", "f1_has0", "f1_non0",
 ROBUSTNESS_METRICS = ("acc2_has0", "acc2_non0")
 #: the label of the twin without regulariser
 BASELINE = "none"
+#: the per-epoch metric of a critic whose output was constant over the epoch
+#: (``trainables.regularisers.mdm.MDM.epoch_end``, logged by the loop with the ``train_`` prefix)
+COLLAPSE_METRIC = "train_critic_collapsed"
+
+
+def collapsed_note(run: Any) -> str | None:
+    """A one-line flag for a run whose critic collapsed in its last epoch (MDM's statistic
+    network with a constant output, e.g. a saturated sigmoid W critic): its D was exactly 0 and
+    its penalty had no gradient, so it trained as the baseline. ``run``: an MLflow run, or a
+    mapping of its metrics (a Tune result). None when the run's critic did not collapse or it
+    has no critic."""
+    metrics = getattr(getattr(run, "data", None), "metrics", run) or {}
+    value = metrics.get(COLLAPSE_METRIC)
+    if not isinstance(value, (int, float)) or value < 0.5:
+        return None
+    return ("critic collapsed: its output was constant over the last epoch "
+            f"({COLLAPSE_METRIC} = 1), so the estimate was 0 and the penalty gave no gradient; "
+            "this run trained as the baseline")
 
 
 
@@ -341,6 +359,8 @@ class Rerun:
     best_file: Path | None
     drop: dict[str, dict[str, float]] = field(default_factory=dict)  # drop set -> test metrics
     scores: np.ndarray | None = None
+    #: :func:`collapsed_note` of the re-run (None: its critic did not collapse)
+    collapsed: str | None = None
 
 
 def run_reruns(variants: dict[str, dict[str, Any]], seeds: list[int], data: MultimodalData,
@@ -388,7 +408,7 @@ def run_reruns(variants: dict[str, dict[str, Any]], seeds: list[int], data: Mult
                             status,
                             {k[len("test_"):]: float(v) for k, v in metrics.items()
                              if k.startswith("test_") and isinstance(v, (int, float))},
-                            best_file))
+                            best_file, collapsed=collapsed_note(metrics)))
     return sorted(reruns, key=lambda r: (list(variants).index(r.variant), r.seed))
 
 
@@ -813,10 +833,16 @@ def write_markdown(out: Path, *, info: SearchInfo, chosen, choice_note: str, con
     for p in plots:
         if p.name != "robustness.png":
             lines += [f"![{p.stem}]({p.name})", ""]
+    notes = list(notes)
+    if collapsed_note(chosen):
+        notes.append(f"the chosen trial `{chosen.info.run_id}`: {collapsed_note(chosen)}")
+    notes += [f"re-run {r.variant}/seed {r.seed}: {r.collapsed}" for r in reruns if r.collapsed]
     if notes:
         lines += ["Notes:", "", *[f"- {n}" for n in notes], ""]
     lines += ["## Re-runs", "", "| variant | seed | status | MLflow run |", "|---|---|---|---|",
-              *[f"| {r.variant} | {r.seed} | {r.status} | `{r.run_id}` |" for r in reruns], ""]
+              *[f"| {r.variant} | {r.seed} | {r.status}"
+                f"{' (critic collapsed)' if r.collapsed else ''} | `{r.run_id}` |" for r in reruns],
+              ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
@@ -857,6 +883,9 @@ def run_report(args: argparse.Namespace, command: str) -> int:
     if args.max_epochs is not None:
         config["max_epochs"] = args.max_epochs
     reg = config["regulariser"]
+    if collapsed_note(chosen):
+        print(f"warning: chosen trial {chosen.info.run_id}: {collapsed_note(chosen)}",
+              file=sys.stderr)
     variants = {reg: config, BASELINE: twin_config(config)}
     data = load_search_data(client, info, args.data, args.nonfinite, args.unlabeled)
 
@@ -894,6 +923,7 @@ def run_report(args: argparse.Namespace, command: str) -> int:
     write_csv(robust_rows, out / "robustness.csv")
     write_csv(score_rows, out / "critic_scores.csv")
     write_csv([{"variant": r.variant, "seed": r.seed, "status": r.status, "run_id": r.run_id,
+                "critic_collapsed": r.collapsed is not None,
                 **{f"test_{m}": r.test.get(m, math.nan) for m in REPORT_METRICS},
                 **{f"robustness_{metric_name(d)}_{k}": robustness_ratio(r, d, k)
                    for d in DROP_SETS for k in ROBUSTNESS_METRICS},
@@ -949,6 +979,9 @@ def run_report(args: argparse.Namespace, command: str) -> int:
                            for r in score_rows]))
     for note in notes:
         print(f"note: {note}")
+    for r in reruns:
+        if r.collapsed:
+            print(f"warning: re-run {r.variant}/seed {r.seed}: {r.collapsed}", file=sys.stderr)
     if failed:
         print(f"warning: {len(failed)} re-run(s) ended without test metrics: "
               + ", ".join(f"{r.variant}/seed {r.seed} ({r.status})" for r in failed),

@@ -18,8 +18,11 @@ A space file (``search_spaces/NAME.yaml``)::
 
 Keys of ``grid``/``ranges``/``fixed`` are trial-config keys (``lr``, ``batch_size``...) or
 ``backbone.X`` / ``regulariser.X`` fields. A key applies to a trial when the trial's backbone or
-regulariser has that field (``regulariser.weight`` is not sampled for ``none``); a key that
-applies to none of the space's models is an error, so typos fail before Ray starts.
+regulariser has that field (``regulariser.weight`` is not sampled for ``none``); a trial key whose
+effect depends on the regulariser (``unlabeled_rate``, ``unlabeled_source``: see
+``Regulariser.trial_keys``) applies to the regularisers that read it, so ``none`` is not repeated
+for every split rate. A key that applies to none of the space's models is an error, so typos fail
+before Ray starts.
 
 A trial's *cell* is the row of its paper's table that it belongs to: the values of the space's
 ``cells`` keys (default ``[backbone, regulariser]``; MDM adds ``regulariser.estimator``, one row
@@ -49,6 +52,7 @@ from trainables.backbones import get_backbone
 from trainables.config import ConfigError, TrialConfig, build_dataclass
 from trainables.metrics import METRIC_NAMES, mode_for
 from trainables.regularisers import get_regulariser
+from trainables.regularisers.base import REGULARISER_TRIAL_KEYS
 
 __all__ = [
     "SAMPLERS",
@@ -270,8 +274,15 @@ class SearchSpace:
 
     @staticmethod
     def applies(key: str, backbone: str, regulariser: str) -> bool:
+        """Whether ``key`` changes what a ``backbone`` x ``regulariser`` trial computes: a
+        ``backbone.X`` / ``regulariser.X`` field of its config class; a trial key of
+        :data:`~trainables.regularisers.base.REGULARISER_TRIAL_KEYS` (``unlabeled_rate``) when
+        the regulariser lists it in ``trial_keys`` (``none`` reads no unlabeled row); any other
+        trial key always."""
         head, dot, rest = key.partition(".")
         if not dot:
+            if key in REGULARISER_TRIAL_KEYS:
+                return key in get_regulariser(regulariser).trial_keys
             return True
         cls = get_backbone(backbone) if head == "backbone" else get_regulariser(regulariser)
         return rest in {f.name for f in dataclasses.fields(cls.config_class)}
@@ -375,6 +386,12 @@ class SearchSpace:
                 if "." not in key and key not in trial_keys:
                     raise SpaceError(f"{where}: {section}.{key}: unknown key; known: "
                                      f"{', '.join(trial_keys)}, backbone.X, regulariser.X")
+                pairs = self.model_pairs()
+                if "." not in key and not any(self.applies(key, b, r) for b, r in pairs):
+                    raise SpaceError(
+                        f"{where}: {section}.{key}: no regulariser of this space "
+                        f"({', '.join(self.regularisers)}) reads it (it only matters for "
+                        "regularisers with terms on unlabeled rows, e.g. mird, orthogonal)")
                 if not any(self.applies(key, b, r) for b, r in self.model_pairs()):
                     raise SpaceError(
                         f"{where}: {section}.{key}: no backbone ({', '.join(self.backbones)}) or "

@@ -74,6 +74,14 @@ class Backbone(nn.Module):
                 "use an MMSA file with text_bert or a feature-based backbone (ef_lstm, tfn, lmf, mfn)"
             )
 
+    @classmethod
+    def fused_problem(cls, config: Any) -> str | None:
+        """Why this config's ``features["fused"]`` cannot serve a regulariser that reads the fused
+        representation (one line naming the key to change), or None. Checked with the trial
+        config (``TrialConfig.from_flat``) whenever the regulariser reads it
+        (``Regulariser.reads_fused``), so such a pair is refused before any trial."""
+        return None
+
     def prepare_split(self, arrays: SplitArrays) -> SplitArrays:
         """The split as this backbone reads it (once per split, before batching); default: as is.
         MAG re-tokenises ``raw_text`` when its encoder's vocabulary is not uncased BERT's."""

@@ -93,6 +93,17 @@ class LMF(Backbone):
     name = "lmf"
     config_class = LMFConfig
 
+    @classmethod
+    def fused_problem(cls, config: LMFConfig) -> str | None:
+        """At ``output_dim`` 1 (MMSA's) h is the score: a regulariser reading Z would act on the
+        prediction (MDM's penalty gradient into LMF measured 3e-12, against 1e-4 to 5e-4 on
+        EF-LSTM, TFN and MFN), a silent no-op."""
+        if config.output_dim > 1:
+            return None
+        return ("backbone.output_dim: 1 makes LMF's fused representation the prediction itself, "
+                "so a regulariser that reads it has nothing to act on; set backbone.output_dim "
+                "> 1 (mdm.yaml and synergy.yaml use 32)")
+
     def __init__(self, config: LMFConfig, dims: ModalityDims) -> None:
         super().__init__(config, dims)
         c = config

@@ -18,6 +18,9 @@ Call order, per training batch (``trainables.loop`` does this and nothing else):
    differently (MIRD: logs of the terms).
 5. One optimiser step of the backbone and of ``reg.main_parameters()`` on ``loss``.
 
+After the epoch's last batch the loop calls ``reg.epoch_end()`` and logs its floats as
+``train_<key>`` (default: none).
+
 With ``estimator_pass == "epoch"`` (MMIM, Han et al. 2021, Algorithm 1) step 2 moves out of the
 batch loop: at the start of each epoch the loop runs a pass of its own over every train minibatch
 (its own shuffle; backbone in train mode, no gradients) calling ``estimator_step`` ``inner_steps``
@@ -39,7 +42,15 @@ from torch import nn
 from trainables.backbones.base import BackboneOutput
 from trainables.data.batches import Batch
 
-__all__ = ["Encoder", "Regulariser", "float_detached"]
+__all__ = ["REGULARISER_TRIAL_KEYS", "Encoder", "Regulariser", "float_detached"]
+
+#: trial-config keys (``TrialConfig`` fields) whose effect depends on the regulariser: the split
+#: rate s of MIRD (Qian et al., Algorithm 1, Fig. 6) and where its unlabeled rows come from. The
+#: unlabeled rows carry no label, so only a regulariser's own terms read them; a search space
+#: grids or samples such a key only for the regularisers that list it in ``trial_keys``
+#: (``tuner.spaces.SearchSpace.applies``), so a baseline without such terms is not repeated
+#: for every split rate.
+REGULARISER_TRIAL_KEYS: tuple[str, ...] = ("unlabeled_rate", "unlabeled_source")
 
 
 def float_detached(out: BackboneOutput) -> BackboneOutput:
@@ -71,6 +82,17 @@ class Encoder:
 class Regulariser(nn.Module):
     name: ClassVar[str] = ""
     config_class: ClassVar[type]
+    #: the keys of :data:`REGULARISER_TRIAL_KEYS` this regulariser reads. Default: all of them
+    #: (the unlabeled rows reach ``estimator_update`` / ``step_penalty`` in the batch, marked by
+    #: ``batch.labeled``); a regulariser without terms on unlabeled rows lists none.
+    trial_keys: ClassVar[tuple[str, ...]] = REGULARISER_TRIAL_KEYS
+
+    @classmethod
+    def reads_fused(cls, config: Any) -> bool:
+        """Whether a term of this config reads the backbone's fused representation
+        ``features["fused"]`` (MDM's T_θ, Synergy's κ and L_d): then a backbone whose fused vector
+        is its prediction (``Backbone.fused_problem``) is refused before any trial."""
+        return False
 
     def __init__(self, config: Any, feature_dims: dict[str, int]) -> None:
         super().__init__()
@@ -131,3 +153,8 @@ class Regulariser(nn.Module):
 
     def combine(self, task_loss: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
         return task_loss + penalty
+
+    def epoch_end(self) -> dict[str, float]:
+        """Called by the loop after each training epoch; floats to log as ``train_<key>`` (MDM:
+        ``critic_collapsed``, whether its critic's output was constant over the epoch)."""
+        return {}

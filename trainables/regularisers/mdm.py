@@ -18,8 +18,16 @@ are permuted independently (σ_a, σ_v, σ_l of Algorithm 1; :func:`shuffle_moda
 
 Eq. 8 is printed in the paper as E_p[T] − log E_q[T]; the Wasserstein-1 distance that Eq. 4
 defines has the Kantorovich–Rubinstein dual sup_{T 1-Lipschitz} E_p[T] − E_q[T] (the paper's
-own sketch of proof cites Kantorovich–Rubinstein for Eq. 8), so the code uses that form; a log
-of an expectation of a 1-Lipschitz T is not a dual of W and can be undefined (T ≤ 0).
+own sketch of proof cites Kantorovich–Rubinstein for Eq. 8), so the code uses that form. The
+printed form is not a dual of W: with the sigmoid critic T > 0, so its log is always defined, but
+it is unbounded: a constant T = c gives c − log c → ∞ as c → 0, so a critic maximising it runs to
+T → 0 whatever the dependency.
+
+A critic whose output is constant over an epoch (a saturated sigmoid, seen with ``w``) estimates
+D = 0 for ``kl`` and ``w`` and gives the penalty no gradient: the run then trains as the baseline.
+:meth:`MDM.epoch_end` detects it (T's range over every critic read of the epoch) and reports
+``critic_collapsed`` (the loop logs ``train_critic_collapsed`` per epoch), with one warning line
+per trial; ``tuner.report`` flags such runs.
 
 Training (Algorithm 1), per model step, in :meth:`MDM.estimator_update` and :meth:`MDM.step_penalty`:
 
@@ -75,6 +83,7 @@ Choices where the paper is silent (the authors' code was not available to check 
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -94,6 +103,11 @@ __all__ = ["MDM", "MDMConfig", "StatisticNetwork"]
 #: largest exponent the f-divergence term feeds to exp (e^30 ≈ 1e13, finite in float32, where
 #: autocast runs exp)
 _MAX_EXPONENT = 30.0
+#: T's spread over an epoch at or below this (relative to max(1, |T|)) counts as constant: a
+#: saturated sigmoid gives exactly 1.0 (or 0.0) in float32 whatever the dropout mask
+_COLLAPSE_TOL = 1e-6
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -185,6 +199,15 @@ class MDM(Regulariser):
         self.critic = StatisticNetwork(self.d_in, config.dropout, config.output, spectral)
         #: B̄'s encoding from estimator_update, reused by step_penalty (critic_batches="same")
         self._pending_bar: BackboneOutput | None = None
+        #: T's smallest and largest value over this epoch's critic reads in training mode
+        #: (critic steps and penalty), detached tensors; reset by :meth:`epoch_end`
+        self._t_range: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._warned_collapse = False
+
+    @classmethod
+    def reads_fused(cls, config: MDMConfig) -> bool:
+        """T_θ reads Z_avl (Fig. 3, Table 4) unless ``input="unimodal"``."""
+        return config.input == "fused"
 
     @property
     def inner_steps(self) -> int:
@@ -244,7 +267,38 @@ class MDM(Regulariser):
             t = functional_call(self.critic, params, (z,))
         else:
             t = self.critic(z)
+        if self.training:
+            self._track(t)
         return t[: z_p.shape[0]], t[z_p.shape[0] :]  # (B,), (B,)
+
+    # -- critic collapse -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _track(self, t: torch.Tensor) -> None:
+        """Widen this epoch's range of T by ``t`` (no host sync: the range stays on the device)."""
+        lo, hi = t.detach().min().float(), t.detach().max().float()
+        if self._t_range is not None:
+            lo, hi = torch.minimum(self._t_range[0], lo), torch.maximum(self._t_range[1], hi)
+        self._t_range = (lo, hi)
+
+    def epoch_end(self) -> dict[str, float]:
+        """``critic_collapsed`` 1.0 when T was constant over every critic read of the epoch (its
+        range within ``_COLLAPSE_TOL``), else 0.0, and ``critic_range`` (max − min of T). A
+        collapsed critic reports D = 0 (``kl``, ``w``) and gives the penalty no gradient, so the
+        run trains as the baseline; the first such epoch of a trial logs one warning line."""
+        if self._t_range is None:
+            return {}
+        lo, hi = (float(v) for v in self._t_range)
+        self._t_range = None
+        spread = hi - lo
+        collapsed = spread <= _COLLAPSE_TOL * max(1.0, abs(hi))
+        if collapsed and not self._warned_collapse:
+            self._warned_collapse = True
+            log.warning("regulariser mdm (estimator %s): the critic's output was constant "
+                        "(T = %.6g) over a whole epoch: D is 0 and the penalty has no gradient, "
+                        "so this run trains as the baseline (metric train_critic_collapsed)",
+                        self.config.estimator, hi)
+        return {"critic_collapsed": float(collapsed), "critic_range": spread}
 
     def estimate(self, z_p: torch.Tensor, z_q: torch.Tensor, frozen: bool = False) -> torch.Tensor:
         """D(Z, Z̄), a scalar (0 for a batch of one row)."""

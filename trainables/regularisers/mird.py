@@ -44,13 +44,14 @@ task loss applies everywhere (it is part of the method).
 
 Departures, each a named option (docs/fidelity.md has the full table):
 
-- ``standardise=True`` (default): every feature enters CLUB standardised over the batch per
-  dimension, (z − mean)/√(var + ε) with a relative ε (:func:`standardise`), with gradients
+- ``standardise=False`` (default) feeds CLUB the raw codes, as Eq. 20 writes L_mim on z^m, z^S and
+  X^m themselves. ``standardise=True`` (a named option) standardises every feature over the batch
+  per dimension, (z − mean)/√(var + ε) with a relative ε (:func:`standardise`), with gradients
   through the statistics. MI is invariant to such maps, but CLUB with a learned q is not: the
-  model could lower the estimate just by shrinking its codes faster than q's variance follows.
-  Standardised, the penalty depends only on the codes' dependence structure. q's log σ² is
-  soft-bounded to ±10 (the shared ``GaussianConditional``) so that q can fit the conditional
-  variance of standardised codes. ``standardise=False`` is the paper's raw codes.
+  model can lower the estimate just by shrinking its codes faster than q's variance follows.
+  Standardised, the penalty depends only on the codes' dependence structure (docs/fidelity.md has
+  the measurement). q's log σ² is soft-bounded to ±10 (the shared ``GaussianConditional``) so
+  that q can fit the conditional variance of standardised codes.
 - ``pair_order="shared_first"``: q(z^m|z^S) and q(X̄^m|z^S) instead of the paper's directions
   (both bound the same MI; the learned estimates differ).
 - The α default 0.1 is the paper's MOSI best (Fig. 7); the grid α ∈ {0.01, 0.1, 1, 10} and
@@ -116,8 +117,9 @@ class MIRDRegulariserConfig:
     recon_weight: float = 1.0
     #: include I(z_S; X^m) for each modality (needs the ``shared`` and ``input_<m>`` features)
     use_input_mi: bool = True
-    #: standardise features over the batch before CLUB (see the module docstring)
-    standardise: bool = True
+    #: standardise features over the batch before CLUB (a named departure, see the module
+    #: docstring); False = the raw codes of Eq. 20 (the paper)
+    standardise: bool = False
     #: CLUB's conditioning direction: ``paper`` q(z^S|z^m), q(z^S|X^m) (Eq. 10-15), or
     #: ``shared_first`` q(z^m|z^S), q(X̄^m|z^S) (this code's earlier choice)
     pair_order: Literal["paper", "shared_first"] = "paper"

@@ -32,7 +32,8 @@ Training, Algorithm 1 (``schedule: two_stage``, the default; the loop's estimato
 ``Regulariser.estimator_pass``):
 - stage 1, over every train minibatch of the epoch (its own shuffle, as the paper samples each
   stage's minibatches and the official DataLoader reshuffles per pass): encode (Eq. 2, backbone in
-  train mode, no gradients), L_lld (Eq. 4), one AdamW step of q at η_lld
+  train mode, no gradients), L_lld (Eq. 4), one step of q at η_lld (Adam with weight decay 1e-4,
+  the official ``optimizer_mmilb``; the paper names no optimiser)
   (:meth:`MMIMRegulariser.estimator_step`);
 - stage 2, over every minibatch: encode, GMM from batch + memory (Eq. 5), the memory update
   (dequeue the oldest, enqueue this batch: after the penalty, Appendix A.1), L_BA (Eq. 3, 8, 9),
@@ -99,8 +100,14 @@ class MMIMRegulariserConfig:
     alpha: float = 0.1
     #: β, weight of the input-level BA bound [0.05, 0.1, 0.3]
     beta: float = 0.1
-    #: η_lld, AdamW learning rate of the q networks (their own optimiser) [1e-3, 5e-3]
+    #: η_lld, the learning rate of the q networks (their own optimiser) [1e-3, 5e-3]
     lr_lld: float = 1e-3
+    #: q's optimiser (the paper names none): "adam", the official ``optimizer_mmilb`` (``--optim``
+    #: Adam, ``--weight_decay_club`` 1e-4 as Adam's L2 term), or "adamw" (decoupled decay; with
+    #: ``lld_weight_decay`` 0.01, PyTorch's default, this project's earlier q optimiser)
+    lld_optimizer: Literal["adam", "adamw"] = "adam"
+    #: q's weight decay (the official ``--weight_decay_club``, 1e-4)
+    lld_weight_decay: float = 1e-4
     #: past batches kept for the class covariances of H(Y) [1, 2, 3]; 0 = the current batch only
     memory_size: int = 1
     #: hidden width of the q networks' μ and log σ² MLPs; None = the width of the predicted
@@ -156,6 +163,9 @@ class MMIMRegulariserConfig:
         for name in ("lr_lld", "temperature", "diag_load"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: expected a number > 0, got {getattr(self, name)}")
+        if self.lld_weight_decay < 0:
+            raise ConfigError(f"lld_weight_decay: expected a number >= 0, "
+                              f"got {self.lld_weight_decay}")
 
 
 class FeatureMemory(nn.Module):
@@ -255,6 +265,15 @@ class MMIMRegulariser(Regulariser):
         """"epoch" for the paper's two stages (Algorithm 1), "batch" for ``interleaved``."""
         return "epoch" if self.config.schedule == "two_stage" else "batch"
 
+    def build_optimizer(self, lr: float) -> torch.optim.Optimizer | None:
+        """q's optimiser at η_lld: the official ``optimizer_mmilb`` (Adam with L2 weight decay
+        ``lld_weight_decay``, ``src/solver.py``), or AdamW with ``lld_optimizer="adamw"``."""
+        params = self.estimator_parameters()
+        cls = torch.optim.Adam if self.config.lld_optimizer == "adam" else torch.optim.AdamW
+        decay = self.config.lld_weight_decay
+        self.optimizer = cls(params, lr=lr, weight_decay=decay) if params else None
+        return self.optimizer
+
     def main_parameters(self) -> list[nn.Parameter]:
         return list(self.cpc.parameters())
 
@@ -301,9 +320,10 @@ class MMIMRegulariser(Regulariser):
     # -- the Regulariser contract ----------------------------------------------------------------
 
     def estimator_step(self, out: BackboneOutput, batch: Batch) -> dict[str, float]:
-        """Stage 1: one AdamW step of the q networks on −Σ_pairs E log q(h_y | h_x), features
-        detached here too (a caller that forgets ``out.detached()`` cannot reach the backbone).
-        Float32 with autocast off: q's optimiser has no gradient scaler."""
+        """Stage 1: one step of the q networks (their own optimiser) on
+        −Σ_pairs E log q(h_y | h_x), features detached here too (a caller that forgets
+        ``out.detached()`` cannot reach the backbone). Float32 with autocast off: q's optimiser
+        has no gradient scaler."""
         if self.optimizer is None:
             raise RuntimeError("MMIMRegulariser.estimator_step before build_optimizer(config.estimator_lr)")
         f = {k: v.detach().float() for k, v in out.features.items()}

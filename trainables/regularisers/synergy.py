@@ -41,19 +41,22 @@ What the defaults do (each "as the paper" unless it says otherwise):
   silent on this).
 - Z in L_d is the fused representation (D3: g_i(Z^j), Z the fused vector of D1); ``joint="concat"``
   uses [Z_text; Z_audio; Z_vision] instead.
-- d (Sec. 4.1, "we use the MMD discrepancy ... and KL divergence"; Tables 2-3 report both, SMMD and
-  SKL): ``divergence="mmd"`` (default; the paper's better variant and its ablation's) is the
+- d (Sec. 4.1, "we use the MMD discrepancy ... and KL divergence"; Tables 2-3 report both, SMMD
+  and SKL): ``divergence="mmd"`` (default; the paper's better variant and its ablation's) is the
   Gaussian-kernel MMD² of Sec. 2.2. The paper names no kernel or bandwidth: ours is the mean of
   Gaussian kernels at ``bandwidths`` × the median pairwise distance. Sec. 2.2 prints the estimator
-  as sums over all pairs; we use the unbiased means (no (i, i) pairs; the cross term also leaves out
-  the pairs (j, j), because the two samples are paired rows of one batch), so the value does not grow
-  with N². ``divergence="kl"`` is the paper's KL: Sec. 2.2's neural Donsker–Varadhan estimate
-  KL(P ‖ Q) ≥ E_P[T] − log E_Q[e^T] (:class:`DonskerVaradhanKL`), P = p(g_i(Z_i)), Q = p(g_i(Z))
-  (d(p; q) = E_p log p/q, Sec. 2.2), one critic T_i per modality. The paper prints the bound without
-  the log (E_P[T] − E_Q[e^T]), which is not a bound on KL; the text names Donsker–Varadhan and MINE,
-  whose bound has the log. The critic's shape is not given: we use App. C's four-layer LeakyReLU
-  MLP. ``divergence="gaussian_kl"`` is the closed-form KL between Gaussian fits (not the paper's:
-  it sees only means and covariances, and is unbounded in their ratio).
+  as sums over all pairs; we use the unbiased means (no (i, i) pairs; the cross term also leaves
+  out the pairs (j, j), because the two samples are paired rows of one batch), so the value does
+  not grow with N². ``divergence="kl"`` is the paper's KL: Sec. 2.2's neural Donsker–Varadhan
+  estimate KL(P ‖ Q) ≥ E_P[T] − log E_Q[e^T] (:class:`DonskerVaradhanKL`), P = p(g_i(Z_i)), Q =
+  p(g_i(Z)) (d(p; q) = E_p log p/q, Sec. 2.2), one critic T_i per modality. The paper prints the
+  bound without the log, E_P[T] − E_Q[e^T]. That is a bound on KL too, a looser one: log x ≤ x − 1
+  puts it at least 1 below the DV bound, its supremum is KL − 1 (NWJ's bound with T shifted by
+  one), and its maximiser T* = log p/q is also a maximiser of DV. We use the log because the text
+  names Donsker–Varadhan and MINE, whose bound has it, and it is the tighter of the two. The
+  critic's shape is not given: we use App. C's four-layer LeakyReLU MLP.
+  ``divergence="gaussian_kl"`` is the closed-form KL between Gaussian fits (not the paper's: it
+  sees only means and covariances, and is unbounded in their ratio).
 - The kurtosis (Sec. 2.3, Sec. 4.1, D4-D6) of the fused representation Z, with the batch mean Z̄
   (D4), differences Z^j − Z̄ whose norm is capped (D4, Sec. 4.1 "(a) we cap the max norm of the
   difference vectors"), the covariance S updated as S ← α·S + Σ_j Z_diff Z_diffᵀ / N (D5,
@@ -68,11 +71,14 @@ What the defaults do (each "as the paper" unless it says otherwise):
   batches). D5 adds Σ/N without a (1 − α) factor, so S settles near Σ/(1 − α) and κ near (1 − α)²
   times Mardia's value; the weight γ_κ absorbs that constant.
   Units: D6 writes L_κ = κ, and the paper gives no γ_κ; by default (``kurtosis_units="gaussian"``)
-  L_κ = κ / (k(k+2)), κ in units of a Gaussian's value k(k+2) for the k-wide fused code. A constant
-  factor, so the minimiser is the paper's; it keeps γ_κ meaning the same across backbones (k is 32
-  to 944 in the synergy space). ``kurtosis_units="raw"`` is κ itself: on TFN (k = 64, fused std ~0.04 at the start)
-  raw κ's gradient is ~100-400× the task loss's even at β = 0.01, so with the gradient clip the
-  task cannot train (valid MAE stays at the constant predictor's on the synthetic set).
+  L_κ = κ / (k(k+2)), κ divided by Mardia's Gaussian value k(k+2) for the k-wide fused code: a
+  constant factor per backbone, so the minimiser is the paper's and γ_κ's range is on a common
+  order of magnitude (k is 32 to 944 in the synergy space). It does not make γ_κ mean the same on
+  every backbone: under D5's lagging S, L_κ on Gaussian codes settles near 0.007-0.009 for k = 32-128
+  and near 0.0034 for k = 384. ``kurtosis_units="raw"`` is κ itself: on TFN (k = 64, fused std
+  ~0.04 at the start) raw κ's gradient is ~100-400× the task loss's even at β = 0.01, so with the
+  gradient clip the task cannot train (valid MAE stays at the constant predictor's on the
+  synthetic set).
   Named options that depart: ``kurtosis="gaussian_target"`` penalises (κ/κ_G − 1)², the relative
   distance to the value κ_G a Gaussian batch with this batch's covariance would give under the same
   S (it also penalises light tails, which the paper does not); ``"gaussian_ratio"`` penalises
@@ -82,8 +88,12 @@ What the defaults do (each "as the paper" unless it says otherwise):
   first maps Z by a fixed random orthonormal projection to k dims (not the paper's: a cheaper,
   better conditioned k × k S on wide fused vectors; κ is affine invariant, so a Gaussian stays
   Gaussian). Sec. 4.1 also allows unimodal Z_i in the kurtosis; D6 uses the fused Z only, and so do we.
-  With minimising κ and a lagging S, shrinking the fused code also lowers κ; the task loss and β
-  decide how far that goes (the paper does not discuss it).
+  With minimising κ and a lagging S (D5: S holds past batches, the current one enters with weight
+  1 against ~1/(1 − α) for the history), shrinking the fused code also lowers κ: at steady state
+  d log L_κ / d log scale ≈ 3 (measured on Gaussian codes: 2.4-3.2 for k = 32-128; the ideal lag
+  gives 4 − 4(1 − α) = 3.6), so most of L_κ's gradient shrinks Z, which the linear head can undo by growing its weights. This is D5/D6 as
+  written; the task loss and β decide how far it goes (the paper does not discuss it;
+  docs/fidelity.md says so too).
 - Who minimises what (D7-D9): the C-network (Q_i, g_i) takes one AdamW step (lr ``c_lr`` = η_MI)
   on γ_L2·L_L2 + γ_d·L_d per batch in :meth:`Synergy.estimator_step` (L_κ has no C-network
   parameters), on detached features; the model's step minimises L_task + β·L_reg with the C-network
@@ -522,6 +532,11 @@ class Synergy(Regulariser):
         self.register_buffer("kappa_proj", basis)
         self.register_buffer("kappa_cov", torch.zeros(k_kappa, k_kappa))  # S, starting at 0
         self.register_buffer("kappa_count", torch.zeros((), dtype=torch.long))
+
+    @classmethod
+    def reads_fused(cls, config: SynergyConfig) -> bool:
+        """L_κ reads the fused Z (D6), and L_d compares with it (D3, ``joint="fused"``)."""
+        return config.gamma_kappa > 0 or (config.joint == "fused" and config.gamma_d > 0)
 
     @property
     def inner_steps(self) -> int:
