@@ -165,6 +165,9 @@ YAML_ROWS = {
     "unknown-key": (dict(batchsize=32), ["space.yaml", "unknown key 'batchsize'"]),
     "unknown-fixed-key": (dict(fixed={"batchsize": 32}),
                           ["space.yaml: fixed.batchsize: unknown key; known:", "batch_size"]),
+    "unknown-model-field": (dict(fixed={"batch_size": 16, "backbone.hiden": 32}),
+                            ["space.yaml: fixed.backbone.hiden: no backbone (ef_lstm) or "
+                             "regulariser (none) of this space has that field"]),
     "bad-type": (dict(search={"num_samples": "many"}),
                  ["space.yaml: search: num_samples: expected an integer, got 'many'"]),
     "bad-range": (dict(ranges={"lr": {"low": 0.1, "high": 0.01}}),
