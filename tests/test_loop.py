@@ -127,6 +127,22 @@ def test_early_stopping_on_validation(small_data, monkeypatch):
     assert history[-1]["best_epoch"] == 2 and history[-1]["best_valid_mae"] == 0.8
 
 
+def test_early_stopping_on_a_higher_is_better_metric(small_data, monkeypatch):
+    """mode max (valid_corr): a higher value is the improvement, a lower one a bad epoch."""
+    trainer = Trainer(config(regulariser="none", max_epochs=10, patience=2, metric="valid_corr",
+                             mode="max"), small_data)
+    values = iter([0.1, 0.3, 0.2, 0.25, 0.9])
+
+    def fake_evaluate(split, state=None):
+        return {f"{split}_corr": next(values)}
+
+    monkeypatch.setattr(trainer, "evaluate", fake_evaluate)
+    history = trainer.fit()
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert trainer.status == TrialStatus.EARLY_STOPPED
+    assert history[-1]["best_epoch"] == 2 and history[-1]["best_valid_corr"] == 0.3
+
+
 def test_estimator_steps_never_touch_the_backbone(small_data):
     trainer = Trainer(config(max_epochs=1), small_data)
     model_ids = {id(p) for p in trainer.model.parameters()}

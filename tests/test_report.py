@@ -188,6 +188,12 @@ def test_the_report_never_chooses_a_trial_that_did_not_finish_cleanly():
     info = SearchInfo("1", "e", None, trials, "s", "valid_mae", "min")
     chosen, _ = choose_trial(info, None)
     assert chosen.info.run_id == "completed"
+    # a higher-is-better objective (mode max): the highest value is the best
+    up = [SimpleNamespace(info=t.info, data=SimpleNamespace(
+        metrics={"best_valid_corr": t.data.metrics["best_valid_mae"]}, tags=t.data.tags,
+        params=t.data.params)) for t in trials]
+    chosen, note = choose_trial(SearchInfo("1", "e", None, up, "s", "valid_corr", "max"), None)
+    assert chosen.info.run_id == "pruned" and note.endswith("(max)")
     with pytest.raises(UsageError, match="no completed or pruned trial has a finite"):
         choose_trial(SearchInfo("1", "e", None, trials[:3], "s", "valid_mae", "min"), None)
 
