@@ -56,12 +56,26 @@ def small_data(small_raw):
     return arrays_from_mmsa(small_raw, "synthetic:small")
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """A local 2-CPU Ray for one test module (the search reuses an initialised Ray)."""
+@pytest.fixture(scope="session")
+def _ray_session():
+    """Shuts down at the end of the session the Ray that ``ray_local`` started last."""
+    yield
     import ray
 
-    # "local": our own Ray, even where `ray start` left a cluster that ray.init() would join
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_local(_ray_session):
+    """A local 2-CPU Ray (the search reuses an initialised Ray). Started by the first module that
+    asks for it and kept for the next ones (CI time: a Ray start, its workers' start and its
+    shutdown cost seconds per module); a module that needs a Ray of its own (test_faults_more's
+    ``ray_faulty``, test_cluster's cluster) shuts this one down first, and the next module that
+    asks for ``ray_local`` starts a new one."""
+    import ray
+
+    if not ray.is_initialized():
+        # "local": our own Ray, even where `ray start` left a cluster that ray.init() would join
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
-    ray.shutdown()

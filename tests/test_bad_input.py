@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import socket
 import subprocess
 import sys
@@ -164,6 +165,9 @@ YAML_ROWS = {
     "unknown-key": (dict(batchsize=32), ["space.yaml", "unknown key 'batchsize'"]),
     "unknown-fixed-key": (dict(fixed={"batchsize": 32}),
                           ["space.yaml: fixed.batchsize: unknown key; known:", "batch_size"]),
+    "unknown-model-field": (dict(fixed={"batch_size": 16, "backbone.hiden": 32}),
+                            ["space.yaml: fixed.backbone.hiden: no backbone (ef_lstm) or "
+                             "regulariser (none) of this space has that field"]),
     "bad-type": (dict(search={"num_samples": "many"}),
                  ["space.yaml: search: num_samples: expected an integer, got 'many'"]),
     "bad-range": (dict(ranges={"lr": {"low": 0.1, "high": 0.01}}),
@@ -464,6 +468,9 @@ def test_pickles_warn_and_servers_bind_localhost(small_pickle, tmp_path):
     assert command.startswith("mlflow ui ") and "--host 127.0.0.1" in command
     # the README and the docs pages it links to (the cluster and safety pages hold server commands)
     readme = "\n".join(path.read_text() for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
-    servers = [line for line in readme.splitlines() if "mlflow ui " in line
-               or "mlflow server " in line or "optuna-dashboard " in line]
-    assert servers and not any("0.0.0.0" in line for line in servers)
+    # every server command, up to the end of its code span, comment or table cell
+    servers = re.findall(r"(?:mlflow (?:ui|server)|optuna-dashboard) [^`#|)\n]*", readme)
+    assert len(servers) >= 5, servers  # the README's mlflow ui and optuna-dashboard lines, ...
+    assert sum(s.startswith("optuna-dashboard") for s in servers) >= 3, servers
+    unbound = [s for s in servers if "--host 127.0.0.1" not in s]
+    assert not unbound, f"server commands without --host 127.0.0.1: {unbound}"

@@ -8,6 +8,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from tests.ray_record import assert_resumed_from_checkpoints
 from tests.waiting import wait_until
 from trainables.data.parquet import write_parquet
 from tuner.search import main
@@ -91,3 +92,7 @@ def test_killed_worker_resumes_from_checkpoint(tmp_path, monkeypatch, small_data
     # it went on from its last checkpoint: every epoch is there, at most the one in flight twice
     assert set(steps) == set(range(1, 13))
     assert len(steps) <= 13
+    # Ray's own record: after the kill the trial went on from its last checkpoint (with one every
+    # epoch: at most the epoch in flight again), not from epoch 1
+    (trial_dir,) = (tmp_path / "ray_results" / "f1").glob("*/result.json")
+    assert_resumed_from_checkpoints(trial_dir.parent, 12)

@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from tests import fault_plugins
 from tests.mlflow_store import trials_with_status
+from tests.ray_record import assert_resumed_from_checkpoints
 from tests.waiting import wait_until
 from trainables.data.parquet import write_parquet
 from tuner.search import main
@@ -45,6 +46,8 @@ def ray_faulty(tmp_path_factory):
     env_vars = {"FAULT_MARKER_DIR": str(markers),
                 "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH"))
                                               if p)}
+    if ray.is_initialized():  # the shared plain Ray of the modules before (conftest.ray_local)
+        ray.shutdown()
     # address="local": a new Ray even when other Ray instances run on this machine
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"worker_process_setup_hook": "tests.fault_plugins.register",
@@ -105,6 +108,9 @@ def test_raising_and_diverging_trials(tmp_path, monkeypatch, small_data, ray_fau
     steps = [m.step for m in client.get_metric_history(once.info.run_id, "valid_mae")]
     assert sorted(steps) == [1, 2]  # each epoch once
     assert "test_mae" in once.data.metrics
+    # Ray's record: the retry went on at epoch 2 from epoch 1's checkpoint, not at epoch 1
+    (trial_dir,) = (tmp_path / "ray_results" / "r1").glob(f"{once.data.tags['ray_trial_id']}-*")
+    assert_resumed_from_checkpoints(trial_dir, 2)
 
     nan = runs["nan_later"]
     assert nan.data.tags["status"] == "diverged" and nan.info.status == "FAILED"

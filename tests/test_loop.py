@@ -127,6 +127,22 @@ def test_early_stopping_on_validation(small_data, monkeypatch):
     assert history[-1]["best_epoch"] == 2 and history[-1]["best_valid_mae"] == 0.8
 
 
+def test_early_stopping_on_a_higher_is_better_metric(small_data, monkeypatch):
+    """mode max (valid_corr): a higher value is the improvement, a lower one a bad epoch."""
+    trainer = Trainer(config(regulariser="none", max_epochs=10, patience=2, metric="valid_corr",
+                             mode="max"), small_data)
+    values = iter([0.1, 0.3, 0.2, 0.25, 0.9])
+
+    def fake_evaluate(split, state=None):
+        return {f"{split}_corr": next(values)}
+
+    monkeypatch.setattr(trainer, "evaluate", fake_evaluate)
+    history = trainer.fit()
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert trainer.status == TrialStatus.EARLY_STOPPED
+    assert history[-1]["best_epoch"] == 2 and history[-1]["best_valid_corr"] == 0.3
+
+
 def test_estimator_steps_never_touch_the_backbone(small_data):
     trainer = Trainer(config(max_epochs=1), small_data)
     model_ids = {id(p) for p in trainer.model.parameters()}
@@ -178,14 +194,47 @@ def test_unlabeled_rows_are_mixed_in_but_never_labelled(small_data):
     assert _task_loss("l1", pred, shifted, first.labeled) == base
 
 
-def test_warmup_schedule_rises_then_decays(small_data):
-    trainer = Trainer(config(warmup=0.25, max_epochs=4, lr=1e-3), small_data)
+def test_warmup_schedule_rises_then_decays_per_step(small_data):
+    """The LR at every optimiser step: a linear warm-up over the first ``warmup`` fraction of all
+    steps up to ``lr``, then a linear decay towards 0 at the last step (the BERT schedule)."""
+    lr, epochs = 1e-3, 4
+    trainer = Trainer(config(regulariser="none", warmup=0.25, max_epochs=epochs, lr=lr),
+                      small_data)
     lrs = []
-    for _ in range(4):
-        trainer.run_epoch()
-        lrs.append(trainer.optimizer.param_groups[0]["lr"])
-    assert lrs[0] > 0 and lrs[-1] < max(lrs)
-    assert max(lrs) <= 1e-3 + 1e-12
+    trainer.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: lrs.append(opt.param_groups[0]["lr"]))
+    trainer.fit()
+    total = math.ceil(len(small_data.splits["train"]) / 16) * epochs
+    warm = int(0.25 * total)
+    assert len(lrs) == total and warm >= 3
+    expected = [lr * (k + 1) / warm for k in range(warm)]  # rises to lr ...
+    expected += [lr * (total - k) / (total - warm) for k in range(warm, total)]  # ... then decays
+    assert lrs == pytest.approx(expected, rel=1e-9)
+    assert lrs[0] < lrs[warm - 1] == pytest.approx(lr) and lrs[-1] < lrs[warm + 1] < lrs[warm]
+
+
+def test_resume_with_warmup_and_patience_after_a_non_improving_epoch(small_data, tmp_path):
+    """Checkpointed after an epoch that did not improve (one bad epoch counted, the warm-up over
+    and the LR decaying): the resumed trainer goes on with the LR schedule where it stood and the
+    patience count it had, so it stops early at the same epoch with the same reports."""
+    cfg = dict(warmup=0.25, patience=2, lr=0.1, max_epochs=5)
+    first = Trainer(config(**cfg), small_data)
+    head = [first.run_epoch() for _ in range(3)]
+    assert first.bad_epochs == 1 and first.best.epoch == 2
+    first.save(tmp_path)
+    lr_at_save = first.optimizer.param_groups[0]["lr"]
+    full = head + first.fit()  # the uninterrupted trial, run on before the resumed one starts
+    # epoch 2 is the best; 3 and 4 do not improve: patience 2 stops the trial after epoch 4
+    assert [h["epoch"] for h in full] == [1, 2, 3, 4]
+    assert full[-1]["trial_status"] == TrialStatus.EARLY_STOPPED and full[-1]["best_epoch"] == 2
+    second = Trainer(config(**cfg), small_data)
+    second.load(tmp_path)
+    assert second.optimizer.param_groups[0]["lr"] == lr_at_save < 0.1
+    rest = second.fit()
+    for h in (full, rest):
+        for r in h:
+            r.pop("epoch_seconds")
+    assert rest == full[3:]
 
 
 def test_evaluating_other_weights_restores_the_current_ones(small_data):

@@ -352,11 +352,16 @@ def test_matches_mmsa_restatement(n):
     rng = np.random.default_rng(1000 + n)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sklearn / corrcoef warnings inside the reference
+        compared = 0
         for _ in range(25):
             preds, labels = _random_case(rng, n)
+            ours, ref = compute_metrics(preds, labels), _mmsa_regression(preds, labels)
             if np.ptp(preds) == 0 or np.ptp(labels) == 0:
-                continue  # corr undefined: MMSA nan, ours 0.0 (tested above)
-            assert compute_metrics(preds, labels) == _mmsa_regression(preds, labels)
+                # corr undefined (always for n = 1): MMSA nan, ours 0.0; every other key equal
+                assert math.isnan(ref.pop("corr")) and ours.pop("corr") == 0.0
+            assert ours == ref
+            compared += 1
+        assert compared == 25
 
 
 def test_matches_mmsa_restatement_float32():

@@ -188,6 +188,12 @@ def test_the_report_never_chooses_a_trial_that_did_not_finish_cleanly():
     info = SearchInfo("1", "e", None, trials, "s", "valid_mae", "min")
     chosen, _ = choose_trial(info, None)
     assert chosen.info.run_id == "completed"
+    # a higher-is-better objective (mode max): the highest value is the best
+    up = [SimpleNamespace(info=t.info, data=SimpleNamespace(
+        metrics={"best_valid_corr": t.data.metrics["best_valid_mae"]}, tags=t.data.tags,
+        params=t.data.params)) for t in trials]
+    chosen, note = choose_trial(SearchInfo("1", "e", None, up, "s", "valid_corr", "max"), None)
+    assert chosen.info.run_id == "pruned" and note.endswith("(max)")
     with pytest.raises(UsageError, match="no completed or pruned trial has a finite"):
         choose_trial(SearchInfo("1", "e", None, trials[:3], "s", "valid_mae", "min"), None)
 
@@ -330,8 +336,12 @@ def tiny_search_space(tmp_path, small_data):
                    "regulariser.weight": {"low": 0.01, "high": 0.3, "log": True}},
         "fixed": {"batch_size": 32, "patience": 0, "regulariser.unroll": 1,
                   "backbone.hidden": 8},
+        # selection by a higher-is-better metric (mode max, its direction): each trial's best
+        # epoch, the search's best trial and the report's choice among the two MDM trials
+        "metric": "valid_corr",
         "start_points": [{"regulariser": "mdm", "lr": 0.005, "regulariser.weight": 0.1},
-                         {"regulariser": "none", "lr": 0.005}],
+                         {"regulariser": "none", "lr": 0.005},
+                         {"regulariser": "mdm", "lr": 0.002, "regulariser.weight": 0.3}],
         "search": {"sampler": "random", "pruner": "none", "num_samples": 3, "max_epochs": 2,
                    "seed": 0, "max_concurrent": 3},
         "resources": {"cpu": 0.5},  # the three trials at once on the 2-CPU test Ray
@@ -373,10 +383,23 @@ def test_report_after_a_tiny_search(tmp_path, monkeypatch, tiny_search_space, sm
     assert rep.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert all(r.data.tags["mlflow.parentRunId"] == rep.info.run_id for r in reruns)
 
-    # the chosen trial is the best regularised one by validation
+    # mode max: each trial's best epoch is its highest valid_corr (every epoch's, from MLflow)
+    assert parent.data.params["mode"] == "max" and len(trials) == 3
+    history = {t.info.run_id: [m.value for m in client.get_metric_history(t.info.run_id,
+                                                                          "valid_corr")]
+               for t in trials}
+    assert any(len(set(h)) == 2 for h in history.values())  # a trial whose corr changed
+    for t in trials:
+        assert t.data.metrics["best_valid_corr"] == pytest.approx(max(history[t.info.run_id]))
+    # the search's best trial and the report's choice (the best regularised trial) are the
+    # highest best_valid_corr, never the lowest
+    best = max(trials, key=lambda t: t.data.metrics["best_valid_corr"])
+    assert parent.data.tags["best_run_id"] == best.info.run_id
+    assert parent.data.metrics["best_valid_corr"] == best.data.metrics["best_valid_corr"]
     chosen = client.get_run(rep.data.tags["chosen_run_id"])
     mdm_trials = [t for t in trials if t.data.params["regulariser"] == "mdm"]
-    assert chosen.info.run_id == min(mdm_trials, key=lambda t: t.data.metrics["best_valid_mae"]
+    assert len({t.data.metrics["best_valid_corr"] for t in mdm_trials}) == 2
+    assert chosen.info.run_id == max(mdm_trials, key=lambda t: t.data.metrics["best_valid_corr"]
                                      ).info.run_id
     # 3 seeds x {mdm, none}; the twin has the chosen trial's hyper-parameters but no regulariser
     by_variant = {v: sorted((r for r in reruns if r.data.tags["variant"] == v),
@@ -487,3 +510,76 @@ def test_report_errors_name_the_problem(tmp_path, monkeypatch, capsys):
     assert err.startswith("error: --experiment nope: no such MLflow experiment (known: Default)")
     assert report.main(["--run-id", "0123abc", "--mlflow-uri", uri]) == 2
     assert "--run-id 0123abc: no such MLflow run" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the report's error paths
+def _recorded_search(client, name: str, trials: list[dict], tags: dict | None = None) -> tuple:
+    """A search as tuner.search records it in MLflow (parent run, one completed child run per
+    flat config of ``trials``); returns the parent's and the children's run ids."""
+    from mlflow.entities import Metric, Param
+
+    exp = client.create_experiment(name)
+    parent = client.create_run(exp, run_name=name, tags={
+        "run_kind": "search", "search": name, **(tags or {})}).info.run_id
+    client.log_batch(parent, params=[Param("metric", "valid_mae"), Param("mode", "min")])
+    children = []
+    for i, flat in enumerate(trials):
+        run = client.create_run(exp, run_name=f"{name}-{i}", tags={
+            "mlflow.parentRunId": parent, "run_kind": "trial", "search": name,
+            "ray_trial_id": f"t{i}", "status": "completed"}).info.run_id
+        client.log_batch(run, metrics=[Metric("best_valid_mae", 1.0 + i, 0, 0)],
+                         params=[Param(k, str(v)) for k, v in flat.items()])
+        client.set_terminated(run)
+        children.append(run)
+    client.set_terminated(parent)
+    return parent, children
+
+
+@pytest.mark.slow
+def test_report_error_paths(tmp_path, monkeypatch, capsys, small_data, ray_local):
+    """Each refusal is one line and exit 2, before anything trains: a run id that is not a search,
+    a --regulariser the search does not have, trial params that are not a trial config, a search
+    that records no data. A re-run that ends without test metrics (here: every re-run diverges)
+    gives exit 1 and a FAILED report run."""
+    from mlflow.tracking import MlflowClient
+
+    from trainables.data.parquet import write_parquet
+    from tuner import report
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    good = {"backbone": "ef_lstm", "regulariser": "mdm", "lr": 1e38, "batch_size": 32,
+            "max_epochs": 1, "backbone.hidden": 8, "regulariser.unroll": 1}
+    data_dir = write_parquet(small_data, tmp_path / "data")
+    parent, (trial,) = _recorded_search(client, "diverges", [good], tags={
+        "data_source": str(data_dir), "data_digest": small_data.digest})
+    _, (bad,) = _recorded_search(client, "badparams", [{**good, "backbone.hiden": 8}])
+    _recorded_search(client, "nodata", [good])
+
+    def refused(args: list[str]) -> str:
+        assert report.main([*args, "--mlflow-uri", uri, "--seeds", "0,1"]) == 2
+        lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
+        assert len(lines) == 1, lines
+        return lines[0]
+
+    assert f"--run-id {trial}: not a search's parent run (its run_kind tag is 'trial'" in refused(
+        ["--run-id", trial])
+    assert "--regulariser synergy: search 'diverges' has no trial of it" in refused(
+        ["--experiment", "diverges", "--regulariser", "synergy"])
+    assert "--regulariser nope: search 'diverges' has no trial of it" in refused(
+        ["--experiment", "diverges", "--regulariser", "nope"])
+    line = refused(["--experiment", "badparams"])
+    assert f"run {bad}: its params are not a trial config" in line and "hiden" in line
+    assert "search 'nodata': records no data source; pass --data" in refused(
+        ["--experiment", "nodata"])
+    assert not list(tmp_path.glob("reports/*")) and not (tmp_path / "ray_results").exists()
+
+    # lr 1e38: every re-run diverges in its first epoch and has no test metrics
+    assert report.main(["--experiment", "diverges", "--mlflow-uri", uri, "--seeds", "0,1",
+                        "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "warning: 4 re-run(s) ended without test metrics" in err, err[-2000:]
+    (rep,) = client.search_runs([client.get_experiment_by_name("diverges").experiment_id],
+                                "tags.run_kind = 'report'")
+    assert rep.info.status == "FAILED" and rep.data.tags["mlflow.parentRunId"] == parent

@@ -11,6 +11,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.mlflow_store import trials_with_status
+from tests.ray_record import assert_resumed_from_checkpoints
 from tests.waiting import wait_until
 from trainables.data.parquet import write_parquet
 
@@ -85,6 +86,10 @@ def test_sigkill_driver_then_resume(tmp_path, small_data):
         assert set(steps) == set(range(1, 7))
         if child.data.tags["ray_trial_id"] in done_before:
             assert sorted(steps) == list(range(1, 7))  # finished before the kill: not re-run
+        # Ray's own record: the trial in flight at the kill went on from its last checkpoint
+        (trial_dir,) = (tmp_path / "ray_results" / "k1").glob(
+            f"{child.data.tags['ray_trial_id']}-*")
+        assert_resumed_from_checkpoints(trial_dir, 6)
 
 
 def test_restored_callback_of_an_older_version_is_reset(tmp_path):
