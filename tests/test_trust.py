@@ -48,6 +48,14 @@ def test_a_hostile_state_pt_does_not_run_at_resume(tmp_path):
     with pytest.raises(ValueError, match=r"state\.pt: holds more than tensors"):
         Trainer.load(SimpleNamespace(device="cpu"), tmp_path)  # what a resumed trial calls
     assert not marker.exists()
+    # NumPy numbers still load (an older state.pt holds NumPy's RNG state as an array)
+    import numpy as np
+
+    from trainables.loop import _load_plain
+
+    torch.save({"numpy": np.random.get_state(), "metric": np.float64(0.5)}, tmp_path / "old.pt")
+    old = _load_plain(tmp_path / "old.pt", "cpu")
+    assert old["numpy"][1].dtype == np.uint32 and old["metric"] == 0.5
 
 
 def test_the_registered_model_does_not_run_a_replaced_best_pt(tmp_path, small_data):

@@ -564,19 +564,20 @@ class Trainer:
         """Read what :meth:`save` wrote. Both files are read with ``weights_only=True``: tensors
         and plain Python values only, so a replaced file cannot run code here."""
         directory = Path(directory)
-        # a state.pt written before the NumPy RNG state was stored as a tensor holds a NumPy
-        # array: its three array globals are allowed (they rebuild an array, nothing else)
-        with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
-            state = _load_plain(directory / STATE_FILE, self.device)
+        state = _load_plain(directory / STATE_FILE, self.device)
         best_path = directory / BEST_FILE
         best = _load_plain(best_path, "cpu") if best_path.exists() else None
         self.load_state_dict(state, best)
 
 
-#: what a NumPy array of a plain dtype needs to unpickle (numpy._core.multiarray._reconstruct,
-#: ndarray, dtype and the dtype's class), for state.pt files of older versions
-_NUMPY_ARRAY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype,
-                        type(np.dtype(np.uint32))]
+#: what NumPy arrays and scalars of plain numeric dtypes need to unpickle: they rebuild numbers
+#: from bytes, nothing else (a state.pt written before the NumPy RNG state was stored as a
+#: tensor holds a uint32 array; a metric may be a NumPy scalar). Object arrays stay refused.
+_NUMPY_GLOBALS = [np._core.multiarray._reconstruct, np._core.multiarray.scalar, np.ndarray,
+                  np.dtype, *(type(np.dtype(t)) for t in (np.bool_, np.int8, np.int16, np.int32,
+                                                          np.int64, np.uint8, np.uint16,
+                                                          np.uint32, np.uint64, np.float16,
+                                                          np.float32, np.float64))]
 
 
 def _numpy_rng_state() -> tuple:
@@ -592,17 +593,19 @@ def _numpy_rng_from(state: tuple) -> tuple:
 
 
 def _load_plain(path: Path, map_location) -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)``: tensors, numbers, strings, lists, tuples and
-    dicts only (PyTorch's restricted unpickler); anything else stops with one line naming the
-    file, before any of its code could run."""
+    """``torch.load(path, weights_only=True)``: tensors, numbers, strings, lists, tuples, dicts
+    and NumPy numbers (:data:`_NUMPY_GLOBALS`) only (PyTorch's restricted unpickler); anything
+    else stops with one line naming the file, before any of its code could run."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(_NUMPY_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         first = next((line.strip() for line in str(exc).splitlines()
                       if "Unsupported global" in line or "Unsupported operand" in line), "")
+        why = f": {first[:200]}" if first else ""
         raise ValueError(f"{path}: holds more than tensors and plain values, so it was not "
-                         f"loaded (weights_only=True refused it{': ' + first[:200] if first else ''}"
-                         "); a checkpoint written by this project never does") from None
+                         f"loaded (weights_only=True refused it{why}); a checkpoint written by "
+                         "this project never does") from None
 
 
 def load_best(path: str | Path) -> dict[str, Any]:

@@ -490,8 +490,8 @@ def print_start(space: SearchSpace, name: str, tracker, ui=None, ui_asked: bool 
     print(f"Search {name!r}: {counts['trials']} trials ({counts['sampler']} sampler, "
           f"{pruning}) of up to {counts['max_epochs']} epochs each, at most "
           f"{counts['trial_epochs_at_most']} trial-epochs{budget_note}.")
-    print(f"MLflow {redact_uris(uri)}: experiment {tracker.experiment_name!r} (id {tracker.experiment_id}), "
-          f"parent run {name!r} (id {tracker.parent_run_id}).")
+    print(f"MLflow {redact_uris(uri)}: experiment {tracker.experiment_name!r} "
+          f"(id {tracker.experiment_id}), parent run {name!r} (id {tracker.parent_run_id}).")
     print(f"Watch the runs: {redact_uris(tracker.ui_command())}")
     print(f"  then open     {runs}")
     print(f"  this search   {runs}/{tracker.parent_run_id}")
@@ -503,8 +503,8 @@ def print_start(space: SearchSpace, name: str, tracker, ui=None, ui_asked: bool 
         if problem is not None:
             print(f"warning: --ui: {problem}; the search goes on", file=sys.stderr)
     elif ui_asked:
-        print(f"--ui: {redact_uris(uri)} is an MLflow server already; nothing to start (open it, or the "
-              "URL above through a forwarded port)")
+        print(f"--ui: {redact_uris(uri)} is an MLflow server already; nothing to start (open "
+              "it, or the URL above through a forwarded port)")
     sys.stdout.flush()
 
 

@@ -243,10 +243,11 @@ class Tracker:
         self.failures[kind] = self.failures.get(kind, 0) + 1
         self._failures_since_sync += 1
         if first:
-            print(f"warning: MLflow {redact_uris(self.tracking_uri)}: {kind} ({what}: {short_error(exc)}); "
-                  f"the search goes on, Ray keeps every result on disk, MLflow is retried every "
-                  f"{RETRY_AFTER_S:.0f} s and what it missed is written at the end (or by --resume)",
-                  file=sys.stderr, flush=True)
+            print(redact_uris(
+                f"warning: MLflow {self.tracking_uri}: {kind} ({what}: {short_error(exc)}); "
+                f"the search goes on, Ray keeps every result on disk, MLflow is retried every "
+                f"{RETRY_AFTER_S:.0f} s and what it missed is written at the end (or by --resume)"),
+                file=sys.stderr, flush=True)
 
     @property
     def incomplete(self) -> bool:

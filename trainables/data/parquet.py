@@ -34,8 +34,8 @@ import pyarrow.parquet as pq
 from trainables.data.batches import SPLITS, UNLABELED, MultimodalData, SplitArrays
 from trainables.data.mmsa import DataError, arrays_from_mmsa, data_digest, unlabeled_from_mmsa
 
-__all__ = ["FORMAT_VERSION", "MAX_BYTES_ENV", "check_size", "has_parquet_splits", "read_parquet", "read_unlabeled_parquet",
-           "size_in_memory", "split_file", "write_parquet"]
+__all__ = ["FORMAT_VERSION", "MAX_BYTES_ENV", "check_size", "has_parquet_splits", "read_parquet",
+           "read_unlabeled_parquet", "size_in_memory", "split_file", "write_parquet"]
 
 #: bumped when the column layout changes; the reader refuses versions it does not know
 FORMAT_VERSION = "1"
