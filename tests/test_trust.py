@@ -308,8 +308,10 @@ def test_userinfo_is_redacted():
         assert redact_uris(plain) == plain
 
 
-def test_command_lines_errors_and_notes_carry_no_password(capsys, tmp_path):
+def test_command_lines_errors_and_notes_carry_no_password(capsys, tmp_path, monkeypatch):
     from types import SimpleNamespace
+
+    import optuna
 
     from tuner.report import plot_optuna
     from tuner.search import command_line, main
@@ -321,10 +323,14 @@ def test_command_lines_errors_and_notes_carry_no_password(capsys, tmp_path):
     assert main(["--space", "smoke", "--mlflow-uri", "http://me:PASS@127.0.0.1:9/"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --mlflow-uri http://***@127.0.0.1:9/") and "PASS" not in err
-    # a report note (the Optuna storage cannot be opened)
-    info = SimpleNamespace(name="s1")
-    _, notes = plot_optuna(info, "postgresql://me:PASS@127.0.0.1:9/optuna", tmp_path)
-    assert notes and "PASS" not in notes[0] and "postgresql://***@127.0.0.1:9" in notes[0]
+    # a report note: the Optuna storage cannot be opened, and its error echoes the URI
+    def refuse(study_name, storage):
+        raise ConnectionError(f"could not connect to {storage}")
+
+    monkeypatch.setattr(optuna, "load_study", refuse)
+    _, notes = plot_optuna(SimpleNamespace(name="s1"), "postgresql://me:PASS@db:5432/o", tmp_path)
+    assert len(notes) == 1 and "PASS" not in notes[0]
+    assert notes[0].count("postgresql://***@db:5432/o") == 2
 
 
 # ---------------------------------------------------------------------------------------------
