@@ -193,11 +193,12 @@ def test_every_grid_value_is_validated():
 def test_a_yaml_alias_bomb_is_one_line(tmp_path):
     from tuner.spaces import SpaceError, load_space
 
-    levels = ["a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
-    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
-    text = ("name: bomb\nbackbones: [ef_lstm]\nregularisers: [none]\nanchors:\n"
-            + "".join(f"  {line}\n" for line in levels) + "grid:\n  lr: [0.001, *a8]\n")
-    assert len(text) < 700  # 9^9 = 387 million values once expanded
+    # all inside grid.lr: each level lists the one before 9 times, 9^9 = 387 million values
+    levels = ["&a0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    levels += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    text = ("name: bomb\nbackbones: [ef_lstm]\nregularisers: [none]\ngrid:\n  lr: [0.001, "
+            + ", ".join(levels) + "]\n")
+    assert len(text) < 700
     path = tmp_path / "bomb.yaml"
     path.write_text(text)
     with pytest.raises(SpaceError) as caught:
