@@ -30,6 +30,7 @@ from tests.waiting import wait_until
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_YAML = ROOT / "cluster.yaml"
 REMOTE_REPO = "~/mifusion-search"
+TOKEN_MOUNT = "~/mifusion-auth/auth_token"
 
 
 # --------------------------------------------------------------------------- cluster.yaml
@@ -73,6 +74,27 @@ def test_cluster_yaml_passes_rays_validation_and_preparation(cluster_config):
         cluster_config["setup_commands"]
 
 
+def test_each_node_gets_only_what_it_needs(cluster_config):
+    """Workers: their own instance profile; the head: its own (not ray-autoscaler-v1); IMDSv2
+    and the user's security group on every node type; Ray's token auth on every node."""
+    types = cluster_config["available_node_types"]
+    head = cluster_config["head_node_type"]
+    groups = set()
+    for name, node_type in types.items():
+        config = node_type["node_config"]
+        profile = config["IamInstanceProfile"]["Arn"]
+        assert profile.endswith("/mifusion-head" if name == head else "/mifusion-worker"), name
+        assert config["MetadataOptions"]["HttpTokens"] == "required", name
+        groups.add(tuple(config["SecurityGroupIds"]))
+    assert len(groups) == 1 and all(g.startswith("sg-") for g in groups.pop())
+    starts = cluster_config["head_start_ray_commands"] + cluster_config["worker_start_ray_commands"]
+    for command in (c for c in starts if "ray start" in c):
+        assert command.startswith("source ~/mifusion.env;"), command  # RAY_AUTH_MODE=token
+    text = CLUSTER_YAML.read_text()
+    assert "ray-autoscaler-v1" not in text.split("# ---- notes")[0].replace(
+        "its default ray-autoscaler-v1", "")
+
+
 def test_every_key_of_cluster_yaml_has_a_comment_above_it():
     lines = CLUSTER_YAML.read_text().splitlines()
     key = re.compile(r"^(\s*)(- )?([A-Za-z_][\w.-]*|\"[^\"]+\"|~?/?[\w./~-]+):(\s|$)")
@@ -109,8 +131,10 @@ def test_image_is_rays_gpu_image_of_the_pinned_version(cluster_config):
 
 
 def test_file_mounts_and_setup_commands_refer_to_files_in_the_repo(cluster_config):
-    mounts = cluster_config["file_mounts"]
+    mounts = dict(cluster_config["file_mounts"])
     assert mounts.get(REMOTE_REPO) == "."  # the repo, synced from where `ray up` runs
+    # Ray's token, from where `ray get-auth-token --generate` writes it on the user's machine
+    assert mounts.pop(TOKEN_MOUNT) == "~/.ray/auth_token"
     for remote, local in mounts.items():
         assert (ROOT / local).exists(), f"file_mounts {remote}: {local} is not in the repository"
     assert cluster_config.get("rsync_filter") == [".gitignore"]
@@ -118,9 +142,16 @@ def test_file_mounts_and_setup_commands_refer_to_files_in_the_repo(cluster_confi
 
     commands = _all_commands(cluster_config)
     installs = [c for c in commands if "pip install" in c]
-    assert any(f"pip install -q -e {REMOTE_REPO}" in c for c in installs)
+    # the lock (hashes required, torch's CPU wheel left out), torch's CUDA build of the lock's
+    # version, then the project without dependencies: nothing resolved from version ranges
+    assert any("--require-hashes -r" in c and f"{REMOTE_REPO}/requirements.lock" in c
+               and "/^torch==/" in c for c in installs)
+    (torch,) = [c for c in installs if "\"torch==" in c]
+    assert '"torch==$TORCH+cu128" --index-url https://download.pytorch.org/whl/cu128' in torch
+    assert f"{REMOTE_REPO}/requirements.lock" in torch
+    assert any(f"pip install -q --no-deps -e {REMOTE_REPO}" in c for c in installs)
     for command in installs:
-        assert not re.search(r"\btorch\b", command), f"don't reinstall torch: {command}"
+        assert re.search(r"--no-deps|--require-hashes|torch==|'boto3", command), command
     referenced = 0
     for command in commands:
         for path in re.findall(re.escape(REMOTE_REPO) + r"(/[\w./-]*)?", command):
@@ -141,17 +172,18 @@ def test_services_bind_private_addresses_and_the_env_is_exported(cluster_config)
     assert len(mlflow) == 1
     args = shlex.split(mlflow[0].split("mlflow server", 1)[1].split(">", 1)[0])
     host = args[args.index("--host") + 1]
-    assert host == "$HEAD_IP"  # the head's private address, written by the setup commands
+    assert host == "127.0.0.1"  # only the driver, on the head, talks to it
     assert args[args.index("--port") + 1] == "5000"
-    assert "--allowed-hosts" in args
+    assert args[args.index("--allowed-hosts") + 1] == "localhost:5000,127.0.0.1:5000"
     assert any(a.startswith("s3://") or a.startswith("$MIFUSION_S3") for a in
                (args[args.index("--artifacts-destination") + 1],))
     ray_start = [c for c in cluster_config["head_start_ray_commands"] if "ray start --head" in c]
     assert len(ray_start) == 1 and "--dashboard-host=127.0.0.1" in ray_start[0]
 
     env_lines = "\n".join(_all_commands(cluster_config))
-    for var in ("MLFLOW_TRACKING_URI=http://$HEAD_IP:5000", "OPTUNA_STORAGE=",
-                "TUNER_STORAGE=$MIFUSION_S3/"):
+    for var in ("MLFLOW_TRACKING_URI=http://127.0.0.1:5000", "OPTUNA_STORAGE=",
+                "TUNER_STORAGE=$MIFUSION_S3/", "RAY_AUTH_MODE=token",
+                f"RAY_AUTH_TOKEN_PATH=$HOME/{TOKEN_MOUNT[2:]}"):
         assert var in env_lines, f"{var} is not exported"
     # workers learn the head's address from the autoscaler ($RAY_HEAD_IP)
     assert "RAY_HEAD_IP" in env_lines
@@ -180,7 +212,9 @@ def test_setup_commands_are_bash_and_write_the_env_the_driver_reads(cluster_conf
         out = subprocess.run(["bash", "-c", probe], env=env, capture_output=True, text=True,
                              timeout=120, check=True).stdout.split()
         mlflow_uri, storage, study = out
-        ip = re.fullmatch(r"http://([\d.]+):5000", mlflow_uri).group(1)
+        assert mlflow_uri == "http://127.0.0.1:5000"  # the head's own MLflow, for its driver
+        head = (home / "mifusion.env").read_text()
+        ip = re.search(r"HEAD_IP=([\d.]+)", head).group(1)
         assert ip == head_ip if head_ip else ip not in ("0.0.0.0", "")
         assert storage == "s3://my-mifusion-bucket/mifusion/ray_results"
         assert study == "sqlite:////home/ray/state/optuna.db"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import pickle
 import random
 import sys
 import time
@@ -510,7 +511,7 @@ class Trainer:
             "unlabeled": {"generator": self.unlabeled_generator.get_state(),
                           "order": self.unlabeled_order, "pos": self.unlabeled_pos,
                           "epoch": self.unlabeled_epoch},
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state(),
                     "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "epoch": self.epoch,
@@ -538,7 +539,7 @@ class Trainer:
             self.unlabeled_pos, self.unlabeled_epoch = pool["pos"], pool["epoch"]
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
+        np.random.set_state(_numpy_rng_from(rng["numpy"]))
         random.setstate(rng["python"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
@@ -561,15 +562,54 @@ class Trainer:
                        directory / BEST_FILE)
 
     def load(self, directory: str | Path) -> None:
+        """Read what :meth:`save` wrote. Both files are read with ``weights_only=True``: tensors
+        and plain Python values only, so a replaced file cannot run code here."""
         directory = Path(directory)
-        state = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=False)
+        state = _load_plain(directory / STATE_FILE, self.device)
         best_path = directory / BEST_FILE
-        best = (torch.load(best_path, map_location="cpu", weights_only=False)
-                if best_path.exists() else None)
+        best = _load_plain(best_path, "cpu") if best_path.exists() else None
         self.load_state_dict(state, best)
 
 
-def load_best(path: str | Path) -> dict[str, Any]:
-    """Read a ``best.pt`` written by :meth:`Trainer.save` (weights, epoch, metrics, config)."""
-    return torch.load(Path(path), map_location="cpu", weights_only=False)
+#: what NumPy arrays and scalars of plain numeric dtypes need to unpickle: they rebuild numbers
+#: from bytes, nothing else (a state.pt written before the NumPy RNG state was stored as a
+#: tensor holds a uint32 array; a metric may be a NumPy scalar). Object arrays stay refused.
+_NUMPY_GLOBALS = [np._core.multiarray._reconstruct, np._core.multiarray.scalar, np.ndarray,
+                  np.dtype, *(type(np.dtype(t)) for t in (np.bool_, np.int8, np.int16, np.int32,
+                                                          np.int64, np.uint8, np.uint16,
+                                                          np.uint32, np.uint64, np.float16,
+                                                          np.float32, np.float64))]
 
+
+def _numpy_rng_state() -> tuple:
+    """NumPy's global RNG state with its key array as a tensor (loads with weights_only)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+
+
+def _numpy_rng_from(state: tuple) -> tuple:
+    name, keys, pos, has_gauss, cached = state
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    return name, keys.astype(np.uint32), pos, has_gauss, cached
+
+
+def _load_plain(path: Path, map_location) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)``: tensors, numbers, strings, lists, tuples, dicts
+    and NumPy numbers (:data:`_NUMPY_GLOBALS`) only (PyTorch's restricted unpickler); anything
+    else stops with one line naming the file, before any of its code could run."""
+    try:
+        with torch.serialization.safe_globals(_NUMPY_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = next((line.strip() for line in str(exc).splitlines()
+                      if "Unsupported global" in line or "Unsupported operand" in line), "")
+        why = f": {first[:200]}" if first else ""
+        raise ValueError(f"{path}: holds more than tensors and plain values, so it was not "
+                         f"loaded (weights_only=True refused it{why}); a checkpoint written by "
+                         "this project never does") from None
+
+
+def load_best(path: str | Path) -> dict[str, Any]:
+    """Read a ``best.pt`` written by :meth:`Trainer.save` (weights, epoch, metrics, config) with
+    ``weights_only=True`` (see :func:`_load_plain`): loading it runs no code from the file."""
+    return _load_plain(Path(path), "cpu")

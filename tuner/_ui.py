@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -57,8 +58,15 @@ class LocalUI:
         self.tracking_uri = tracking_uri
         self.port = port or free_port()
         self.base_url = f"http://{HOST}:{self.port}"
-        self.log_path = Path(log_path or f"mlflow-ui-{self.port}.log").resolve()
-        self._log = open(self.log_path, "wb")
+        if log_path is None:
+            # a private file (mode 0600, a name no one can guess or place beforehand), not a
+            # predictable name in /tmp that another user could link elsewhere
+            fd, name = tempfile.mkstemp(prefix="mlflow-ui-", suffix=".log")
+            self.log_path = Path(name)
+            self._log = os.fdopen(fd, "wb")
+        else:
+            self.log_path = Path(log_path).resolve()
+            self._log = open(self.log_path, "wb")
         # its artifacts: each experiment's artifact location is an absolute file:// folder
         # (tuner.tracking.Tracker), which the UI serves from there
         self.process = subprocess.Popen(

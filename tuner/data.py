@@ -147,14 +147,11 @@ def summary(data: MultimodalData) -> str:
 
 
 def _load(path: str, nonfinite: str, unlabeled: str | None = None) -> MultimodalData:
-    # the pickle warning becomes one "warning:" line instead of a two-line Python warning
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
-        try:
-            return load_dataset(path, nonfinite=nonfinite, unlabeled=unlabeled)
-        finally:
-            for w in caught:
-                print(f"warning: {w.message}", file=sys.stderr)
+    # the pickle warning becomes one "warning:" line, printed before the pickle is read
+    from tuner.search import warning_lines
+
+    with warning_lines():
+        return load_dataset(path, nonfinite=nonfinite, unlabeled=unlabeled)
 
 
 def _synth(args: argparse.Namespace) -> int:

@@ -38,7 +38,6 @@ import csv
 import logging
 import math
 import os
-import shlex
 import sys
 import time
 import warnings
@@ -51,7 +50,9 @@ import yaml
 
 from trainables.config import ConfigError, TrialConfig
 from trainables.data import DROP_SETS, DROPPABLE, DataError, MultimodalData, drop_set
+from tuner.redact import redact_uris
 from tuner.search import UsageError  # one error type (one line, exit 2) for the project's CLIs
+from tuner.spaces import MAX_SEEDS, SpaceError, check_name
 from tuner.tracking import NEVER_BEST, all_runs, finite, parse_param
 
 __all__ = ["COLLAPSE_METRIC", "REPORT_METRICS", "ROBUSTNESS_METRICS", "build_parser",
@@ -141,17 +142,30 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_seeds(text: str | list[int], where: str = "--seeds") -> list[int]:
     """``"N"`` -> ``[0, ..., N-1]``; ``"a,b,c"`` (or a list) -> ``[a, b, c]``; at least two
     distinct seeds."""
+    from tuner.spaces import short
+
+    shown = text if isinstance(text, str) and len(text) <= 200 else short(text)
     try:
         if isinstance(text, list):
+            if len(text) > MAX_SEEDS:
+                raise OverflowError
             seeds = [int(s) for s in text]
         elif "," in text:
             seeds = [int(s) for s in text.split(",") if s.strip()]
         else:
+            if int(text) > MAX_SEEDS:
+                raise OverflowError
             seeds = list(range(int(text)))
-    except ValueError:
-        raise UsageError(f"{where} {text}: expected a count N or a comma list of integers") from None
+    except (ValueError, TypeError):
+        raise UsageError(f"{where} {shown}: expected a count N or a comma list of integers"
+                         ) from None
+    except OverflowError:
+        raise UsageError(f"{where} {shown}: at most {MAX_SEEDS} seeds (each is two training "
+                         "runs)") from None
+    if len(seeds) > MAX_SEEDS:
+        raise UsageError(f"{where} {shown}: at most {MAX_SEEDS} seeds (each is two training runs)")
     if len(set(seeds)) != len(seeds) or len(seeds) < 2:
-        raise UsageError(f"{where} {text}: expected at least 2 distinct seeds (a p-value needs "
+        raise UsageError(f"{where} {shown}: expected at least 2 distinct seeds (a p-value needs "
                          f"several runs per variant)")
     return seeds
 
@@ -214,6 +228,10 @@ def find_search(client, experiment: str | None, run_id: str | None,
                              + (f" named {search!r}" if search else ""))
         parent = parents[0]
     name = parent.data.tags.get("search", parent.info.run_name)
+    try:  # a record is not to be trusted: it names a folder (reports/) and MLflow filters
+        check_name(name, f"search run {parent.info.run_id}: its recorded name")
+    except SpaceError as exc:
+        raise UsageError(str(exc)) from None
     trials = all_runs(client, exp.experiment_id,
                        f"tags.search = '{name}' and tags.run_kind = 'trial'")
     params = parent.data.params
@@ -226,7 +244,7 @@ def check_search_selection(info: SearchInfo) -> str | None:
     validation metric, and its mode the metric's direction unless the search recorded that its
     space set mode explicitly (tag ``mode_explicit``; a search from before that tag has not).
     Raises UsageError; returns the warning for an explicit mode against the direction."""
-    from tuner.spaces import SpaceError, check_selection
+    from tuner.spaces import check_selection
 
     where = f"search {info.name!r}: "
     try:
@@ -300,14 +318,30 @@ def load_search_data(client, info: SearchInfo, spec: str | None, nonfinite: str,
 
     if spec is None:
         spec = info.space(client).get("data") or info.parent.data.tags.get("data_source")
-        if not spec:
+        if not spec or not isinstance(spec, str):
             raise UsageError(f"search {info.name!r}: records no data source; pass --data")
-    unlabeled = unlabeled or info.parent.data.tags.get("unlabeled_path")
+        refuse_recorded_pickle(info, spec, "--data")
+    if unlabeled is None:
+        unlabeled = info.parent.data.tags.get("unlabeled_path")
+        if unlabeled:
+            refuse_recorded_pickle(info, unlabeled, "--unlabeled")
     data = _load_data(spec, nonfinite, unlabeled)
     if info.data_digest and data.digest != info.data_digest:
         raise UsageError(f"{spec}: not the search's data (sha256 {data.digest[:12]}... here, "
                          f"{info.data_digest[:12]}... recorded by search {info.name!r})")
     return data
+
+
+def refuse_recorded_pickle(info: SearchInfo, path: str, flag: str) -> None:
+    """A data path read from the search's MLflow record (which anyone who can write to the
+    store can change) is never unpickled: a recorded ``.pkl`` must be named by the user with
+    ``flag``. A recorded Parquet folder or ``synthetic:`` set is read without any pickle."""
+    if not path.startswith("synthetic:") and Path(path).suffix == ".pkl":
+        raise UsageError(
+            f"search {info.name!r} records its data as the pickle {path}; reading a pickle runs "
+            f"code stored in it, so tuner.report reads one only when you name it: pass "
+            f"{flag} {path} if you trust that file (or {flag} with a Parquet folder of it: "
+            f"python -m tuner.data convert {path} OUTDIR)")
 
 
 # ---------------------------------------------------------------------------------- re-runs
@@ -680,9 +714,9 @@ def plot_optuna(info: SearchInfo, storage: str, out: Path) -> tuple[list[Path], 
     try:
         study = optuna.load_study(study_name=info.name, storage=storage)
     except Exception as exc:  # KeyError (no such study), a storage that cannot be opened, ...
-        return [], [f"Optuna study {info.name!r} not available in {storage} "
-                    f"({type(exc).__name__}: {exc}); skipped the importance and "
-                    "parallel-coordinates plots"]
+        return [], [redact_uris(f"Optuna study {info.name!r} not available in {storage} "
+                                f"({type(exc).__name__}: {exc}); skipped the importance and "
+                                "parallel-coordinates plots")]
     from optuna.visualization import matplotlib as ovm
 
     paths = []
@@ -701,7 +735,7 @@ def plot_optuna(info: SearchInfo, storage: str, out: Path) -> tuple[list[Path], 
         except Exception as exc:  # e.g. too few completed trials for importances
             notes.append(f"{fname}: skipped ({type(exc).__name__}: {exc})")
             plt.close("all")
-    return paths, notes
+    return paths, [redact_uris(note) for note in notes]
 
 
 def _letters(modalities: str) -> str:
@@ -866,6 +900,12 @@ def run_report(args: argparse.Namespace, command: str) -> int:
         raise UsageError("--cpus-per-trial must be > 0, --gpus-per-trial and --max-concurrent >= 0")
     if args.search and not args.experiment:
         raise UsageError("--search: use it with --experiment (--run-id names the search already)")
+    for flag in ("experiment", "search", "name"):
+        if getattr(args, flag) is not None:
+            try:
+                check_name(getattr(args, flag), f"--{flag}")
+            except SpaceError as exc:
+                raise UsageError(str(exc)) from None
     check_tracking_uri(args.mlflow_uri)
     check_address(args.address)
     # absolute: MLflow caches one store per URI string per process
@@ -978,7 +1018,7 @@ def run_report(args: argparse.Namespace, command: str) -> int:
         print(plain_table([{k: r[k] for k in ("group", "rank", "id", "label", "score_mean")}
                            for r in score_rows]))
     for note in notes:
-        print(f"note: {note}")
+        print(f"note: {note}")  # redacted by plot_optuna
     for r in reruns:
         if r.collapsed:
             print(f"warning: re-run {r.variant}/seed {r.seed}: {r.collapsed}", file=sys.stderr)
@@ -997,13 +1037,14 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0) or a usage error (2, one line already printed)
         return int(exc.code or 0)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    command = shlex.join([sys.executable, "-m", "tuner.report",
-                          *(sys.argv[1:] if argv is None else argv)])
+    from tuner.search import command_line
+
+    command = command_line("tuner.report", sys.argv[1:] if argv is None else argv)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         return run_report(args, command)
     except (UsageError, ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact_uris(exc)}", file=sys.stderr)
         return 2
 
 

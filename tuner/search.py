@@ -14,6 +14,7 @@ reported as one line on stderr with exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -30,7 +31,9 @@ import yaml
 
 from trainables.config import ConfigError
 from trainables.data import DataError, MultimodalData, load_dataset
-from tuner.spaces import PRUNERS, SAMPLERS, SearchSpace, SpaceError, apply_overrides, load_space, narrow
+from tuner.redact import redact_uris
+from tuner.spaces import (PRUNERS, SAMPLERS, SearchSpace, SpaceError, apply_overrides, check_name,
+                          load_space, narrow)
 
 __all__ = ["main", "build_parser", "resolve_data", "run_search"]
 
@@ -129,6 +132,8 @@ def _positive(name: str, value: float | None, minimum: float = 1) -> None:
 
 def prepare_space(args: argparse.Namespace) -> SearchSpace:
     """Load the space and apply every command-line override; validates before Ray starts."""
+    if args.name is not None:
+        check_name(args.name, "--name")  # a folder name in --storage and an MLflow filter
     space = load_space(args.space)
     sets = list(args.set)
     _positive("--num-samples", args.num_samples)
@@ -184,13 +189,21 @@ def resolve_data(spec: str, nonfinite: str = "error", unlabeled: str | None = No
 
 def _load_data(spec: str, nonfinite: str, unlabeled: str | None = None) -> MultimodalData:
     """:func:`resolve_data`, with the pickle warning as one ``warning:`` line on stderr."""
-    with warnings.catch_warnings(record=True) as caught:
+    with warning_lines():
+        return resolve_data(spec, nonfinite, unlabeled)
+
+
+@contextlib.contextmanager
+def warning_lines():
+    """Within it, each UserWarning is one ``warning:`` line on stderr, printed at once: the
+    pickle warning appears before ``pickle.load`` runs, not after it."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    with warnings.catch_warnings():  # restores showwarning and the filters
         warnings.simplefilter("always", UserWarning)
-        try:
-            return resolve_data(spec, nonfinite, unlabeled)
-        finally:
-            for w in caught:
-                print(f"warning: {w.message}", file=sys.stderr)
+        warnings.showwarning = show
+        yield
 
 
 def check_models(space: SearchSpace, data: MultimodalData) -> None:
@@ -458,8 +471,7 @@ def start_ui(tracking_uri: str, port: int | None):
 
     if not local_store(tracking_uri):
         return None
-    log_path = Path(tempfile.gettempdir()) / f"mlflow-ui-{os.getpid()}.log"
-    return LocalUI(absolute_sqlite_uri(tracking_uri), port, log_path=log_path)
+    return LocalUI(absolute_sqlite_uri(tracking_uri), port)  # its log: a private temporary file
 
 
 def print_start(space: SearchSpace, name: str, tracker, ui=None, ui_asked: bool = False,
@@ -478,9 +490,9 @@ def print_start(space: SearchSpace, name: str, tracker, ui=None, ui_asked: bool 
     print(f"Search {name!r}: {counts['trials']} trials ({counts['sampler']} sampler, "
           f"{pruning}) of up to {counts['max_epochs']} epochs each, at most "
           f"{counts['trial_epochs_at_most']} trial-epochs{budget_note}.")
-    print(f"MLflow {uri}: experiment {tracker.experiment_name!r} (id {tracker.experiment_id}), "
-          f"parent run {name!r} (id {tracker.parent_run_id}).")
-    print(f"Watch the runs: {tracker.ui_command()}")
+    print(f"MLflow {redact_uris(uri)}: experiment {tracker.experiment_name!r} "
+          f"(id {tracker.experiment_id}), parent run {name!r} (id {tracker.parent_run_id}).")
+    print(f"Watch the runs: {redact_uris(tracker.ui_command())}")
     print(f"  then open     {runs}")
     print(f"  this search   {runs}/{tracker.parent_run_id}")
     if ui is not None:
@@ -491,8 +503,8 @@ def print_start(space: SearchSpace, name: str, tracker, ui=None, ui_asked: bool 
         if problem is not None:
             print(f"warning: --ui: {problem}; the search goes on", file=sys.stderr)
     elif ui_asked:
-        print(f"--ui: {uri} is an MLflow server already; nothing to start (open it, or the "
-              "URL above through a forwarded port)")
+        print(f"--ui: {redact_uris(uri)} is an MLflow server already; nothing to start (open "
+              "it, or the URL above through a forwarded port)")
     sys.stdout.flush()
 
 
@@ -502,6 +514,13 @@ def study_storage_for(args: argparse.Namespace) -> str:
     file on a cluster's head node is enough for a driver on the head."""
     return os.environ.get("OPTUNA_STORAGE") or f"sqlite:///{Path('optuna.db').resolve()}"
 
+
+
+def command_line(module: str, argv: list[str]) -> str:
+    """The command that ran, as the MLflow ``command`` tag and ``report.md`` record it: with
+    the userinfo of every URI in it (``--optuna-storage postgresql://USER:PASSWORD@...``)
+    redacted."""
+    return redact_uris(shlex.join([sys.executable, "-m", module, *argv]))
 
 
 def ray_address(address: str | None) -> str:
@@ -651,7 +670,7 @@ def _run(space: SearchSpace, data: MultimodalData, args: argparse.Namespace, sto
                                  else "none"),
               **({"unlabeled_path": str(Path(args.unlabeled).expanduser().resolve())}
                  if getattr(args, "unlabeled", None) else {}),
-              "command": shlex.join([sys.executable, "-m", "tuner.search", *sys.argv[1:]])},
+              "command": command_line("tuner.search", sys.argv[1:])},
         files={"space.yaml": Path(space.source).read_text() if Path(space.source).is_file()
                else "", "effective_space.yaml": yaml.safe_dump(_space_dict(space))},
     )
@@ -670,7 +689,7 @@ def _run(space: SearchSpace, data: MultimodalData, args: argparse.Namespace, sto
             # and errored ones continue from their last checkpoint
             tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
             rebind_callbacks(tuner, tracker)  # write where --mlflow-uri says now
-            print(f"Resuming search {name!r} from {experiment}.", flush=True)
+            print(f"Resuming search {name!r} from {redact_uris(experiment)}.", flush=True)
         else:
             pruner = make_pruner(settings.pruner, settings.grace_epochs, settings.max_epochs)
             sampler = make_sampler(settings.sampler, settings.seed, settings.num_samples)
@@ -711,10 +730,11 @@ def _run(space: SearchSpace, data: MultimodalData, args: argparse.Namespace, sto
             full = _disk_full(exc)
             if full is None:
                 raise
-            print(f"error: no space left on device: {full or storage}; the search stopped. "
-                  f"Finished trials are kept (Ray: {experiment}, MLflow: {tracking_uri}). Free "
-                  f"some space, then continue with the same command plus --resume --name {name}",
-                  file=sys.stderr)
+            print(redact_uris(
+                f"error: no space left on device: {full or storage}; the search stopped. "
+                f"Finished trials are kept (Ray: {experiment}, MLflow: {tracking_uri}). Free "
+                f"some space, then continue with the same command plus --resume --name {name}"),
+                file=sys.stderr)
             return 5
         return summarise(results, space, tracker, data, experiment)
     finally:
@@ -823,12 +843,13 @@ def summarise(results, space: SearchSpace, tracker, data: MultimodalData,
     synced = tracker.sync_results(results)
     if synced:
         print(f"MLflow: wrote the records of {synced} trials that it had missed "
-              f"(from Ray's results in {experiment})", flush=True)
+              f"(from Ray's results in {redact_uris(experiment)})", flush=True)
     for result in errored:
         trial_id = (result.metrics or {}).get("trial_id") or Path(str(result.path)).name
         lines = str(result.error).strip().splitlines()
-        print(f"Trial {trial_id} errored: {lines[-1][:300] if lines else 'unknown error'} "
-              f"(traceback: {result.path}/error.txt)", file=sys.stderr)
+        print(redact_uris(f"Trial {trial_id} errored: "
+                          f"{lines[-1][:300] if lines else 'unknown error'} "
+                          f"(traceback: {result.path}/error.txt)"), file=sys.stderr)
     sign = 1 if space.mode == "min" else -1
     best = min(candidates, key=lambda r: sign * r.metrics[objective], default=None)
     if best is None:
@@ -871,7 +892,7 @@ def summarise(results, space: SearchSpace, tracker, data: MultimodalData,
     if tracker.registered:
         print(f"Registered model: {tracker.registered}  "
               f"(mlflow.pyfunc.load_model; README: Use the best model)")
-    print(f"Browse the runs:  {tracker.ui_command()}")
+    print(f"Browse the runs:  {redact_uris(tracker.ui_command())}")
     print(f"             then {tracker.runs_url()}")
     if errored:
         print(f"{len(errored)} trials errored (see above); `--resume` retries them",
@@ -879,8 +900,8 @@ def summarise(results, space: SearchSpace, tracker, data: MultimodalData,
     if tracker.incomplete:
         kinds = ", ".join(f"{kind} x{n}" for kind, n in tracker.failures.items())
         print(f"warning: MLflow missed records during this search ({kinds}); Ray's results in "
-              f"{experiment} are complete. When the store is back, run the same command with "
-              f"--resume --name {tracker.search_name} to write what MLflow missed",
+              f"{redact_uris(experiment)} are complete. When the store is back, run the same "
+              f"command with --resume --name {tracker.search_name} to write what MLflow missed",
               file=sys.stderr)
         return 4
     return 3 if errored else 0
@@ -911,7 +932,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.dry_run:
             check_text_models(space)
     except (SpaceError, UsageError, ConfigError, DataError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact_uris(exc)}", file=sys.stderr)
         return 2
     if args.dry_run:
         print(yaml.safe_dump(plan(space), sort_keys=False).rstrip())
@@ -922,10 +943,11 @@ def main(argv: list[str] | None = None) -> int:
             args.name = find_resumable(space.name, storage_for(args))
         return run_search(space, data, args)
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact_uris(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"interrupted: finished trials are in MLflow and {storage_for(args)}; continue with "
+        print(f"interrupted: finished trials are in MLflow and {redact_uris(storage_for(args))}; "
+              f"continue with "
               f"python -m tuner.search --space {args.space} --resume --name {args.name}",
               file=sys.stderr)
         return 130

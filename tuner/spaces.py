@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -69,6 +71,9 @@ __all__ = [
     "cell_label",
     "cell_tag",
     "parse_cell_tag",
+    "MAX_GRID_POINTS",
+    "MAX_SEEDS",
+    "check_name",
     "check_selection",
     "load_space",
     "space_path",
@@ -80,6 +85,58 @@ SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 #: what may choose a trial's best epoch and the best trial: the validation metrics the loop
 #: reports each epoch (never train_*, which measure fitting, nor test_*, computed once per trial)
 SELECTION_METRICS: tuple[str, ...] = tuple(f"valid_{name}" for name in METRIC_NAMES)
+
+
+#: the most trials a grid search may have (the grid's points over all backbone x regulariser
+#: pairs, counted as the product of the list lengths, before anything is built)
+MAX_GRID_POINTS = 10_000
+#: the most values a space may hold once YAML aliases are expanded (a real space has a few
+#: hundred; a 600-byte alias bomb has billions, and would explode in any repr or copy)
+MAX_SPACE_VALUES = 10_000
+#: the most seeds of a multi-seed report (each is two training runs)
+MAX_SEEDS = 100
+#: what a space name, a search name and a report name must look like: they become folder names
+#: (Ray's storage, MLflow artifacts, reports/) and MLflow filter strings
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_name(name: Any, where: str) -> str:
+    """``name`` if it matches :data:`NAME_PATTERN`, else a one-line SpaceError naming ``where``."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        shown = repr(name) if isinstance(name, str) and len(name) <= 120 else "that value"
+        raise SpaceError(f"{where} {shown}: expected a name of letters, digits, '.', '_' and '-' "
+                         "(1 to 100 characters, starting with a letter or digit): it becomes a "
+                         "folder name and an MLflow filter")
+    return name
+
+
+def short(value: Any, limit: int = 200) -> str:
+    """``repr(value)``, cut to ``limit`` characters (of a value that :func:`count_values`
+    bounds; another one too large to show is named by its type)."""
+    if count_values(value, 1000) > 1000:
+        return f"<a {type(value).__name__} of more than 1,000 values>"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def cut(text: str, limit: int = 400) -> str:
+    """``text`` cut to ``limit`` characters (a message that quotes a user's value)."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def count_values(value: Any, limit: int = MAX_SPACE_VALUES) -> int:
+    """The values in ``value`` (nested lists and mappings, each alias counted as often as it
+    appears), counting only up to ``limit + 1``: a YAML alias bomb stops after ``limit`` steps."""
+    seen, stack = 0, [value]
+    while stack and seen <= limit:
+        item = stack.pop()
+        seen += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return seen
 
 
 class SpaceError(ValueError):
@@ -416,6 +473,14 @@ class SearchSpace:
                 raise SpaceError(f"{where}: fixed.{key}: also in grid/ranges; a key is either "
                                  "fixed or searched")
         self._check_cells(where)
+        if self.search.sampler == "grid":
+            size = self.grid_size()
+            if size > MAX_GRID_POINTS:
+                raise SpaceError(
+                    f"{where}: grid: {size:,} points (the product of the grid's list lengths, per "
+                    f"backbone x regulariser) is more than the {MAX_GRID_POINTS:,} trials a grid "
+                    "search may run; use fewer values (or --backbone/--regulariser), or a sampler "
+                    "that draws from the grid, e.g. --sampler tpe --num-samples N")
         # every pair must build with the fixed values and one value of each sampled key
         for backbone, reg in self.model_pairs():
             point = {"backbone": backbone, "regulariser": reg,
@@ -430,7 +495,18 @@ class SearchSpace:
             try:
                 self.trial_config(point)
             except (ConfigError, ValueError) as exc:
-                raise SpaceError(f"{where}: {backbone} + {reg}: {exc}") from None
+                raise SpaceError(f"{where}: {backbone} + {reg}: {cut(str(exc))}"
+                                 ) from None
+            # every other grid value too (a grid trial may get any of them)
+            for key, values in self.grid.items():
+                if not self.applies(key, backbone, reg):
+                    continue
+                for i, value in enumerate(values[1:], 1):
+                    try:
+                        self.trial_config({**point, key: value})
+                    except (ConfigError, ValueError) as exc:
+                        raise SpaceError(f"{where}: grid.{key}[{i}] ({backbone} + {reg}): "
+                                         f"{cut(str(exc))}") from None
 
     def _check_cells(self, where: str) -> None:
         if not isinstance(self.cells, list) or not all(isinstance(k, str) for k in self.cells):
@@ -458,7 +534,14 @@ class SearchSpace:
         return DefineByRun(self, use_ranges=sampler != "grid", max_epochs=max_epochs, seed=seed)
 
     def grid_size(self) -> int:
-        return len(self.grid_points())
+        """The grid's points, counted without building them: per backbone x regulariser pair, the
+        product of the numbers of distinct values of the grid keys that apply to the pair
+        (what :meth:`grid_points` would return)."""
+        total = 0
+        for backbone, reg in dict.fromkeys(self.model_pairs()):
+            total += math.prod(len({repr(v) for v in self.grid[k]}) for k in self.grid
+                               if self.applies(k, backbone, reg))
+        return total
 
 
 @dataclass
@@ -523,6 +606,9 @@ def _as_list(value: Any, where: str) -> list[str]:
 def space_from_dict(raw: Any, source: str) -> SearchSpace:
     if not isinstance(raw, dict):
         raise SpaceError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    if count_values(raw) > MAX_SPACE_VALUES:
+        raise SpaceError(f"{source}: more than {MAX_SPACE_VALUES:,} values once YAML aliases are "
+                         "expanded (an alias bomb?); a search space has a few hundred")
     raw = dict(raw)
     for singular, plural in (("backbone", "backbones"), ("regulariser", "regularisers")):
         if singular in raw:
@@ -534,6 +620,7 @@ def space_from_dict(raw: Any, source: str) -> SearchSpace:
             raise SpaceError(f"{source}: missing key {key!r}")
         raw[key] = _as_list(raw[key], f"{source}: {key}")
     raw.setdefault("name", Path(source).stem)
+    check_name(raw["name"], f"{source}: name")
     try:
         if "ranges" in raw:
             if not isinstance(raw["ranges"], dict):
@@ -553,11 +640,14 @@ def space_from_dict(raw: Any, source: str) -> SearchSpace:
                 raise ConfigError(f"grid: expected a mapping, got {raw['grid']!r}")
             for k, v in raw["grid"].items():
                 if not isinstance(v, list) or not v:
-                    raise ConfigError(f"grid.{k}: expected a non-empty list, got {v!r}")
+                    raise ConfigError(f"grid.{k}: expected a non-empty list, got {short(v)}")
         if "cells" in raw:
             raw["cells"] = _as_list(raw["cells"], f"{source}: cells")
-        if "seeds" in raw and (not isinstance(raw["seeds"], list) or not raw["seeds"]):
-            raise ConfigError(f"seeds: expected a non-empty list of integers, got {raw['seeds']!r}")
+        if "seeds" in raw and (not isinstance(raw["seeds"], list) or not raw["seeds"]
+                               or len(raw["seeds"]) > MAX_SEEDS
+                               or not all(type(v) is int for v in raw["seeds"])):
+            raise ConfigError(f"seeds: expected a non-empty list of at most {MAX_SEEDS} integers, "
+                              f"got {short(raw['seeds'])}")
         space = build_dataclass(SearchSpace, {**raw, "source": source})
     except ConfigError as exc:
         raise SpaceError(f"{source}: {exc}") from None

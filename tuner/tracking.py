@@ -36,6 +36,7 @@ from ray.tune import Callback
 
 from trainables.config import TrialConfig
 from trainables.data import MultimodalData
+from tuner.redact import redact_uris
 
 __all__ = ["DEFAULT_TRACKING_URI", "absolute_sqlite_uri", "all_runs", "DiskFull", "DiskSpaceGuard", "Tracker", "MlflowTrialCallback", "disk_full",
            "final_status", "git_commit", "rebind_callbacks"]
@@ -242,10 +243,11 @@ class Tracker:
         self.failures[kind] = self.failures.get(kind, 0) + 1
         self._failures_since_sync += 1
         if first:
-            print(f"warning: MLflow {self.tracking_uri}: {kind} ({what}: {short_error(exc)}); "
-                  f"the search goes on, Ray keeps every result on disk, MLflow is retried every "
-                  f"{RETRY_AFTER_S:.0f} s and what it missed is written at the end (or by --resume)",
-                  file=sys.stderr, flush=True)
+            print(redact_uris(
+                f"warning: MLflow {self.tracking_uri}: {kind} ({what}: {short_error(exc)}); "
+                f"the search goes on, Ray keeps every result on disk, MLflow is retried every "
+                f"{RETRY_AFTER_S:.0f} s and what it missed is written at the end (or by --resume)"),
+                file=sys.stderr, flush=True)
 
     @property
     def incomplete(self) -> bool:
@@ -520,7 +522,7 @@ class Tracker:
 
     def ui_command(self, port: int = 5000) -> str:
         if self.tracking_uri.startswith(("http://", "https://")):
-            return f"open {self.tracking_uri}"
+            return f"open {redact_uris(self.tracking_uri)}"
         # explicit, although it is MLflow's default: the UI must not listen beyond this machine
         return f"mlflow ui --backend-store-uri {self.tracking_uri} --port {port} --host 127.0.0.1"
 

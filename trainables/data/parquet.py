@@ -34,8 +34,8 @@ import pyarrow.parquet as pq
 from trainables.data.batches import SPLITS, UNLABELED, MultimodalData, SplitArrays
 from trainables.data.mmsa import DataError, arrays_from_mmsa, data_digest, unlabeled_from_mmsa
 
-__all__ = ["FORMAT_VERSION", "has_parquet_splits", "read_parquet", "read_unlabeled_parquet",
-           "split_file", "write_parquet"]
+__all__ = ["FORMAT_VERSION", "MAX_BYTES_ENV", "check_size", "has_parquet_splits", "read_parquet",
+           "read_unlabeled_parquet", "size_in_memory", "split_file", "write_parquet"]
 
 #: bumped when the column layout changes; the reader refuses versions it does not know
 FORMAT_VERSION = "1"
@@ -48,6 +48,83 @@ _FORMAT_NAME = b"mmsa-parquet"
 
 _TENSOR_COLUMNS = ("text", "text_bert", "audio", "vision")
 _HINT = "write the folder with: python -m tuner.data convert IN.pkl OUTDIR"
+
+
+#: the environment variable that sets the most bytes a data set's Parquet files may take in
+#: memory once read (default: this machine's physical memory, which it must fit in anyway)
+MAX_BYTES_ENV = "MIFUSION_MAX_DATA_BYTES"
+
+
+def max_data_bytes() -> int:
+    """The limit :func:`check_size` applies: ``$MIFUSION_MAX_DATA_BYTES``, else the physical
+    memory of this machine."""
+    value = os.environ.get(MAX_BYTES_ENV)
+    if value:
+        try:
+            return int(float(value))
+        except ValueError:
+            raise DataError(f"${MAX_BYTES_ENV}={value!r}: expected a number of bytes") from None
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def size_in_memory(path: str | Path) -> int:
+    """The bytes the file's rows take once read, from its footer alone (no data page is read):
+    rows x width for every fixed-width column (a fixed-shape tensor's width is its shape times
+    its item size), the uncompressed size for the others (strings). Encodings such as RLE and
+    dictionaries make a file many thousand times smaller than that; this does not trust them."""
+    path = Path(path)
+    try:
+        file = pq.ParquetFile(path)
+        schema, meta = file.schema_arrow, file.metadata
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file "
+                        f"({' '.join(str(exc).split())[:200]}); {_HINT}") from None
+    rows = meta.num_rows
+    variable: set[str] = set()
+    total = 0
+    for fld in schema:
+        kind = fld.type
+        cells = 1
+        if isinstance(kind, pa.FixedShapeTensorType):
+            kind, cells = kind.value_type, int(np.prod(kind.shape, dtype=object))
+        width = _item_bytes(kind)
+        if width is None:
+            variable.add(fld.name)
+            total += rows * 8  # offsets
+        else:
+            total += rows * cells * width
+    for group in range(meta.num_row_groups):
+        chunks = meta.row_group(group)
+        for i in range(chunks.num_columns):
+            chunk = chunks.column(i)
+            if chunk.path_in_schema.split(".")[0] in variable:
+                total += chunk.total_uncompressed_size
+    return total
+
+
+def _item_bytes(kind: pa.DataType) -> int | None:
+    """Bytes per value of a fixed-width Arrow type (a bool counts 1), None for the others."""
+    if isinstance(kind, pa.ExtensionType):
+        return None
+    try:
+        return max(kind.bit_width, 8) // 8
+    except ValueError:  # strings, lists: no fixed width
+        return None
+
+
+def check_size(paths: list[Path], where: str | Path) -> None:
+    """Refuse, before reading any of them, Parquet files whose rows take more memory together
+    than :func:`max_data_bytes` (as :func:`size_in_memory` counts them from their footers)."""
+    limit = max_data_bytes()
+    total = sum(size_in_memory(p) for p in paths)
+    if total > limit:
+        raise DataError(f"{where}: its Parquet files hold {_bytes(total)} once read (rows x "
+                        f"widths, from their footers), more than the {_bytes(limit)} allowed "
+                        f"(this machine's memory, or ${MAX_BYTES_ENV}); nothing was read")
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def split_file(folder: str | Path, split: str) -> Path:
@@ -111,6 +188,8 @@ def read_parquet(folder: str | Path, nonfinite: str = "error") -> MultimodalData
     if missing:
         raise DataError(f"{folder}: missing {', '.join(missing)}; expected train.parquet, "
                         f"valid.parquet, test.parquet ({_HINT})")
+    check_size([split_file(folder, s) for s in (*SPLITS, UNLABELED)
+                if split_file(folder, s).is_file()], folder)
     raw: dict[str, dict[str, np.ndarray]] = {}
     digests: set[bytes | None] = set()
     for split in SPLITS:
@@ -144,6 +223,7 @@ def read_parquet(folder: str | Path, nonfinite: str = "error") -> MultimodalData
 
 
 def _read_table(path: Path) -> pa.Table:
+    check_size([path], path)
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as exc:
