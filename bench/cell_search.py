@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--grid-from", type=Path, help="a grid-*.json stored by an earlier run")
     p.add_argument("--workdir", default="bench_out/cell_search")
     args = p.parse_args(argv)
+    if len(args.noise_seeds) < 2:
+        p.error("--noise-seeds: give at least 2 seeds (the spread is the noise)")
     args.backbone = args.backbone or ["ef_lstm"]
     return args
 
@@ -157,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{describe(s_point)} | {statistics.fmean(g_values):.4f} ± "
             f"{statistics.stdev(g_values):.4f} | {statistics.fmean(s_values):.4f} ± "
             f"{statistics.stdev(s_values):.4f} | {p:.2f} | {z:+.1f} | {'yes' if ok else 'NO'} |")
-    lines += ["", f"Target: <= 10% of the grid's trial-epochs ({'met' if fraction <= 0.10 else 'not met'}"
-              f": {fraction:.1%}), every cell within noise "
+    met = "met" if fraction <= 0.10 else "not met"
+    lines += ["", f"Target: <= 10% of the grid's trial-epochs ({met}: {fraction:.1%}), every "
+              "cell within noise "
               f"({'met' if all_within else 'not met'})."]
     text = "\n".join(lines) + "\n"
     out = Path(f"cell_search-{stamp}.md")

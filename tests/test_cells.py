@@ -6,7 +6,6 @@ scheduler are what Tune calls)."""
 import math
 
 import optuna
-import pytest
 import yaml
 
 from tuner.pruning import (CELL_ATTR, OptunaPruningScheduler, StudySearch, cell_search,

@@ -27,8 +27,8 @@ A trial's *cell* is the row of its paper's table that it belongs to: the values 
 per L_kl / L_f / L_W). A cell key that a pair does not read is not part of that pair's cell (the
 ``none`` baseline of a backbone is one cell). Cell keys other than backbone and regulariser must be
 searched over a finite list (``grid``, or ``ranges`` choices) or fixed. Budgets, pruning and the
-table's choice of a configuration are made per cell (:func:`cell_of`, :meth:`SearchSpace.cells_of_space`):
-each cell gets its own trials (``search.trials_per_cell``, else ``num_samples`` shared out evenly;
+table's choice of a configuration are made per cell (:func:`cell_of`,
+:meth:`SearchSpace.cells_of_space`): each cell gets its own trials (``search.trials_per_cell``, else ``num_samples`` shared out evenly;
 the grid sampler: the cell's grid points, :meth:`SearchSpace.cell_budgets`), its own sampler, which
 learns from its own trials only, and a pruner that compares a trial with its own cell's trials
 (:class:`tuner.pruning.CellSearch`).
