@@ -94,6 +94,9 @@ def test_tiny_search_is_tracked_in_mlflow(tmp_path, monkeypatch, tiny_space, sma
         assert epochs == list(range(1, len(epochs) + 1))
         assert child.data.params["backbone"] == "ef_lstm"
         assert "lr" in child.data.params and "regulariser" in child.data.params
+        # the row of the table it belongs to (the space's default cells: backbone, regulariser)
+        assert child.data.tags["cell"] == (f"backbone=ef_lstm,regulariser="
+                                           f"{child.data.params['regulariser']}")
         if child.data.tags["status"] == "pruned":
             assert child.info.status == "KILLED"
             assert len(epochs) < 4
@@ -123,6 +126,10 @@ def test_tiny_search_is_tracked_in_mlflow(tmp_path, monkeypatch, tiny_space, sma
     study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{Path('optuna.db').resolve()}")
     states = [t.state for t in study.trials]
     assert optuna.trial.TrialState.PRUNED in states
+    # each cell (none, mdm) got its share of the 7 trials, and its Optuna trials know their cell
+    cells = [t.user_attrs["cell"] for t in study.trials]
+    assert sorted(cells) == sorted(c.data.tags["cell"] for c in children)
+    assert sorted(cells.count(c) for c in set(cells)) == [3, 4]
     assert states.count(optuna.trial.TrialState.PRUNED) == sum(
         c.data.tags["status"] == "pruned" for c in children)
 

@@ -32,8 +32,12 @@ from ray.tune.search import SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import Stopper
 
-__all__ = ["StudySearch", "StudySearchGenerator", "OptunaPruningScheduler", "SearchBudget",
+__all__ = ["StudySearch", "CellSearch", "CellSampler", "CellPruner", "StudySearchGenerator",
+           "OptunaPruningScheduler", "SearchBudget", "CELL_ATTR", "cell_search", "cell_view",
            "make_pruner", "make_sampler", "snapshot_stopper"]
+
+#: the Optuna user attribute that holds a trial's cell (:func:`tuner.spaces.cell_tag`)
+CELL_ATTR = "cell"
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +82,112 @@ def make_pruner(name: str, grace_epochs: int, max_epochs: int) -> optuna.pruners
                                               reduction_factor=3)
     raise ValueError(f"unknown pruner {name!r}; known: none, median, successive_halving, "
                      "hyperband, asha")
+
+
+class _CellStorage:
+    """A study's storage as one cell sees it: the study's trials are that cell's trials only
+    (user attribute :data:`CELL_ATTR`); everything else is the storage itself."""
+
+    def __init__(self, storage: Any, cell: str) -> None:
+        self._storage = storage
+        self._cell = cell
+
+    def get_all_trials(self, study_id: int, deepcopy: bool = True,
+                       states: Any = None) -> list[optuna.trial.FrozenTrial]:
+        return [t for t in self._storage.get_all_trials(study_id, deepcopy=deepcopy, states=states)
+                if t.user_attrs.get(CELL_ATTR) == self._cell]
+
+    def get_n_trials(self, study_id: int, state: Any = None) -> int:
+        states = None if state is None else (state if isinstance(state, tuple) else (state,))
+        return len(self.get_all_trials(study_id, deepcopy=False, states=states))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._storage, name)
+
+
+def cell_view(study: optuna.Study, cell: str) -> optuna.Study:
+    """``study`` as the sampler and pruner of ``cell`` see it: only that cell's trials, and the
+    cell's own sampler and pruner (when the study's are a :class:`CellSampler` /
+    :class:`CellPruner`). Writes go to the study's storage as they are."""
+    view = object.__new__(optuna.Study)
+    view.__dict__.update(study.__dict__)
+    view._storage = _CellStorage(study._storage, cell)
+    view._thread_local = type(study._thread_local)()  # no cache of the whole study's trials
+    if isinstance(study.sampler, CellSampler):
+        view.sampler = study.sampler.of(cell)
+    if isinstance(study.pruner, CellPruner):
+        view.pruner = study.pruner.of(cell)
+    return view
+
+
+def _cell_of(trial: optuna.trial.FrozenTrial) -> str:
+    cell = trial.user_attrs.get(CELL_ATTR)
+    if cell is None:
+        raise RuntimeError(f"Optuna trial {trial.number} has no {CELL_ATTR!r} user attribute; "
+                           "per-cell samplers and pruners need it (CellSearch sets it)")
+    return cell
+
+
+class CellSampler(optuna.samplers.BaseSampler):
+    """One sampler per cell, each learning from its own cell's trials only (through
+    :func:`cell_view`): TPE's good and bad trials, CMA-ES's generations, a random or QMC
+    sampler's stream are per cell, so a weak backbone's trials are compared with each other."""
+
+    def __init__(self, samplers: dict[str, optuna.samplers.BaseSampler]) -> None:
+        self.samplers = dict(samplers)
+
+    def of(self, cell: str) -> optuna.samplers.BaseSampler:
+        try:
+            return self.samplers[cell]
+        except KeyError:
+            raise RuntimeError(f"no sampler for cell {cell!r}") from None
+
+    def _inner(self, study: optuna.Study, trial: optuna.trial.FrozenTrial):
+        cell = _cell_of(trial)
+        return cell_view(study, cell), self.of(cell)
+
+    def infer_relative_search_space(self, study, trial):
+        view, sampler = self._inner(study, trial)
+        return sampler.infer_relative_search_space(view, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        view, sampler = self._inner(study, trial)
+        return sampler.sample_relative(view, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        view, sampler = self._inner(study, trial)
+        return sampler.sample_independent(view, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial) -> None:
+        view, sampler = self._inner(study, trial)
+        sampler.before_trial(view, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        view, sampler = self._inner(study, trial)
+        sampler.after_trial(view, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        for sampler in self.samplers.values():
+            sampler.reseed_rng()
+
+
+class CellPruner(optuna.pruners.BasePruner):
+    """One pruner per cell, asked with the cell's view of the study (:func:`cell_view`): a
+    trial is compared with its own cell's trials only, e.g. a median pruner stops a trial worse
+    than the median of its cell at the same epoch, not of every backbone's."""
+
+    def __init__(self, pruners: dict[str, optuna.pruners.BasePruner]) -> None:
+        self.pruners = dict(pruners)
+
+    def of(self, cell: str) -> optuna.pruners.BasePruner:
+        try:
+            return self.pruners[cell]
+        except KeyError:
+            raise RuntimeError(f"no pruner for cell {cell!r}") from None
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        cell = _cell_of(trial)
+        return self.of(cell).prune(cell_view(study, cell), trial)
 
 
 def _finite(value: Any) -> bool:
@@ -248,6 +358,95 @@ class StudySearch(OptunaSearch):
         self.__dict__.setdefault("errored", {})
 
 
+class CellSearch(StudySearch):
+    """A :class:`StudySearch` that serves every cell of the space (one row of the paper's
+    table) with its own budget of trials.
+
+    One study holds every trial (named after the search, as before); each trial carries its
+    cell as the user attribute :data:`CELL_ATTR`, set before its first parameter is drawn, and
+    its cell's keys are fixed (enqueued) so the sampler draws only the rest. With a
+    :class:`CellSampler` and a :class:`CellPruner` on the study, each cell's sampler learns from
+    its own trials and each trial is pruned against its own cell.
+
+    Which cell the next trial serves: the first points (the grid, or the start points) in their
+    order, then, among the cells with budget left, the one with the fewest trials so far (ties:
+    the space's cell order). What was handed out is part of the searcher's state, which Tune
+    saves in its experiment snapshot, so a resumed search goes on where it stopped.
+    """
+
+    def __init__(self, *args: Any, cells: list[tuple[str, dict[str, Any], int]],
+                 first_points: list[tuple[str, dict[str, Any]]] = (), **kwargs: Any) -> None:
+        #: cell tag -> the point that pins the cell's keys
+        self.cell_points = {tag: dict(point) for tag, point, _ in cells}
+        #: cell tag -> trials it gets; and how many it was handed so far
+        self.cell_budget = {tag: int(budget) for tag, _, budget in cells}
+        self.cell_assigned = {tag: 0 for tag in self.cell_points}
+        #: points to run first, in order, each with its cell
+        self.first = [(tag, dict(point)) for tag, point in first_points]
+        unknown = [tag for tag, _ in self.first if tag not in self.cell_points]
+        if unknown:
+            raise ValueError(f"first point in unknown cell {unknown[0]!r}")
+        kwargs.pop("points_to_evaluate", None)  # the first points go out one by one (suggest)
+        super().__init__(*args, **kwargs)
+
+    def next_cell(self) -> tuple[str, dict[str, Any], bool] | None:
+        """The next trial's cell, the parameters it fixes and whether it is a first point, or
+        None when every budget is handed out (hands nothing out: :meth:`suggest` does)."""
+        while self.first:
+            tag, point = self.first[0]
+            if self.cell_assigned[tag] < self.cell_budget[tag]:
+                return tag, point, True
+            self.first.pop(0)  # its cell's budget is spent (not with SearchSpace.cell_budgets)
+        open_cells = [tag for tag in self.cell_points
+                      if self.cell_assigned[tag] < self.cell_budget[tag]]
+        if not open_cells:
+            return None
+        tag = min(open_cells, key=lambda t: self.cell_assigned[t])
+        return tag, self.cell_points[tag], False
+
+    def suggest(self, trial_id: str) -> dict | None:
+        if trial_id not in self._ot_trials:
+            choice = self.next_cell()
+            if choice is None:
+                from ray.tune.search import Searcher
+
+                return Searcher.FINISHED
+            tag, point, first = choice
+            if first:
+                self.first.pop(0)
+            # the trial's cell keys are fixed, and its cell is known to the sampler as it draws
+            self.study.enqueue_trial(point, user_attrs={CELL_ATTR: tag})
+            self.cell_assigned[tag] += 1
+        return super().suggest(trial_id)
+
+
+def cell_search(space: Any, study_name: str, storage: optuna.storages.BaseStorage,
+                **kwargs: Any) -> tuple[CellSearch, int]:
+    """The searcher of a search of ``space`` (a :class:`tuner.spaces.SearchSpace`): a
+    :class:`CellSearch` over the space's cells (:meth:`~tuner.spaces.SearchSpace.cell_budgets`)
+    with a :class:`CellSampler` (the cell's seed is ``search.seed`` + its index) and, unless
+    ``search.pruner`` is ``none``, a :class:`CellPruner`. Returns it and the number of trials
+    (the sum of the budgets, Tune's ``num_samples``)."""
+    from tuner.spaces import cell_tag
+
+    settings = space.search
+    budgets = space.cell_budgets()
+    tags = [cell_tag(cell) for cell, _, _ in budgets]
+    sampler = CellSampler({tag: make_sampler(settings.sampler, settings.seed + i, max(budget, 1))
+                           for i, (tag, (_, _, budget)) in enumerate(zip(tags, budgets))})
+    pruner = (CellPruner({tag: make_pruner(settings.pruner, settings.grace_epochs,
+                                           settings.max_epochs) for tag in tags})
+              if settings.pruner != "none" else None)
+    searcher = CellSearch(
+        space=space.define_by_run(settings.sampler, settings.max_epochs, settings.seed),
+        metric=space.objective, mode=space.mode, sampler=sampler, pruner=pruner,
+        study_name=study_name, storage=storage,
+        cells=[(tag, point, budget) for tag, (_, point, budget) in zip(tags, budgets)],
+        first_points=[(cell_tag(cell), point) for cell, point in space.first_points()],
+        **kwargs)
+    return searcher, sum(budget for _, _, budget in budgets)
+
+
 def _study_search(searcher: Any) -> StudySearch | None:
     """The :class:`StudySearch` under Tune's wrappers (``ConcurrencyLimiter``), if any."""
     while not isinstance(searcher, StudySearch) and hasattr(searcher, "searcher"):
@@ -350,7 +549,11 @@ class OptunaPruningScheduler(FIFOScheduler):
         return TrialScheduler.CONTINUE
 
     def debug_string(self) -> str:
-        return f"Using Optuna pruner {type(self.searcher.pruner).__name__}."
+        pruner = self.searcher.pruner
+        if isinstance(pruner, CellPruner) and pruner.pruners:
+            return (f"Using Optuna pruner {type(next(iter(pruner.pruners.values()))).__name__} "
+                    "per cell.")
+        return f"Using Optuna pruner {type(pruner).__name__}."
 
 
 class SearchBudget(Stopper):

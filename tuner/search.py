@@ -32,8 +32,8 @@ import yaml
 from trainables.config import ConfigError
 from trainables.data import DataError, MultimodalData, load_dataset
 from tuner.redact import redact_uris
-from tuner.spaces import (PRUNERS, SAMPLERS, SearchSpace, SpaceError, apply_overrides, check_name,
-                          load_space, narrow)
+from tuner.spaces import (PRUNERS, SAMPLERS, SearchSpace, SpaceError, apply_overrides, cell_label,
+                          check_name, load_space, narrow)
 
 __all__ = ["main", "build_parser", "resolve_data", "run_search"]
 
@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="search name: the Ray experiment folder and the MLflow parent "
                    "run (default: SPACE-YYYYmmdd-HHMMSS)")
     p.add_argument("--num-samples", type=int, help="trials to run (default: the space's)")
+    p.add_argument("--trials-per-cell", type=int, metavar="N",
+                   help="trials for each cell (a row of the paper's table: backbone, regulariser, "
+                        "and the space's other cells keys): cells x N trials instead of "
+                        "--num-samples (default: the space's search.trials_per_cell)")
     p.add_argument("--max-epochs", type=int, help="epochs per trial at most (default: the space's)")
     p.add_argument("--backbone", action="append",
                    help="only these backbones of the space (repeat the flag for several)")
@@ -138,6 +142,10 @@ def prepare_space(args: argparse.Namespace) -> SearchSpace:
     sets = list(args.set)
     _positive("--num-samples", args.num_samples)
     _positive("--max-epochs", args.max_epochs)
+    _positive("--trials-per-cell", getattr(args, "trials_per_cell", None))
+    if args.num_samples is not None and getattr(args, "trials_per_cell", None) is not None:
+        raise UsageError("--num-samples and --trials-per-cell: give one (the search runs "
+                         "cells x --trials-per-cell trials)")
     _positive("--max-concurrent", args.max_concurrent, 0)
     _positive("--budget-trial-epochs", getattr(args, "budget_trial_epochs", None))
     if args.cpus_per_trial is not None and args.cpus_per_trial < RAY_RESOURCE_UNIT:
@@ -150,10 +158,13 @@ def prepare_space(args: argparse.Namespace) -> SearchSpace:
     for flag, key in (("num_samples", "search.num_samples"), ("max_epochs", "search.max_epochs"),
                       ("sampler", "search.sampler"), ("pruner", "search.pruner"),
                       ("seed", "search.seed"), ("max_concurrent", "search.max_concurrent"),
-                      ("cpus_per_trial", "resources.cpu"), ("gpus_per_trial", "resources.gpu")):
-        value = getattr(args, flag)
+                      ("cpus_per_trial", "resources.cpu"), ("gpus_per_trial", "resources.gpu"),
+                      ("trials_per_cell", "search.trials_per_cell")):
+        value = getattr(args, flag, None)
         if value is not None:
             sets.append(f"{key}={value}")
+    if args.num_samples is not None:
+        sets.append("search.trials_per_cell=null")  # --num-samples beats the space's per-cell
     if args.data:
         sets.append(f"data={args.data}")
     space = apply_overrides(space, sets)  # checked against the whole space as written
@@ -448,13 +459,31 @@ def check_trial_fits(space: SearchSpace, nodes: list[dict[str, float]]) -> None:
 
 def plan(space: SearchSpace) -> dict[str, Any]:
     grid = space.grid_size()
-    if space.search.sampler == "grid":
-        trials = grid
+    budgets = space.cell_budgets()
+    trials = sum(n for _, _, n in budgets)
+    settings = space.search
+    if settings.sampler == "grid":
+        rule = "the grid sampler: each cell runs its own grid points"
+    elif settings.trials_per_cell:
+        rule = f"trials_per_cell: {settings.trials_per_cell} for each of {len(budgets)} cells"
     else:
-        trials = space.search.num_samples
-    return {"space": space.name, "sampler": space.search.sampler, "pruner": space.search.pruner,
+        rule = f"num_samples: {settings.num_samples} shared out over {len(budgets)} cells"
+    asked = len(budgets) * settings.trials_per_cell if settings.trials_per_cell else (
+        settings.num_samples)
+    if settings.sampler != "grid" and trials != asked:
+        rule += f"; {trials} trials, as a cell runs at least its start points"
+    empty = [cell_label(c) for c, _, n in budgets if n == 0]
+    return {"space": space.name, "sampler": settings.sampler, "pruner": space.search.pruner,
             "backbones": space.backbones, "regularisers": space.regularisers,
             "grid_size": grid, "trials": trials,
+            # the rows of the paper's table; each has its own trials, sampler and pruner
+            "cell_keys": list(space.cells),
+            "budget": rule,
+            "pruning": ("none" if settings.pruner == "none" else
+                        f"{settings.pruner}, each trial against its own cell's trials"),
+            "cells": {cell_label(c): n for c, _, n in budgets},
+            **({"cells_without_trials": (f"{len(empty)} of {len(budgets)}: raise num_samples "
+                                         "or set --trials-per-cell")} if empty else {}),
             # what runs first (for the grid: the grid points of the start points)
             "start_points": initial_points(space)[:len(space.start_points)],
             "max_epochs": space.search.max_epochs,
@@ -490,8 +519,14 @@ def print_start(space: SearchSpace, name: str, tracker, ui=None, ui_asked: bool 
     print(f"Search {name!r}: {counts['trials']} trials ({counts['sampler']} sampler, "
           f"{pruning}) of up to {counts['max_epochs']} epochs each, at most "
           f"{counts['trial_epochs_at_most']} trial-epochs{budget_note}.")
-    print(f"MLflow {redact_uris(uri)}: experiment {tracker.experiment_name!r} "
-          f"(id {tracker.experiment_id}), parent run {name!r} (id {tracker.parent_run_id}).")
+    sizes = sorted(set(counts["cells"].values()))
+    each = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+    print(f"Cells (the rows of the table, by {', '.join(counts['cell_keys'])}): "
+          f"{len(counts['cells'])}, {each} trials each; each cell's sampler learns from its own "
+          "trials" + ("" if counts["pruner"] == "none" else
+                      ", and the pruner compares a trial with its own cell's") + ".")
+    print(f"MLflow {redact_uris(uri)}: experiment {tracker.experiment_name!r} (id {tracker.experiment_id}), "
+          f"parent run {name!r} (id {tracker.parent_run_id}).")
     print(f"Watch the runs: {redact_uris(tracker.ui_command())}")
     print(f"  then open     {runs}")
     print(f"  this search   {runs}/{tracker.parent_run_id}")
@@ -575,7 +610,8 @@ def run_search(space: SearchSpace, data: MultimodalData, args: argparse.Namespac
     if args.verbose == 0:
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     with ThreadPoolExecutor(1, thread_name_prefix="mlflow-open") as pool:
-        opening = pool.submit(Tracker, tracking_uri, experiment_name=space.name)
+        opening = pool.submit(Tracker, tracking_uri, experiment_name=space.name,
+                              cell_keys=space.cells)
         init_ray(args.address, args.verbose)
         check_cluster_resources(space)  # before any MLflow run or trial exists
         try:
@@ -648,8 +684,8 @@ def _run(space: SearchSpace, data: MultimodalData, args: argparse.Namespace, sto
     from ray.tune.search import ConcurrencyLimiter
 
     from trainables.trainable import train_fusion
-    from tuner.pruning import (OptunaPruningScheduler, SearchBudget, StudySearch,
-                               StudySearchGenerator, make_pruner, make_sampler)
+    from tuner.pruning import (OptunaPruningScheduler, SearchBudget, StudySearchGenerator,
+                               cell_search)
     from tuner.tracking import DiskSpaceGuard, MlflowTrialCallback, git_commit, rebind_callbacks
 
     settings = space.search
@@ -657,6 +693,9 @@ def _run(space: SearchSpace, data: MultimodalData, args: argparse.Namespace, sto
         name,
         params={"space": space.name, "sampler": settings.sampler, "pruner": settings.pruner,
                 "num_samples": settings.num_samples, "max_epochs": settings.max_epochs,
+                **({"trials_per_cell": settings.trials_per_cell}
+                   if settings.trials_per_cell else {}),
+                "cells": ",".join(space.cells),
                 "grace_epochs": settings.grace_epochs, "seed": settings.seed,
                 "backbones": ",".join(space.backbones),
                 "regularisers": ",".join(space.regularisers),
@@ -679,7 +718,7 @@ def _run(space: SearchSpace, data: MultimodalData, args: argparse.Namespace, sto
     try:
         trainable = tune.with_resources(
             tune.with_parameters(train_fusion, data=data), space.resources.ray_resources())
-        num_samples = space.grid_size() if settings.sampler == "grid" else settings.num_samples
+        num_samples = sum(n for _, _, n in space.cell_budgets())
         if stop is None and budget and not args.resume:
             stop = SearchBudget(trial_epochs=budget, search=name)
         experiment = experiment_path(storage, name)
@@ -691,14 +730,10 @@ def _run(space: SearchSpace, data: MultimodalData, args: argparse.Namespace, sto
             rebind_callbacks(tuner, tracker)  # write where --mlflow-uri says now
             print(f"Resuming search {name!r} from {redact_uris(experiment)}.", flush=True)
         else:
-            pruner = make_pruner(settings.pruner, settings.grace_epochs, settings.max_epochs)
-            sampler = make_sampler(settings.sampler, settings.seed, settings.num_samples)
-            searcher = StudySearch(
-                space=space.define_by_run(settings.sampler, settings.max_epochs, settings.seed),
-                metric=space.objective, mode=space.mode, sampler=sampler, pruner=pruner,
-                study_name=name, storage=optuna.storages.RDBStorage(study_storage),
-                points_to_evaluate=initial_points(space) or None,
-            )
+            # one study; each cell its own trials, sampler and pruner (tuner.pruning.CellSearch)
+            searcher, num_samples = cell_search(
+                space, study_name=name, storage=optuna.storages.RDBStorage(study_storage))
+            pruner = searcher.study.pruner if settings.pruner != "none" else None
             search_alg = StudySearchGenerator(
                 ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent)
                 if settings.max_concurrent else searcher)

@@ -12,6 +12,7 @@ A space file (``search_spaces/NAME.yaml``)::
     ranges:  {lr: {low: 1.0e-4, high: 5.0e-3, log: true}}   # for the other samplers
     fixed:   {batch_size: 32}
     search:  {sampler: tpe, pruner: median, num_samples: 8, max_epochs: 6, grace_epochs: 2}
+                                       # trials_per_cell: N instead of num_samples: N per cell
     resources: {cpu: 1, gpu: 0}      # custom: {accel_a10g: 1} for custom Ray resources
     seeds: [0, 1, 2]                   # seeds of the multi-seed report
     cells: [backbone, regulariser, regulariser.estimator]   # the keys of a table row
@@ -29,7 +30,11 @@ A trial's *cell* is the row of its paper's table that it belongs to: the values 
 per L_kl / L_f / L_W). A cell key that a pair does not read is not part of that pair's cell (the
 ``none`` baseline of a backbone is one cell). Cell keys other than backbone and regulariser must be
 searched over a finite list (``grid``, or ``ranges`` choices) or fixed. Budgets, pruning and the
-table's choice of a configuration are made per cell (:func:`cell_of`, :meth:`SearchSpace.cells_of_space`).
+table's choice of a configuration are made per cell (:func:`cell_of`,
+:meth:`SearchSpace.cells_of_space`): each cell gets its own trials (``search.trials_per_cell``, else ``num_samples`` shared out evenly;
+the grid sampler: the cell's grid points, :meth:`SearchSpace.cell_budgets`), its own sampler, which
+learns from its own trials only, and a pruner that compares a trial with its own cell's trials
+(:class:`tuner.pruning.CellSearch`).
 
 Only a validation metric selects (:data:`SELECTION_METRICS`: ``valid_`` + each key of
 ``trainables.metrics.compute_metrics``); ``train_*``, ``test_*`` or an unknown name is an error.
@@ -242,8 +247,12 @@ class RangeSpec:
 class SearchSettings:
     sampler: Literal["grid", "tpe", "random", "cmaes", "qmc"] = "tpe"
     pruner: Literal["none", "median", "successive_halving", "hyperband", "asha"] = "median"
-    #: trials to run (ignored by the grid sampler, which runs the whole grid)
+    #: trials to run, shared out evenly over the space's cells (ignored by the grid sampler,
+    #: which runs the whole grid, and when ``trials_per_cell`` is set)
     num_samples: int = 8
+    #: trials each cell gets (TPE, random, CMA-ES, QMC): the search runs cells x this many
+    #: trials instead of ``num_samples``; the grid sampler runs each cell's grid
+    trials_per_cell: int | None = None
     max_epochs: int = 10
     #: a pruner may stop a trial once it has run this many epochs (not before)
     grace_epochs: int = 2
@@ -262,6 +271,8 @@ class SearchSettings:
     def validate(self) -> None:
         if self.num_samples < 1:
             raise ConfigError(f"num_samples: expected >= 1, got {self.num_samples}")
+        if self.trials_per_cell is not None and self.trials_per_cell < 1:
+            raise ConfigError(f"trials_per_cell: expected >= 1, got {self.trials_per_cell}")
         if self.max_epochs < 1:
             raise ConfigError(f"max_epochs: expected >= 1, got {self.max_epochs}")
         if self.grace_epochs < 1:
@@ -364,16 +375,61 @@ class SearchSpace:
     def cells_of_space(self, sampler: str | None = None) -> list[Cell]:
         """Every cell this space can produce under ``sampler`` (default: the space's own), in
         backbone, regulariser, value order."""
+        return [cell for cell, _ in self.cell_points(sampler)]
+
+    def cell_points(self, sampler: str | None = None) -> list[tuple[Cell, dict[str, Any]]]:
+        """:meth:`cells_of_space`, each cell with the point that pins it: backbone, regulariser
+        and the other cell keys its pair reads, with the space's own (typed) values."""
         sampler = sampler or self.search.sampler
-        out: list[Cell] = []
+        out: dict[Cell, dict[str, Any]] = {}
         for backbone, reg in self.model_pairs():
             keys = [k for k in self.cells if k not in ("backbone", "regulariser")
                     and self.applies(k, backbone, reg)]
             for values in itertools.product(*(self.cell_values(k, sampler) for k in keys)):
                 point = {"backbone": backbone, "regulariser": reg, **dict(zip(keys, values))}
-                cell = self.cell(point)
-                if cell not in out:
-                    out.append(cell)
+                out.setdefault(self.cell(point), point)
+        return list(out.items())
+
+    def first_points(self, sampler: str | None = None) -> list[tuple[Cell, dict[str, Any]]]:
+        """What a search runs first, in order, each point with its cell: the whole grid for the
+        grid sampler (:meth:`grid_points`), else the start points. A start point that leaves a
+        cell key open goes to the first cell that agrees with it (and whose pair reads all its
+        keys), and is completed with that cell's values."""
+        sampler = sampler or self.search.sampler
+        cells = self.cell_points(sampler)
+        points = self.grid_points() if sampler == "grid" else [dict(p) for p in self.start_points]
+        out = []
+        for point in points:
+            match = next(((cell, {**pinned, **point}) for cell, pinned in cells
+                          if all(point.get(k, v) == v for k, v in pinned.items())
+                          and all(self.applies(k, pinned["backbone"], pinned["regulariser"])
+                                  for k in point)), None)
+            if match is None:
+                raise SpaceError(f"{self.source or self.name}: start point {point} is in no cell "
+                                 f"of this space ({', '.join(cell_label(c) for c, _ in cells)})")
+            out.append(match)
+        return out
+
+    def cell_budgets(self, sampler: str | None = None) -> list[tuple[Cell, dict[str, Any], int]]:
+        """The trials each cell gets, in :meth:`cell_points` order, with the point that pins it.
+
+        Grid sampler: the cell's grid points. Otherwise ``search.trials_per_cell`` each when set,
+        else ``search.num_samples`` shared out evenly (the first cells get one more when it does
+        not divide). A cell runs at least its start points."""
+        sampler = sampler or self.search.sampler
+        cells = self.cell_points(sampler)
+        firsts: dict[Cell, int] = {}
+        for cell, _ in self.first_points(sampler):
+            firsts[cell] = firsts.get(cell, 0) + 1
+        per_cell = self.search.trials_per_cell
+        base, extra = divmod(self.search.num_samples, len(cells))
+        out = []
+        for i, (cell, point) in enumerate(cells):
+            if sampler == "grid":
+                budget = firsts.get(cell, 0)
+            else:
+                budget = max(per_cell if per_cell else base + (i < extra), firsts.get(cell, 0))
+            out.append((cell, point, budget))
         return out
 
     def grid_points(self) -> list[dict[str, Any]]:
@@ -481,6 +537,7 @@ class SearchSpace:
                     f"backbone x regulariser) is more than the {MAX_GRID_POINTS:,} trials a grid "
                     "search may run; use fewer values (or --backbone/--regulariser), or a sampler "
                     "that draws from the grid, e.g. --sampler tpe --num-samples N")
+        self.first_points()  # every start point lies in a cell
         # every pair must build with the fixed values and one value of each sampled key
         for backbone, reg in self.model_pairs():
             point = {"backbone": backbone, "regulariser": reg,

@@ -37,6 +37,7 @@ from ray.tune import Callback
 from trainables.config import TrialConfig
 from trainables.data import MultimodalData
 from tuner.redact import redact_uris
+from tuner.spaces import DEFAULT_CELL_KEYS, cell_of, cell_tag
 
 __all__ = ["DEFAULT_TRACKING_URI", "absolute_sqlite_uri", "all_runs", "DiskFull", "DiskSpaceGuard", "Tracker", "MlflowTrialCallback", "disk_full",
            "final_status", "git_commit", "rebind_callbacks"]
@@ -182,8 +183,11 @@ class Tracker:
     """The experiment and parent run of one search."""
 
     def __init__(self, tracking_uri: str, experiment_name: str,
-                 artifact_root: str | Path | None = None) -> None:
+                 artifact_root: str | Path | None = None,
+                 cell_keys: "list[str] | tuple[str, ...]" = DEFAULT_CELL_KEYS) -> None:
         self.tracking_uri = tracking_uri
+        #: the space's ``cells`` keys: each child run's ``cell`` tag (tuner.spaces.cell_tag)
+        self.cell_keys = tuple(cell_keys)
         if tracking_uri.startswith(("http://", "https://")):
             for key, value in HTTP_DEFAULTS.items():
                 os.environ.setdefault(key, value)
@@ -427,10 +431,20 @@ class Tracker:
                 "regulariser": str(config.get("regulariser")),
                 "seed": str(config.get("seed")),
                 "status": "running",
+                **self._cell_tag(config),
             },
         )
         self._log_params(run.info.run_id, params)
         return run.info.run_id
+
+    def _cell_tag(self, config: dict[str, Any]) -> dict[str, str]:
+        """``{"cell": ...}``: the row of the paper's table the trial belongs to (none for a
+        config without backbone or regulariser)."""
+        try:
+            cell = cell_of(config, getattr(self, "cell_keys", DEFAULT_CELL_KEYS))
+        except KeyError:
+            return {}
+        return {"cell": cell_tag(cell)}
 
     def finish_child(self, run_id: str, status: str, tags: dict[str, str] | None = None) -> None:
         tags = {"status": status, **(tags or {})}
