@@ -51,7 +51,7 @@ import yaml
 
 from trainables.config import ConfigError, TrialConfig
 from trainables.data import DROP_SETS, DROPPABLE, DataError, MultimodalData, drop_set
-from tuner.search import UsageError  # one error type (one line, exit 2) for the project's CLIs
+from tuner.preflight import UsageError  # one error type (one line, exit 2) for the project's CLIs
 from tuner.tracking import NEVER_BEST, all_runs, finite, parse_param
 
 __all__ = ["REPORT_METRICS", "ROBUSTNESS_METRICS", "build_parser", "main", "mann_whitney",
@@ -70,10 +70,10 @@ BASELINE = "none"
 
 # ---------------------------------------------------------------------------------- the CLI
 def build_parser() -> argparse.ArgumentParser:
-    from tuner.search import _OneLineParser
+    from tuner.preflight import OneLineParser
     from tuner.tracking import DEFAULT_TRACKING_URI
 
-    p = _OneLineParser(
+    p = OneLineParser(
         prog="python -m tuner.report",
         description="Multi-seed re-runs of a search's best configuration against its "
                     "unregularised twin: test metrics with Mann-Whitney U p-values, modality-drop "
@@ -278,14 +278,14 @@ def load_search_data(client, info: SearchInfo, spec: str | None, nonfinite: str,
                      unlabeled: str | None = None) -> MultimodalData:
     """The search's data (or ``spec``) with its unlabeled data (the search's ``--unlabeled``, or
     ``unlabeled``), checked against the search's data hash (which covers the unlabeled split)."""
-    from tuner.search import _load_data
+    from tuner.preflight import load_data
 
     if spec is None:
         spec = info.space(client).get("data") or info.parent.data.tags.get("data_source")
         if not spec:
             raise UsageError(f"search {info.name!r}: records no data source; pass --data")
     unlabeled = unlabeled or info.parent.data.tags.get("unlabeled_path")
-    data = _load_data(spec, nonfinite, unlabeled)
+    data = load_data(spec, nonfinite, unlabeled)
     if info.data_digest and data.digest != info.data_digest:
         raise UsageError(f"{spec}: not the search's data (sha256 {data.digest[:12]}... here, "
                          f"{info.data_digest[:12]}... recorded by search {info.name!r})")
@@ -348,7 +348,7 @@ def run_reruns(variants: dict[str, dict[str, Any]], seeds: list[int], data: Mult
     from ray import tune
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig
 
-    from tuner.search import init_ray
+    from tuner.preflight import init_ray
     from tuner.tracking import final_status
 
     init_ray(args.address, args.verbose)
@@ -827,7 +827,7 @@ def run_report(args: argparse.Namespace, command: str) -> int:
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
-    from tuner.search import check_address, check_tracking_uri, study_storage_for
+    from tuner.preflight import check_address, check_tracking_uri, study_storage_for
     from tuner.tracking import DEFAULT_TRACKING_URI, Tracker, absolute_sqlite_uri, git_commit
 
     if args.seeds is not None:
@@ -975,6 +975,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from tuner.search import exit_cli
+    from tuner.preflight import exit_cli
 
     exit_cli(main())
