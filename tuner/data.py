@@ -148,7 +148,7 @@ def summary(data: MultimodalData) -> str:
 
 def _load(path: str, nonfinite: str, unlabeled: str | None = None) -> MultimodalData:
     # the pickle warning becomes one "warning:" line, printed before the pickle is read
-    from tuner.search import warning_lines
+    from tuner.preflight import warning_lines
 
     with warning_lines():
         return load_dataset(path, nonfinite=nonfinite, unlabeled=unlabeled)

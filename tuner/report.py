@@ -1,5 +1,9 @@
 """``python -m tuner.report --experiment NAME``: results of a finished search that can be published.
 
+With ``--table`` it writes the papers' tables instead (:mod:`tuner.table`): every cell (backbone x
+regulariser variant) its own best trial on validation, re-run over the seeds and tested against its
+backbone's ``none`` cell. Without it, it is an ablation at fixed hyperparameters:
+
 A search ends with one best trial, i.e. one lucky seed. The report takes the search's best
 configuration (chosen on the validation metric only, never on test), re-trains it with N seeds next
 to its twin without regulariser (``regulariser: none``, every other hyper-parameter the same), and
@@ -50,8 +54,8 @@ import yaml
 
 from trainables.config import ConfigError, TrialConfig
 from trainables.data import DROP_SETS, DROPPABLE, DataError, MultimodalData, drop_set
+from tuner.preflight import UsageError  # one error type (one line, exit 2) for the project's CLIs
 from tuner.redact import redact_uris
-from tuner.search import UsageError  # one error type (one line, exit 2) for the project's CLIs
 from tuner.spaces import MAX_SEEDS, SpaceError, check_name
 from tuner.tracking import NEVER_BEST, all_runs, finite, parse_param
 
@@ -89,23 +93,39 @@ def collapsed_note(run: Any) -> str | None:
 
 # ---------------------------------------------------------------------------------- the CLI
 def build_parser() -> argparse.ArgumentParser:
-    from tuner.search import _OneLineParser
+    from tuner.preflight import OneLineParser
     from tuner.tracking import DEFAULT_TRACKING_URI
 
-    p = _OneLineParser(
+    p = OneLineParser(
         prog="python -m tuner.report",
         description="Multi-seed re-runs of a search's best configuration against its "
-                    "unregularised twin: test metrics with Mann-Whitney U p-values, modality-drop "
-                    "robustness, critic scores, plots and a Markdown report.",
-        epilog="Example: python -m tuner.report --experiment smoke --seeds 10",
+                    "unregularised twin (an ablation at fixed hyperparameters): test metrics with "
+                    "Mann-Whitney U p-values, modality-drop robustness, critic scores, plots and a "
+                    "Markdown report. With --table: the papers' tables, every cell (backbone x "
+                    "regulariser variant) its own best trial, re-run over the seeds and tested "
+                    "against its backbone's none cell.",
+        epilog="Examples: python -m tuner.report --experiment smoke --seeds 10\n"
+               "          python -m tuner.report --table --experiment mdm --seeds 10 --dry-run",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--experiment", help="MLflow experiment (= space name) of the search; "
                        "its newest search unless --search names one")
     which.add_argument("--run-id", help="the MLflow run id of a search's parent run")
-    p.add_argument("--search", help="with --experiment: the search name (its parent run's "
-                   "`search` tag, the --name given to tuner.search)")
+    p.add_argument("--search", action="append",
+                   help="with --experiment: the search name (its parent run's `search` tag, the "
+                        "--name given to tuner.search); with --table repeat it to merge searches "
+                        "(of any space) on the same data into one table")
+    p.add_argument("--table", action="store_true",
+                   help="the papers' table instead of the single-pair ablation: every cell "
+                        "(backbone x regulariser variant) its own best trial, re-run over the "
+                        "seeds, tested against its backbone's `none` cell (docs/report.md)")
+    p.add_argument("--dataset", choices=("mosi", "mosei"),
+                   help="with --table: the data is CMU-MOSI / CMU-MOSEI; table.md shows the "
+                        "papers' own numbers beside ours")
+    p.add_argument("--dry-run", action="store_true",
+                   help="with --table: print the cells, the chosen trials, the re-runs and their "
+                        "trial-epochs, and exit")
     p.add_argument("--mlflow-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                    help=f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
                         f"{DEFAULT_TRACKING_URI})")
@@ -314,7 +334,7 @@ def load_search_data(client, info: SearchInfo, spec: str | None, nonfinite: str,
                      unlabeled: str | None = None) -> MultimodalData:
     """The search's data (or ``spec``) with its unlabeled data (the search's ``--unlabeled``, or
     ``unlabeled``), checked against the search's data hash (which covers the unlabeled split)."""
-    from tuner.search import _load_data
+    from tuner.preflight import load_data
 
     if spec is None:
         spec = info.space(client).get("data") or info.parent.data.tags.get("data_source")
@@ -325,7 +345,7 @@ def load_search_data(client, info: SearchInfo, spec: str | None, nonfinite: str,
         unlabeled = info.parent.data.tags.get("unlabeled_path")
         if unlabeled:
             refuse_recorded_pickle(info, unlabeled, "--unlabeled")
-    data = _load_data(spec, nonfinite, unlabeled)
+    data = load_data(spec, nonfinite, unlabeled)
     if info.data_digest and data.digest != info.data_digest:
         raise UsageError(f"{spec}: not the search's data (sha256 {data.digest[:12]}... here, "
                          f"{info.data_digest[:12]}... recorded by search {info.name!r})")
@@ -402,7 +422,7 @@ def run_reruns(variants: dict[str, dict[str, Any]], seeds: list[int], data: Mult
     from ray import tune
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig
 
-    from tuner.search import init_ray
+    from tuner.preflight import init_ray
     from tuner.tracking import final_status
 
     init_ray(args.address, args.verbose)
@@ -887,7 +907,7 @@ def run_report(args: argparse.Namespace, command: str) -> int:
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
-    from tuner.search import check_address, check_tracking_uri, study_storage_for
+    from tuner.preflight import check_address, check_tracking_uri, study_storage_for
     from tuner.tracking import DEFAULT_TRACKING_URI, Tracker, absolute_sqlite_uri, git_commit
 
     if args.seeds is not None:
@@ -901,17 +921,24 @@ def run_report(args: argparse.Namespace, command: str) -> int:
     if args.search and not args.experiment:
         raise UsageError("--search: use it with --experiment (--run-id names the search already)")
     for flag in ("experiment", "search", "name"):
-        if getattr(args, flag) is not None:
+        for value in (lambda v: v if isinstance(v, list) else [v])(getattr(args, flag)):
+            if value is None:
+                continue
             try:
-                check_name(getattr(args, flag), f"--{flag}")
+                check_name(value, f"--{flag}")
             except SpaceError as exc:
                 raise UsageError(str(exc)) from None
+    if args.search and len(args.search) > 1:
+        raise UsageError("--search: several searches merge only into a table (--table)")
+    if args.dataset or args.dry_run:
+        raise UsageError(f"{'--dataset' if args.dataset else '--dry-run'}: only with --table")
     check_tracking_uri(args.mlflow_uri)
     check_address(args.address)
     # absolute: MLflow caches one store per URI string per process
     tracking_uri = absolute_sqlite_uri(args.mlflow_uri or DEFAULT_TRACKING_URI)
     client = MlflowClient(tracking_uri=tracking_uri)
-    info = find_search(client, args.experiment, args.run_id, args.search)
+    info = find_search(client, args.experiment, args.run_id,
+                       args.search[0] if args.search else None)
     selection = check_search_selection(info)
     if selection:
         print(f"warning: {selection}", file=sys.stderr)
@@ -1042,6 +1069,10 @@ def main(argv: list[str] | None = None) -> int:
     command = command_line("tuner.report", sys.argv[1:] if argv is None else argv)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
+        if args.table:
+            from tuner.table import run_table
+
+            return run_table(args, command)
         return run_report(args, command)
     except (UsageError, ConfigError, DataError) as exc:
         print(f"error: {redact_uris(exc)}", file=sys.stderr)
@@ -1049,6 +1080,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from tuner.search import exit_cli
+    from tuner.preflight import exit_cli
 
     exit_cli(main())
