@@ -85,8 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--experiment", help="MLflow experiment (= space name) of the search; "
                        "its newest search unless --search names one")
     which.add_argument("--run-id", help="the MLflow run id of a search's parent run")
-    p.add_argument("--search", help="with --experiment: the search name (its parent run's "
-                   "`search` tag, the --name given to tuner.search)")
+    p.add_argument("--search", action="append",
+                   help="with --experiment: the search name (its parent run's `search` tag, the "
+                        "--name given to tuner.search); with --table repeat it to merge searches "
+                        "(of any space) on the same data into one table")
+    p.add_argument("--table", action="store_true",
+                   help="the papers' table instead of the single-pair ablation: every cell "
+                        "(backbone x regulariser variant) its own best trial, re-run over the "
+                        "seeds, tested against its backbone's `none` cell (docs/report.md)")
+    p.add_argument("--dataset", choices=("mosi", "mosei"),
+                   help="with --table: the data is CMU-MOSI / CMU-MOSEI; table.md shows the "
+                        "papers' own numbers beside ours")
+    p.add_argument("--dry-run", action="store_true",
+                   help="with --table: print the cells, the chosen trials, the re-runs and their "
+                        "trial-epochs, and exit")
     p.add_argument("--mlflow-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                    help=f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
                         f"{DEFAULT_TRACKING_URI})")
@@ -840,12 +852,17 @@ def run_report(args: argparse.Namespace, command: str) -> int:
         raise UsageError("--cpus-per-trial must be > 0, --gpus-per-trial and --max-concurrent >= 0")
     if args.search and not args.experiment:
         raise UsageError("--search: use it with --experiment (--run-id names the search already)")
+    if args.search and len(args.search) > 1:
+        raise UsageError("--search: several searches merge only into a table (--table)")
+    if args.dataset or args.dry_run:
+        raise UsageError(f"{'--dataset' if args.dataset else '--dry-run'}: only with --table")
     check_tracking_uri(args.mlflow_uri)
     check_address(args.address)
     # absolute: MLflow caches one store per URI string per process
     tracking_uri = absolute_sqlite_uri(args.mlflow_uri or DEFAULT_TRACKING_URI)
     client = MlflowClient(tracking_uri=tracking_uri)
-    info = find_search(client, args.experiment, args.run_id, args.search)
+    info = find_search(client, args.experiment, args.run_id,
+                       args.search[0] if args.search else None)
     selection = check_search_selection(info)
     if selection:
         print(f"warning: {selection}", file=sys.stderr)
@@ -968,6 +985,10 @@ def main(argv: list[str] | None = None) -> int:
                           *(sys.argv[1:] if argv is None else argv)])
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
+        if args.table:
+            from tuner.table import run_table
+
+            return run_table(args, command)
         return run_report(args, command)
     except (UsageError, ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -15,6 +15,7 @@ A space file (``search_spaces/NAME.yaml``)::
     resources: {cpu: 1, gpu: 0}      # custom: {accel_a10g: 1} for custom Ray resources
     seeds: [0, 1, 2]                   # seeds of the multi-seed report
     cells: [backbone, regulariser, regulariser.estimator]   # the keys of a table row
+    table: {test: mann_whitney}        # the table's test against the baseline (tuner.table)
 
 Keys of ``grid``/``ranges``/``fixed`` are trial-config keys (``lr``, ``batch_size``...) or
 ``backbone.X`` / ``regulariser.X`` fields. A key applies to a trial when the trial's backbone or
@@ -58,6 +59,8 @@ __all__ = [
     "SearchSettings",
     "Resources",
     "SearchSpace",
+    "TableSettings",
+    "TABLE_TESTS",
     "SpaceError",
     "DEFAULT_CELL_KEYS",
     "Cell",
@@ -237,6 +240,25 @@ class Resources:
         return {"cpu": self.cpu, "gpu": self.gpu, **{k: float(v) for k, v in self.custom.items()}}
 
 
+#: the tests the table (:mod:`tuner.table`) can run against a backbone's ``none`` cell
+TABLE_TESTS = ("mann_whitney", "paired_t")
+
+
+@dataclass
+class TableSettings:
+    """How ``python -m tuner.report --table`` compares a cell with its backbone's ``none`` cell:
+    the paper's own test (MDM, Table 1: two-sided Wilcoxon-Mann-Whitney over 10 seeds; MMIM,
+    Table 2: a paired t-test; ``mann_whitney`` where a paper names none) and the level below
+    which Holm's corrected p-value marks a cell significant."""
+
+    test: Literal["mann_whitney", "paired_t"] = "mann_whitney"
+    alpha: float = 0.05
+
+    def validate(self) -> None:
+        if not 0 < self.alpha < 1:
+            raise ConfigError(f"alpha: expected a level between 0 and 1, got {self.alpha}")
+
+
 @dataclass
 class SearchSpace:
     name: str
@@ -256,6 +278,8 @@ class SearchSpace:
     start_points: list[dict[str, Any]] = field(default_factory=list)
     #: the keys that make a row of the paper's table (a trial's *cell*); see the module docstring
     cells: list[str] = field(default_factory=lambda: list(DEFAULT_CELL_KEYS))
+    #: the table's statistics (:class:`TableSettings`)
+    table: TableSettings = field(default_factory=TableSettings)
     #: where the space was read from (for messages and MLflow)
     source: str = ""
     #: whether ``mode`` was chosen for this metric (the YAML has the key, or ``--set mode=``)
@@ -526,7 +550,8 @@ def space_from_dict(raw: Any, source: str) -> SearchSpace:
                                    f"ranges.{k}")
                 for k, v in raw["ranges"].items()
             }
-        for key, cls in (("search", SearchSettings), ("resources", Resources)):
+        for key, cls in (("search", SearchSettings), ("resources", Resources),
+                         ("table", TableSettings)):
             if key in raw:
                 if not isinstance(raw[key], dict):
                     raise ConfigError(f"{key}: expected a mapping, got {raw[key]!r}")
@@ -626,14 +651,14 @@ def apply_overrides(space: SearchSpace, overrides: list[str]) -> SearchSpace:
         key, value = parse_override(text)
         set_keys[key] = value
         section, dot, rest = key.partition(".")
-        if section in ("grid", "ranges", "fixed", "search", "resources") and dot:
+        if section in ("grid", "ranges", "fixed", "search", "resources", "table") and dot:
             raw[section][rest] = value
         elif not dot and section in raw:
             raw[section] = value
         else:
             raise SpaceError(
                 f"--set {key}: expected a space key (name, data, metric, mode, seeds, backbones, "
-                "regularisers) or grid.K / ranges.K / fixed.K / search.K / resources.K"
+                "regularisers) or grid.K / ranges.K / fixed.K / search.K / resources.K / table.K"
             )
     if "mode" not in set_keys:
         metric = set_keys.get("metric", space.metric)
