@@ -363,3 +363,61 @@ def test_the_papers_numbers_are_well_formed():
     keys = [(r["paper"], r["table"], r["dataset"], r["backbone"], r["regulariser"], r["variant"],
              r["metric"]) for r in rows]
     assert len(keys) == len(set(keys))
+
+
+def test_a_bad_table_test_in_a_space_is_one_line():
+    from tuner.spaces import SpaceError, space_from_dict
+
+    raw = {"backbones": ["ef_lstm"], "regularisers": ["none", "mdm"], "table": {"test": "wilcoxon"}}
+    with pytest.raises(SpaceError, match="x.yaml: table: test: expected one of .mann_whitney., .paired_t., got .wilcoxon."):
+        space_from_dict(raw, "x.yaml")
+    raw["table"] = {"test": "paired_t", "alpha": 1.5}
+    with pytest.raises(SpaceError, match="x.yaml: table: alpha: expected a level between 0 and 1"):
+        space_from_dict(raw, "x.yaml")
+
+
+# ---------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_tiny_search_then_table_end_to_end(tmp_path, monkeypatch, small_data, ray_local, capsys):
+    """A real grid search (EF-LSTM, none and MDM, two learning rates, one epoch) and its table
+    over 2 seeds: each cell's own best trial, 4 re-runs as children of the MLflow table run, and
+    p-values equal to scipy's on the re-runs' test MAE."""
+    from scipy.stats import mannwhitneyu
+
+    from trainables.data.parquet import write_parquet
+    from tuner.report import main as report
+    from tuner.search import main as search
+
+    monkeypatch.chdir(tmp_path)
+    space = {"name": "tinytable", "backbones": ["ef_lstm"], "regularisers": ["none", "mdm"],
+             "data": str(write_parquet(small_data, tmp_path / "data")),
+             "grid": {"lr": [0.005, 0.001]},
+             "fixed": {"batch_size": 32, "patience": 0, "regulariser.unroll": 1,
+                       "regulariser.estimator": "kl", "backbone.hidden": 8},
+             "search": {"sampler": "grid", "pruner": "none", "max_epochs": 1, "seed": 0},
+             "seeds": [0, 1]}
+    (tmp_path / "tinytable.yaml").write_text(yaml.safe_dump(space))
+    assert search(["--space", str(tmp_path / "tinytable.yaml"), "--name", "s1"]) == 0
+    capsys.readouterr()
+    assert report(["--table", "--experiment", "tinytable", "--out", "out", "--name", "tt"]) == 0
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tinytable")
+    trials = client.search_runs([exp.experiment_id], "tags.run_kind = 'trial'")
+    with open("out/table.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["regulariser"] for r in rows] == ["none", "mdm"]
+    for row in rows:
+        own = [t for t in trials if t.data.params["regulariser"] == row["regulariser"]]
+        assert row["trial_run_id"] == min(own, key=lambda t: t.data.metrics["best_valid_mae"]).info.run_id
+        assert row["n"] == "2"
+    table_run = client.search_runs([exp.experiment_id], "tags.run_kind = 'table'")[0]
+    reruns = client.search_runs([exp.experiment_id],
+                                f"tags.mlflow.parentRunId = '{table_run.info.run_id}'")
+    assert len(reruns) == 4 and {r.data.tags["run_kind"] for r in reruns} == {"rerun"}
+    mae = {cell: [r.data.metrics["test_mae"] for r in reruns if r.data.tags["cell"] == cell]
+           for cell in ("backbone=ef_lstm,regulariser=none", "backbone=ef_lstm,regulariser=mdm")}
+    values = list(mae.values())
+    expected = (1.0 if len(set(values[0] + values[1])) == 1
+                else mannwhitneyu(values[1], values[0], alternative="two-sided").pvalue)
+    assert float(rows[1]["p_value"]) == pytest.approx(expected)
+    assert (tmp_path / "out" / "table.md").read_text().count("### ef_lstm") == 1
