@@ -1,5 +1,9 @@
 """``python -m tuner.report --experiment NAME``: results of a finished search that can be published.
 
+With ``--table`` it writes the papers' tables instead (:mod:`tuner.table`): every cell (backbone x
+regulariser variant) its own best trial on validation, re-run over the seeds and tested against its
+backbone's ``none`` cell. Without it, it is an ablation at fixed hyperparameters:
+
 A search ends with one best trial, i.e. one lucky seed. The report takes the search's best
 configuration (chosen on the validation metric only, never on test), re-trains it with N seeds next
 to its twin without regulariser (``regulariser: none``, every other hyper-parameter the same), and
@@ -76,9 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="python -m tuner.report",
         description="Multi-seed re-runs of a search's best configuration against its "
-                    "unregularised twin: test metrics with Mann-Whitney U p-values, modality-drop "
-                    "robustness, critic scores, plots and a Markdown report.",
-        epilog="Example: python -m tuner.report --experiment smoke --seeds 10",
+                    "unregularised twin (an ablation at fixed hyperparameters): test metrics with "
+                    "Mann-Whitney U p-values, modality-drop robustness, critic scores, plots and a "
+                    "Markdown report. With --table: the papers' tables, every cell (backbone x "
+                    "regulariser variant) its own best trial, re-run over the seeds and tested "
+                    "against its backbone's none cell.",
+        epilog="Examples: python -m tuner.report --experiment smoke --seeds 10\n"
+               "          python -m tuner.report --table --experiment mdm --seeds 10 --dry-run",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     which = p.add_mutually_exclusive_group(required=True)
