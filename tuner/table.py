@@ -128,16 +128,13 @@ def find_named_search(client, experiment: str | None, name: str | None) -> Searc
     (its parent run's ``search`` tag); without a name, the newest search of ``experiment``."""
     if name is None or experiment is None:
         return find_search(client, experiment, None, name)
+    where = f"tags.run_kind = 'search' and tags.search = '{name}'"
     exp = client.get_experiment_by_name(experiment)
-    if exp is not None and client.search_runs(
-            [exp.experiment_id], filter_string=f"tags.run_kind = 'search' and tags.search = '{name}'",
-            max_results=1):
+    if exp is not None and client.search_runs([exp.experiment_id], where, max_results=1):
         return find_search(client, experiment, None, name)
     found = []
     for other in client.search_experiments():
-        runs = client.search_runs([other.experiment_id], max_results=1,
-                                  filter_string=f"tags.run_kind = 'search' and tags.search = '{name}'")
-        if runs:
+        if client.search_runs([other.experiment_id], where, max_results=1):
             found.append(other.name)
     if not found:
         raise UsageError(f"--search {name}: no search of that name in experiment {experiment!r} "
@@ -420,7 +417,8 @@ def robustness_rows(chosen: list[Chosen], reruns: list[Rerun]) -> list[dict[str,
                        "metric": metric}
                 for measure, value_of in (("ratio", robustness_ratio), ("acc2", dropped_metric)):
                     mean, std, n = mean_std([value_of(r, dropped, metric) for r in mine])
-                    row[f"{measure}_mean"], row[f"{measure}_std"], row[f"{measure}_n"] = mean, std, n
+                    row.update({f"{measure}_mean": mean, f"{measure}_std": std,
+                                f"{measure}_n": n})
                 rows.append(row)
     return rows
 
@@ -485,8 +483,8 @@ def markdown(rows: list[dict[str, Any]], chosen: list[Chosen], robust: list[dict
     alpha = chosen[0].search.settings.alpha if chosen else 0.05
     lines = [f"# {title}", "", *header, "",
              f"Each row is a cell's own best trial on validation, re-trained once per seed; "
-             f"test metrics as mean ± sample std over the seeds. Δ {METRIC_TITLES.get(metric, metric)}"
-             f" is the row minus its backbone's `{BASELINE}` row (lower is "
+             "test metrics as mean ± sample std over the seeds. "
+             f"Δ {METRIC_TITLES.get(metric, metric)} is the row minus its backbone's `{BASELINE}` row (lower is "
              f"{'better' if mode == 'min' else 'worse'}), with a percentile-bootstrap 95% "
              f"interval; p: the row's test against `{BASELINE}` (MW: two-sided Mann–Whitney U; "
              f"t: paired t-test over seeds), p_Holm: Holm's correction over the table's "
