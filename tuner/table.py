@@ -39,6 +39,7 @@ import math
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -284,8 +285,6 @@ def bootstrap_interval(samples: tuple[np.ndarray, ...], paired: bool,
     """Percentile-bootstrap interval (scipy.stats.bootstrap, fixed seed) of the difference in
     means: of ``mean(d)`` for one paired sample of differences, else of ``mean(x) - mean(y)``
     with x and y re-sampled independently. NaN where a sample has fewer than 2 values."""
-    import warnings
-
     from scipy.stats import bootstrap
 
     if any(len(s) < 2 for s in samples):
@@ -313,7 +312,9 @@ def paired_t(x: np.ndarray, y: np.ndarray) -> float:
         return math.nan
     if np.all(x == y):
         return 1.0
-    return float(ttest_rel(x, y).pvalue)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # scipy's precision note on constant d
+        return float(ttest_rel(x, y).pvalue)
 
 
 def compare(test: str, cell: dict[int, float], base: dict[int, float]) -> dict[str, Any]:
@@ -576,7 +577,8 @@ def plot_heatmap(rows: list[dict[str, Any]], chosen: list[Chosen], metric: str, 
         i, j = backbones.index(r["backbone"]), columns.index(by_label[r["label"]].row_name)
         grid[i, j] = r["diff_mean"]
         marks[i, j] = _marks(r, alpha).strip()
-    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * max(len(columns), 1), 1.4 + 0.6 * len(backbones)))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 1.5 * len(columns)),
+                                    1.8 + 0.6 * len(backbones)))
     finite_values = grid[np.isfinite(grid)]
     bound = float(np.abs(finite_values).max()) if finite_values.size else 1.0
     # better = blue: for a metric minimised (MAE) a negative change is better
@@ -584,13 +586,14 @@ def plot_heatmap(rows: list[dict[str, Any]], chosen: list[Chosen], metric: str, 
     image = ax.imshow(grid, cmap=cmap, vmin=-bound or -1, vmax=bound or 1, aspect="auto")
     for (i, j), mark in marks.items():
         value = grid[i, j]
+        dark = np.isfinite(value) and abs(value) > 0.6 * bound
         ax.text(j, i, ("nan" if not np.isfinite(value) else f"{value:+.3f}") + mark,
-                ha="center", va="center", fontsize=9)
+                ha="center", va="center", fontsize=9, color="white" if dark else "black")
     ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
     ax.set_yticks(range(len(backbones)), backbones)
     title = METRIC_TITLES.get(metric, metric)
-    ax.set_title(f"Δ test {title} vs none ({'lower' if mode == 'min' else 'higher'} is better; "
-                 f"* Holm p < {alpha:g})", fontsize=9)
+    ax.set_title(f"Δ test {title} against none\n({'lower' if mode == 'min' else 'higher'} is "
+                 f"better; * Holm p < {alpha:g}, † p < {alpha:g})", fontsize=9)
     fig.colorbar(image, ax=ax, label=f"Δ {title}")
     fig.tight_layout()
     path = out / "table_heatmap.png"
