@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -25,7 +26,7 @@ SYN_CELLS = ["backbone", "regulariser", "regulariser.divergence"]
 
 
 # ---------------------------------------------------------------------------------- fake store
-def add_search(client: MlflowClient, experiment: str, name: str, trials: list[dict], *,
+def add_search(client: MlflowClient, experiment: str, name: str, trials: list[dict], root: Path, *,
                cells: list[str] | None = None, table: dict | None = None,
                backbones=("ef_lstm", "tfn"), regularisers=("none", "mdm"),
                digest: str = DIGEST, metric: str = "valid_mae", mode: str = "min") -> list[str]:
@@ -33,7 +34,8 @@ def add_search(client: MlflowClient, experiment: str, name: str, trials: list[di
     effective_space.yaml) and one trial run per ``trials`` item ({params..., "value": best
     validation value, "status": ...}). Returns the trial run ids in order."""
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        experiment, artifact_location=(root / experiment).as_uri())  # not ./mlruns
     parent = client.create_run(exp_id, run_name=name, tags={
         "run_kind": "search", "search": name, "data_digest": digest,
         "data_source": "synthetic:small"}).info.run_id
@@ -96,14 +98,14 @@ def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(uri)
-    ids = {"alpha": add_search(client, "mdm_like", "alpha", ALPHA, cells=MDM_CELLS,
+    ids = {"alpha": add_search(client, "mdm_like", "alpha", ALPHA, root, cells=MDM_CELLS,
                                table={"test": "mann_whitney", "alpha": 0.05}),
-           "beta": add_search(client, "synergy_like", "beta", BETA, backbones=("tfn",),
+           "beta": add_search(client, "synergy_like", "beta", BETA, root, backbones=("tfn",),
                               cells=SYN_CELLS, regularisers=("none", "synergy"),
                               table={"test": "paired_t"}),
-           "gamma": add_search(client, "synergy_like", "gamma", BETA[:1], digest="cd" * 32),
-           "delta": add_search(client, "synergy_like", "delta", BETA[:1], metric="valid_corr",
-                               mode="max")}
+           "gamma": add_search(client, "synergy_like", "gamma", BETA[:1], root, digest="cd" * 32),
+           "delta": add_search(client, "synergy_like", "delta", BETA[:1], root,
+                               metric="valid_corr", mode="max")}
     return uri, client, ids
 
 
