@@ -25,11 +25,10 @@ T → 0 whatever the dependency.
 
 A critic whose output is constant over an epoch (a saturated sigmoid, seen with ``w``) estimates
 D = 0 for ``kl`` and ``w`` and gives the penalty no gradient: the run then trains as the baseline.
-(On independent modalities a constant T is the right answer, e.g. NWJ's optimum T = 1; on
-dependent ones it is a collapse.)
 :meth:`MDM.epoch_end` detects it (T's range over every critic read of the epoch) and reports
 ``critic_collapsed`` (the loop logs ``train_critic_collapsed`` per epoch), with one warning line
-per trial; ``tuner.report`` flags such runs.
+per trial; ``tuner.report`` flags such runs. On independent modalities a constant T is a right
+answer (e.g. NWJ's optimum T = 1); on dependent ones it is a collapse.
 
 Training (Algorithm 1), per model step, in :meth:`MDM.estimator_update` and :meth:`MDM.step_penalty`:
 
