@@ -8,9 +8,16 @@ from trainables.regularisers import get_regulariser, known_regularisers
 
 
 def test_defaults_build_for_every_pair():
+    """Every pair builds at its defaults, except LMF at MMSA's output_dim 1 (its fused vector is
+    the score) with a regulariser that reads the fused Z: refused, naming backbone.output_dim."""
     for backbone in known_backbones():
         for reg in known_regularisers():
-            cfg = TrialConfig.from_flat({"backbone": backbone, "regulariser": reg})
+            flat = {"backbone": backbone, "regulariser": reg}
+            if backbone == "lmf" and reg in ("mdm", "synergy"):
+                with pytest.raises(ConfigError, match="backbone.output_dim: 1 makes LMF"):
+                    TrialConfig.from_flat(flat)
+                flat["backbone.output_dim"] = 32
+            cfg = TrialConfig.from_flat(flat)
             assert isinstance(cfg.backbone_cfg, get_backbone(backbone).config_class)
             assert isinstance(cfg.regulariser_cfg, get_regulariser(reg).config_class)
 

@@ -497,8 +497,11 @@ def test_trained_critic_finds_planted_dependency_and_none_in_shuffled_data(probe
                                  "regulariser.critic_lr": 5e-3, "regulariser.dropout": 0.0,
                                  **PLANTED_CRITIC[estimator]})
         history = trainer.fit()
-        # the loop logs the collapse check every epoch; a working critic never trips it
-        assert [h["train_critic_collapsed"] for h in history] == [0.0] * len(history)
+        # the loop logs the collapse check every epoch. On dependent data a working critic never
+        # trips it; on independent data a constant T is a right answer (NWJ's optimum is T = 1
+        # everywhere, which the sigmoid critic of "f" reaches), so nothing is asserted there
+        flags = [h["train_critic_collapsed"] for h in history]
+        assert independent or flags == [0.0] * len(history), flags
         estimates[independent] = held_out_dependency(trainer)
     assert estimates[False] > 0.1, estimates
     assert abs(estimates[True]) < 0.1 and estimates[False] > 5 * abs(estimates[True]), estimates

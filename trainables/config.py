@@ -237,8 +237,11 @@ class TrialConfig:
         )
         # a regulariser that reads the fused representation needs one that is not the prediction
         # (LMF at output_dim 1: MDM's critic and Synergy's κ would act on the score itself)
-        if reg_cls.reads_fused(cfg.regulariser_cfg):
-            problem = backbone_cls.fused_problem(cfg.backbone_cfg)
+        # (plugin classes may lack the hooks of Backbone / Regulariser: nothing to check then)
+        reads_fused = getattr(reg_cls, "reads_fused", None)
+        fused_problem = getattr(backbone_cls, "fused_problem", None)
+        if reads_fused and fused_problem and reads_fused(cfg.regulariser_cfg):
+            problem = fused_problem(cfg.backbone_cfg)
             if problem:
                 raise ConfigError(f"backbone {cfg.backbone!r} with regulariser "
                                   f"{cfg.regulariser!r}: {problem}")

@@ -374,7 +374,8 @@ class SearchSpace:
         head, dot, rest = key.partition(".")
         if not dot:
             if key in REGULARISER_TRIAL_KEYS:
-                return key in get_regulariser(regulariser).trial_keys
+                keys = getattr(get_regulariser(regulariser), "trial_keys", REGULARISER_TRIAL_KEYS)
+                return key in keys
             return True
         cls = get_backbone(backbone) if head == "backbone" else get_regulariser(regulariser)
         return rest in {f.name for f in dataclasses.fields(cls.config_class)}

@@ -27,7 +27,8 @@ A critic whose output is constant over an epoch (a saturated sigmoid, seen with 
 D = 0 for ``kl`` and ``w`` and gives the penalty no gradient: the run then trains as the baseline.
 :meth:`MDM.epoch_end` detects it (T's range over every critic read of the epoch) and reports
 ``critic_collapsed`` (the loop logs ``train_critic_collapsed`` per epoch), with one warning line
-per trial; ``tuner.report`` flags such runs.
+per trial; ``tuner.report`` flags such runs. On independent modalities a constant T is a right
+answer (e.g. NWJ's optimum T = 1); on dependent ones it is a collapse.
 
 Training (Algorithm 1), per model step, in :meth:`MDM.estimator_update` and :meth:`MDM.step_penalty`:
 
@@ -296,7 +297,8 @@ class MDM(Regulariser):
             self._warned_collapse = True
             log.warning("regulariser mdm (estimator %s): the critic's output was constant "
                         "(T = %.6g) over a whole epoch: D is 0 and the penalty has no gradient, "
-                        "so this run trains as the baseline (metric train_critic_collapsed)",
+                        "so this run trains as the baseline (metric train_critic_collapsed; "
+                        "right only if the modalities are independent)",
                         self.config.estimator, hi)
         return {"critic_collapsed": float(collapsed), "critic_range": spread}
 
