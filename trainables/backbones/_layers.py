@@ -41,18 +41,26 @@ def masked_mean(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 class FastDropout(nn.Dropout):
     """``nn.Dropout`` with a cheaper mask for very wide activations (TFN's ~140k-wide fusion tensor).
 
-    ``mask="uniform"`` (default): the same distribution as ``nn.Dropout``: each element is kept
-    independently with probability ``1 - p`` (``u >= p`` for ``u ~ U[0, 1)`` from ``torch.rand``,
-    the default generator, so a seeded run is reproducible) and scaled by ``1 / (1 - p)``; zeroed
-    otherwise. On the CPU, ``torch.rand`` plus two in-place ops costs ~1/4 of ``bernoulli_`` (what
-    ``F.dropout`` draws its mask with), one of the costliest ops of a TFN step in a profile.
+    ``mask="bits"``: each element is kept when an integer of w random bits, uniform on
+    [0, 2^w), is at least ``p · 2^w``, with w the fewest of 8, 16 and 32 for which ``p · 2^w`` is
+    an integer (p = 0.5, TFN's post-fusion dropout, takes 8 bits: one byte of the generator's
+    output per element), else w = 32 with p rounded to the nearest
+    multiple of 2^-32. The bits come from ``random_`` on int64 (the default generator, so seeded
+    runs repeat), 64 / w elements per draw. Kept elements are scaled by 1 / (1 − p_w) (p_w: p as
+    the bits represent it), so the expectation is kept exactly. P(drop) = p_w, which is p itself
+    for a dyadic p and within 2^-33 of p otherwise: finer than ``torch.rand``'s float32
+    uniforms, which are multiples of 2^-24. So this is nn.Dropout's Bernoulli distribution, not
+    an approximation of it (docs/fidelity.md), drawn ~2-4x cheaper than with ``torch.rand`` on the
+    CPU (the generator is serial: it is one of the costliest ops of a TFN step).
 
-    ``mask="bytes"``: 16 random bits per element, four elements per 64-bit draw of the default
-    generator (``random_`` on int64, ~3x cheaper than ``torch.rand`` on the CPU); an element is
-    dropped when its 16 bits, read as an integer in [0, 65536), are below ``round(p · 65536)``. So
-    p is rounded to a multiple of 2^-16 (0.3 -> 0.3000030); kept elements are scaled by
-    1 / (1 - p_rounded), so the expectation is kept exactly. Other draws than ``"uniform"``: a seeded
-    run differs from one with the uniform mask (same distribution up to that rounding).
+    ``mask="uniform"``: ``u >= p`` for ``u ~ U[0, 1)`` from ``torch.rand`` (float32, multiples of
+    2^-24), scaled by ``1 / (1 - p)``; this project's earlier default, kept for comparison.
+
+    ``mask="bytes"``: 16 random bits per element whatever p, so p is rounded to a multiple of
+    2^-16 (0.3 -> 0.3000030); kept elements are scaled by 1 / (1 - p_rounded). Superseded by
+    ``"bits"``, which represents every p at least as finely at no greater cost.
+
+    Each mask draws other random numbers than the others: seeded runs differ between them.
 
     ``inplace=True`` multiplies the input by the mask in place when no graph is being recorded
     (``torch.no_grad``: MDM's critic batches), so no second activation-sized tensor is allocated;
@@ -62,14 +70,37 @@ class FastDropout(nn.Dropout):
     ``nn.Dropout`` (it has none).
     """
 
-    def __init__(self, p: float = 0.5, inplace: bool = False, mask: str = "uniform") -> None:
+    MASKS = ("bits", "uniform", "bytes")
+
+    def __init__(self, p: float = 0.5, inplace: bool = False, mask: str = "bits") -> None:
         super().__init__(p, inplace)
-        if mask not in ("uniform", "bytes"):
-            raise ValueError(f"FastDropout mask: expected 'uniform' or 'bytes', got {mask!r}")
+        if mask not in self.MASKS:
+            raise ValueError(f"FastDropout mask: expected one of {', '.join(self.MASKS)}, got {mask!r}")
         self.mask = mask
+
+    @staticmethod
+    def bit_width(p: float) -> tuple[int, int]:
+        """(w, t): the bits per element of ``mask="bits"`` and the drop threshold t = p_w · 2^w
+        (drop when the w-bit integer is below t): the fewest w in (8, 16, 32) with p · 2^w an
+        integer, else 32 with p · 2^32 rounded."""
+        for w in (8, 16):
+            t = p * 2**w
+            if t == int(t):
+                return w, int(t)
+        return 32, min(round(p * 2**32), 2**32 - 1)
 
     def _keep(self, x: torch.Tensor) -> torch.Tensor:
         """The scaled mask, float32, shape of x: 0 or 1 / P(keep)."""
+        if self.mask == "bits":
+            n = x.numel()
+            w, t = self.bit_width(self.p)
+            per_word = 64 // w
+            words = torch.empty((n + per_word - 1) // per_word, dtype=torch.int64,
+                                device=x.device).random_(-2**63, None)
+            # the words' bytes read as signed w-bit integers: uniform on [-2^(w-1), 2^(w-1))
+            u = words.view({8: torch.int8, 16: torch.int16, 32: torch.int32}[w])[:n].view(x.shape)
+            keep = u >= t - 2**(w - 1)  # P(keep) = 1 - t / 2^w
+            return keep.to(torch.float32).mul_(2**w / (2**w - t))
         if self.mask == "uniform":
             # uniforms in float32 even under bf16 autocast (a bf16 uniform would quantise 1 - p)
             keep = torch.rand(x.shape, dtype=torch.float32, device=x.device).ge_(self.p)
