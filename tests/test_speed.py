@@ -114,3 +114,33 @@ def test_separable_flag_is_declared_only_where_the_split_exists():
         cls = get_backbone(name)
         assert not cls.modality_separable
         assert cls.encode is get_backbone("tfn").__mro__[1].encode
+
+
+def test_mmim_stage_one_in_inference_mode_is_the_no_grad_pass(small_data, monkeypatch):
+    """MMIM's stage 1 (the loop's estimator pass) in inference mode makes bit for bit the q
+    updates, and leaves the model and the random state, as the same pass under torch.no_grad."""
+    from trainables import loop
+
+    flat = {"backbone": "mmim", "regulariser": "mmim", "backbone.text_model": "tiny-bert",
+            "backbone.d_prjh": 16, "regulariser.hidden": 8, "max_epochs": 1, "batch_size": 32,
+            "seed": 3, "patience": 0}
+    trainer = Trainer(TrialConfig.from_flat(flat), small_data, device="cpu", num_threads=1)
+    train = trainer.splits["train"]
+    trainer.splits["train"] = type(train)(**{  # two batches are enough
+        k: (None if v is None else v[:64]) for k, v in vars(train).items()})
+    start = copy.deepcopy(trainer.state_dict())  # weights, optimisers, generators, RNG
+    results = []
+    for mode in ("inference", "no_grad"):
+        if mode == "no_grad":
+            monkeypatch.setattr(loop.torch, "inference_mode", torch.no_grad)
+        trainer.load_state_dict(copy.deepcopy(start), None)
+        trainer.model.train()
+        trainer.reg.train()
+        stats = trainer._estimator_pass()
+        results.append((stats, copy.deepcopy(trainer.reg.state_dict()), torch.rand(3)))
+    (stats_a, q_a, rng_a), (stats_b, q_b, rng_b) = results
+    assert stats_a == stats_b and torch.equal(rng_a, rng_b)
+    for key in q_a:
+        torch.testing.assert_close(q_a[key], q_b[key], rtol=0, atol=0, msg=key)
+    assert any(not torch.equal(q_a[k], v) for k, v in start["weights"]["regulariser"].items()), \
+        "stage 1 changed nothing: the test would not see a difference"

@@ -400,13 +400,17 @@ class Trainer:
         own, the backbone runs in train mode (dropout on, as the official solver's stage 0) without
         gradients, and ``reg.estimator_step`` runs ``inner_steps`` times on the features. Nothing
         but the regulariser's estimator networks changes; the model pass follows with no inner
-        steps. Returns the mean of each batch's last estimates, as ``train_<key>``."""
+        steps. Returns the mean of each batch's last estimates, as ``train_<key>``. The pass runs
+        in inference mode (no autograd bookkeeping; the same values as ``torch.no_grad``)."""
         totals: dict[str, float] = {}
         n_batches = 0
         for batch in self._train_batches():
-            with torch.no_grad(), self._autocast():
+            with torch.inference_mode(), self._autocast():
                 out = self.model(batch)
-            det = float_detached(out)
+            # new (normal) tensors: q's steps may save them for their backward pass; the fused
+            # MLP is part of the pass although q reads only h_t, h_a, h_v: it is < 1% of it (the
+            # text encoder is the pass), and skipping it would shift the dropout draws that follow
+            det = _cat_outputs([float_detached(out)])
             est_stats: dict[str, float] = {}
             for _ in range(self.reg.inner_steps):
                 est_stats = self.reg.estimator_step(det, batch)

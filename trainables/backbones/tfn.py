@@ -101,8 +101,9 @@ class InMajorLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.weight_t.t()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addmm(self.bias, x, self.weight_t)
+    def forward(self, x: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+        """x W^T + b; with ``alpha``, alpha · x W^T + b (the scale of a dropout mask folded in)."""
+        return torch.addmm(self.bias, x, self.weight_t, alpha=alpha)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         if prefix + "weight" in state_dict and prefix + "weight_t" not in state_dict:
@@ -166,7 +167,10 @@ class TFN(Backbone):
         """Tensor fusion (Eq. 2-3), the post-fusion MLP and the head on the embeddings."""
         h_t, h_a, h_v = unimodal["text"], unimodal["audio"], unimodal["vision"]
         z = self.tensor_fusion(h_a, h_v, h_t)  # (B, (A+1)(V+1)(T+1))
-        y1 = torch.relu(self.post_fusion_1(self.post_fusion_dropout(z)))  # (B, P)
+        # dropout(z) W^T = scale · (mask ⊙ z) W^T: the dropped elements zeroed, the scale
+        # 1/(1-p) applied to the (B, P) product instead of the 140,481-wide tensor
+        z, scale = self.post_fusion_dropout.masked(z)
+        y1 = torch.relu(self.post_fusion_1(z, alpha=scale))  # (B, P)
         y2 = torch.relu(self.post_fusion_2(y1))  # (B, P)
         prediction = self.head(y2).squeeze(-1)  # (B,)
         return BackboneOutput(
