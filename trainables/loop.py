@@ -143,6 +143,13 @@ def _cat_outputs(outs: list[BackboneOutput]) -> BackboneOutput:
                           {k: torch.cat([o.features[k] for o in outs]) for k in outs[0].features})
 
 
+def _halves(out: BackboneOutput) -> tuple[BackboneOutput, BackboneOutput]:
+    """The first and the second half of ``out``'s rows."""
+    n = len(out.prediction) // 2
+    return (BackboneOutput(out.prediction[:n], {k: v[:n] for k, v in out.features.items()}),
+            BackboneOutput(out.prediction[n:], {k: v[n:] for k, v in out.features.items()}))
+
+
 @contextlib.contextmanager
 def _batchnorm_updates_twice(model: torch.nn.Module):
     """Within the block, every BatchNorm of ``model`` that updates running statistics folds two
@@ -310,7 +317,7 @@ class Trainer:
 
         A backbone with an encode/fuse split (``modality_separable``) encodes each block's
         modalities once: B̄'s unimodal encodings are B's rows permuted by σ_m, so only the fusion
-        runs twice. BatchNorm sees the same rows (permuted) in B̄, hence the same batch
+        runs for both, in one pass of 2·size rows (the fusion is row-wise). BatchNorm sees the same rows (permuted) in B̄, hence the same batch
         statistics; its running statistics get the two updates of the plain pair in one (momentum
         1 − (1 − m)², :func:`_batchnorm_updates_twice`). Dropout in the unimodal encoders then
         draws one mask per row that B and B̄ share (permuted), instead of two independent ones:
@@ -325,8 +332,10 @@ class Trainer:
                 if separable:
                     with _batchnorm_updates_twice(self.model):
                         unimodal = self.model.encode(part)
-                    out = self.model.fuse(unimodal)
-                    out_bar = self.model.fuse({m: u[block_perms[m].to(u.device)] for m, u in unimodal.items()})
+                    # B and B̄ fused in one pass of 2·size rows (fuse is row-wise), halved
+                    both = self.model.fuse({m: torch.cat([u, u[block_perms[m].to(u.device)]])
+                                            for m, u in unimodal.items()})
+                    out, out_bar = _halves(both)
                 else:
                     out = self.model(part)
                     out_bar = self.model(shuffle_modalities(part, perms=block_perms))

@@ -102,7 +102,8 @@ class Backbone(nn.Module):
         ``encode(batch)[m]`` reads only modality ``m``'s inputs, row by row (BatchNorm's batch
         statistics aside, which a permutation of the rows leaves unchanged), so that the batch
         with its modalities permuted by σ_m encodes to ``encode(batch)[m][σ_m]``; and
-        ``fuse(encode(batch))`` is ``forward(batch)``."""
+        ``fuse(encode(batch))`` is ``forward(batch)``; ``fuse`` is row-wise (no batch statistics),
+        so fusing the rows of two encodings at once is fusing each."""
         raise NotImplementedError(f"backbone {self.name!r} has no encode/fuse split")
 
     def fuse(self, unimodal: dict[str, torch.Tensor]) -> BackboneOutput:
