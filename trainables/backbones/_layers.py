@@ -48,17 +48,19 @@ class FastDropout(nn.Dropout):
     multiple of 2^-32. The bits come from ``random_`` on int64 (the default generator, so seeded
     runs repeat), 64 / w elements per draw. Kept elements are scaled by 1 / (1 − p_w) (p_w: p as
     the bits represent it), so the expectation is kept exactly. P(drop) = p_w, which is p itself
-    for a dyadic p and within 2^-33 of p otherwise: finer than ``torch.rand``'s float32
+    for any multiple of 2^-32 (0.5, 0.25, ...) and within 2^-33 of p otherwise: finer than ``torch.rand``'s float32
     uniforms, which are multiples of 2^-24. So this is nn.Dropout's Bernoulli distribution, not
-    an approximation of it (docs/fidelity.md), drawn ~2-4x cheaper than with ``torch.rand`` on the
-    CPU (the generator is serial: it is one of the costliest ops of a TFN step).
+    an approximation of it (docs/fidelity.md), drawn cheaper than with ``torch.rand`` on the CPU
+    (the generator is serial: the mask is one of the costliest ops of a TFN step), the fewer bits
+    the cheaper. :meth:`masked` leaves the scale to the caller (TFN folds it into its next layer).
 
     ``mask="uniform"``: ``u >= p`` for ``u ~ U[0, 1)`` from ``torch.rand`` (float32, multiples of
     2^-24), scaled by ``1 / (1 - p)``; this project's earlier default, kept for comparison.
 
     ``mask="bytes"``: 16 random bits per element whatever p, so p is rounded to a multiple of
     2^-16 (0.3 -> 0.3000030); kept elements are scaled by 1 / (1 - p_rounded). Superseded by
-    ``"bits"``, which represents every p at least as finely at no greater cost.
+    ``"bits"``, which represents every p at least as finely (with twice the draws where p
+    needs 32 bits).
 
     Each mask draws other random numbers than the others: seeded runs differ between them.
 
