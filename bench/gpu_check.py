@@ -18,6 +18,9 @@ command) and finishes in under 8 minutes on an H100-class GPU at the defaults. T
   ``result.json`` (``timestamp`` − ``time_total_s``); "at once" is the most trials whose Ray
   intervals overlap, and, where ``nvidia-smi`` is on the PATH, the most processes it listed on
   the GPU at one time (sampled every second): both show whether the trials shared the GPU.
+- **d: MDM's cost**: the epoch of MDM (the paper's Algorithm 1, Unroll 10, regulariser defaults)
+  ÷ the same backbone's ``none`` epoch, for tfn and mag_bert, AMP, ``--mdm-epochs`` epochs each
+  (the first not timed); issue 26's target is ≤ 5×.
 - **c: s/epoch on the GPU** of mag_bert (from part a's AMP run, or its own when a is skipped) and
   mmim (its regulariser, ``schedule: two_stage``, the paper's two passes), AMP, mean of the epochs
   after the first (train + validation, as ``bench/epoch_speed.py`` times them).
@@ -25,8 +28,9 @@ command) and finishes in under 8 minutes on an H100-class GPU at the defaults. T
 Data: the MOSI-sized synthetic set in ``--data-dir`` (``data/synthetic-mosi``, written first when
 missing). Without a CUDA device it stops at once with one line on stderr and exit code 2.
 
-    python bench/gpu_check.py                      # all three parts, ~5-7 min on one H100
+    python bench/gpu_check.py                      # all four parts, ~6-9 min on one H100
     python bench/gpu_check.py --parts a c --epochs 3
+    python bench/gpu_check.py --parts d            # MDM ÷ none epochs only
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ if str(REPO) not in sys.path:
 
 from bench.backbones import DEFAULT_MOSI_DIR, command_line, load_data, machine_line  # noqa: E402
 
-PARTS = ("a", "b", "c")
+PARTS = ("a", "b", "c", "d")
+MDM_MODELS = ("tfn", "mag_bert")
 AMP_MODELS = ("mag_bert", "tfn")
 SEARCH_BACKBONE = "mag_bert"
 GPU_FRACTIONS = (0.25, 1.0)
@@ -65,11 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="\n".join(__doc__.splitlines()[2:]))
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                    help="a: fp16 AMP vs fp32; b: trials/hour at 0.25 vs 1.0 GPU per trial; "
-                        "c: s/epoch of mag_bert and mmim (default: all)")
+                        "c: s/epoch of mag_bert and mmim; d: MDM epoch ÷ none epoch of tfn and "
+                        "mag_bert (default: all)")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_MOSI_DIR,
                    help="the MOSI-sized synthetic Parquet folder (written when missing)")
     p.add_argument("--epochs", type=int, default=4,
                    help="epochs of each part-a and part-c run (default 4; the first is not timed)")
+    p.add_argument("--mdm-epochs", type=int, default=2,
+                   help="epochs of each part-d run (default 2; the first is not timed)")
     p.add_argument("--noise-floor", type=float, default=0.005,
                    help="smallest seed noise (valid MAE) part a compares with (default 0.005)")
     p.add_argument("--trials", type=int, default=8, help="trials of each part-b search (default 8)")
@@ -83,22 +91,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- part a and c: the Trainer on the GPU ---------------------------------------------------------
 
-def train_on_gpu(name: str, data, args, seed: int, amp: bool) -> dict:
-    """``args.epochs`` epochs of our Trainer on CUDA; fp32 when ``amp`` is False. Returns the
-    per-epoch wall seconds (synchronised) and validation MAE."""
+def train_on_gpu(name: str, data, args, seed: int, amp: bool, regulariser: str | None = None,
+                 epochs: int | None = None) -> dict:
+    """``epochs`` (default ``args.epochs``) epochs of our Trainer on CUDA; fp32 when ``amp`` is
+    False; ``regulariser`` (default: mmim for mmim, else none). Returns the per-epoch wall seconds
+    (synchronised) and validation MAE."""
     import torch
 
     from trainables.config import TrialConfig
     from trainables.loop import Trainer
 
-    flat = {"backbone": name, "regulariser": "mmim" if name == "mmim" else "none", "seed": seed,
-            "batch_size": args.batch, "patience": 0, "max_epochs": args.epochs + 1}
+    epochs = epochs or args.epochs
+    regulariser = regulariser or ("mmim" if name == "mmim" else "none")
+    flat = {"backbone": name, "regulariser": regulariser, "seed": seed,
+            "batch_size": args.batch, "patience": 0, "max_epochs": epochs + 1}
     trainer = Trainer(TrialConfig.from_flat(flat), data, device="cuda")
     if not amp:  # the loop has no fp32 mode on CUDA: switch its autocast and grad scaler off
         trainer.amp_dtype, trainer.amp = None, False
         trainer.scaler = torch.amp.GradScaler("cuda", enabled=False)
     wall, maes = [], []
-    for _ in range(args.epochs):
+    for _ in range(epochs):
         torch.cuda.synchronize()
         start = time.perf_counter()
         metrics = trainer.run_epoch()
@@ -284,6 +296,19 @@ def main(argv: list[str] | None = None) -> int:
             what = "regulariser mmim, two-stage" if name == "mmim" else "regulariser none"
             rows.append(["c: s/epoch", name, f"fp16 AMP, {what}", f"{s_per_epoch(run):.2f}",
                          curve(run["valid_mae"]), "train + validation, epochs 2+"])
+    if "d" in args.parts:
+        for name in MDM_MODELS:
+            print(f"# d: {name}, none and mdm ...", file=sys.stderr, flush=True)
+            base = train_on_gpu(name, data, args, 0, amp=True, regulariser="none",
+                                epochs=args.mdm_epochs)
+            mdm = train_on_gpu(name, data, args, 0, amp=True, regulariser="mdm",
+                               epochs=args.mdm_epochs)
+            ratio = s_per_epoch(mdm) / s_per_epoch(base)
+            for label, run, result in (("fp16 AMP, regulariser none", base, ""),
+                                       ("fp16 AMP, mdm (Algorithm 1, Unroll 10)", mdm,
+                                        f"MDM ÷ none: {ratio:.2f}× (target ≤ 5×)")):
+                rows.append(["d: MDM cost", name, label, f"{s_per_epoch(run):.2f}",
+                             curve(run["valid_mae"]), result])
     if "b" in args.parts:
         rows += packing_rows(args)
     print(f"Command: `{command_line('bench/gpu_check.py', argv)}`")

@@ -4,8 +4,8 @@ Every regulariser (none, mdm, mmim, mird, orthogonal, synergy) at its default co
 backbone at its default config, through the real :class:`trainables.loop.Trainer` (``train_epoch``:
 forward, the regulariser's ``inner_steps`` estimator updates, penalty, model step). Defaults that
 drive the cost: MDM runs ``unroll`` = 10 critic steps per batch, each on a fresh batch and its
-modality-shuffled copy (all 20 encoded in one no-grad forward pass), and encodes the model step's
-B̄ with gradients (Algorithm 1 of Colombo et al. 2021); MIRD 5 CLUB steps; MMIM one q-only pass
+modality-shuffled copy (encoded without gradients block by block; TFN, LMF and MMIM encode each
+block's modalities once and fuse B and B̄ together), and encodes the model step's B̄ with gradients (Algorithm 1 of Colombo et al. 2021); MIRD 5 CLUB steps; MMIM one q-only pass
 over the epoch before the model pass (its Algorithm 1); synergy 1 estimator step; orthogonal and
 none have no estimator.
 

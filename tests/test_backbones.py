@@ -463,8 +463,14 @@ def test_tfn_in_major_post_fusion_layer_is_nn_linear():
     layer = model.post_fusion_1
     assert isinstance(layer, InMajorLinear) and layer.weight_t.is_contiguous()
     assert layer.weight.shape == (layer.out_features, layer.in_features)
+    class ScaledLinear(torch.nn.Linear):
+        """nn.Linear's own product (addmm on W^T), with the dropout scale TFN folds in (alpha)."""
+
+        def forward(self, x, alpha=1.0):
+            return torch.addmm(self.bias, x, self.weight.t(), alpha=alpha)
+
     plain = copy.deepcopy(model)
-    linear = torch.nn.Linear(layer.in_features, layer.out_features)
+    linear = ScaledLinear(layer.in_features, layer.out_features)
     linear.load_state_dict({"weight": layer.weight.detach(), "bias": layer.bias.detach()})
     plain.post_fusion_1 = linear
     batch = make_batch(model.dims)

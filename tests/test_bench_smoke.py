@@ -382,13 +382,14 @@ def test_gpu_check_without_cuda_says_so_in_one_line(capsys, monkeypatch):
 def test_gpu_check_arguments(capsys):
     bench = load_bench("gpu_check")
     args = bench.build_parser().parse_args([])
-    assert args.parts == ["a", "b", "c"] and args.epochs == 4 and args.trials == 8
+    assert args.parts == ["a", "b", "c", "d"] and args.epochs == 4 and args.trials == 8
+    assert args.mdm_epochs == 2
     args = bench.build_parser().parse_args(["--parts", "b", "--trials", "3", "--cpus-per-trial",
                                             "4", "--search-epochs", "1"])
     assert (args.parts, args.trials, args.cpus_per_trial, args.search_epochs) == (["b"], 3, 4.0, 1)
     with pytest.raises(SystemExit) as exc:
-        bench.build_parser().parse_args(["--parts", "d"])
-    assert exc.value.code == 2 and "invalid choice: 'd'" in capsys.readouterr().err
+        bench.build_parser().parse_args(["--parts", "e"])
+    assert exc.value.code == 2 and "invalid choice: 'e'" in capsys.readouterr().err
     # part b's Ray bookkeeping: the most trials whose intervals overlap
     assert bench.most_at_once([(0, 10), (1, 5), (5, 8), (9, 12)]) == 2
     assert bench.most_at_once([(0, 4), (1, 4), (2, 4), (3, 4)]) == 4

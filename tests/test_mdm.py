@@ -392,15 +392,15 @@ def test_model_step_encodes_the_batch_with_modality_inputs_shuffled(probe, small
     trainer.train_epoch()
     from trainables.data.batches import concat_batches
 
-    # per model step: B (grad), the critic batches without gradients (on the CPU in chunks of
-    # batch_size rows), B̄ (grad)
+    # per model step: B (grad), the critic batches without gradients (block by block, B_k then
+    # its shuffle B̄_k, as the sequential Algorithm 1), B̄ (grad)
     steps_seen, i, seen = [], 0, probe.seen
     while i < len(seen):
         b, grad_b = seen[i]
         j = i + 1
         while j < len(seen) and not seen[j][1]:
             j += 1
-        fresh = concat_batches([c for c, _ in seen[i + 1:j]])
+        fresh = [c for c, _ in seen[i + 1:j]]
         b_bar, grad_bar = seen[j]
         steps_seen.append((b, grad_b, fresh, b_bar, grad_bar))
         i = j + 1
@@ -415,17 +415,16 @@ def test_model_step_encodes_the_batch_with_modality_inputs_shuffled(probe, small
             torch.testing.assert_close(getattr(b_bar, f"{m}_lengths"), getattr(b, f"{m}_lengths")[perm])
         torch.testing.assert_close(b_bar.text_bert, b.text_bert[sigma["text"]])
         assert not torch.equal(sigma["text"], sigma["audio"]) and not torch.equal(sigma["audio"], sigma["vision"])
-        # the fresh critic batches: unroll blocks of batch_size train rows, then their shuffles
-        assert len(fresh) == 2 * 3 * 16
-        joint, shuffled = fresh.index[:48], fresh.index[48:]
-        for k in range(3):
-            block = joint[16 * k: 16 * (k + 1)]
-            assert len(set(block.tolist())) == 16  # distinct rows within a critic batch
-            perm = _rows_of(fresh.audio[48 + 16 * k: 64 + 16 * k], fresh.audio[16 * k: 16 * (k + 1)])
-            assert sorted(perm.tolist()) == list(range(16))  # each B̄_k shuffles its own B_k
-        assert not all(torch.equal(joint[16 * k: 16 * (k + 1)].sort().values, b.index.sort().values)
-                       for k in range(3)), "the critic trained on the model step's own batch"
-        del shuffled
+        # the fresh critic batches: unroll blocks of batch_size train rows, each followed by its shuffle
+        assert [len(c) for c in fresh] == [16] * 6
+        joint, shuffled = fresh[0::2], fresh[1::2]
+        for block, block_bar in zip(joint, shuffled):
+            assert len(set(block.index.tolist())) == 16  # distinct rows within a critic batch
+            for m in ("text", "audio", "vision"):  # each B̄_k shuffles its own B_k
+                perm = _rows_of(getattr(block_bar, m), getattr(block, m))
+                assert sorted(perm.tolist()) == list(range(16))
+        assert not all(torch.equal(block.index.sort().values, b.index.sort().values)
+                       for block in joint), "the critic trained on the model step's own batch"
 
 
 def test_same_batches_option_reuses_the_model_batch(probe, small_data):

@@ -25,8 +25,9 @@ def tfn_config(**overrides):
     return TrialConfig.from_flat(flat)
 
 
-@pytest.mark.parametrize("p", [0.3, 0.5])
+@pytest.mark.parametrize("p", [0.3, 0.5, 0.25 + 2**-16])
 def test_fast_dropout_has_the_distribution_of_nn_dropout(p):
+    """The default mask ("bits": 32, 8 and 16 random bits per element for these p)."""
     x = torch.rand(400, 2500) + 0.5  # strictly positive: a zero output is a dropped element
     n = x.numel()
     tol = 5 * math.sqrt(p * (1 - p) / n)  # 5 sigma of the dropped fraction
@@ -170,10 +171,24 @@ def test_fast_dropout_bytes_mask_has_the_rounded_distribution(p):
     torch.manual_seed(0)
     torch.testing.assert_close(FastDropout(p, mask="bytes").train()(x), y, rtol=0, atol=0)
     with pytest.raises(ValueError, match="mask"):
-        FastDropout(p, mask="bits")
+        FastDropout(p, mask="bogus")
 
 
-@pytest.mark.parametrize("mask", ["uniform", "bytes"])
+def test_fast_dropout_bits_represent_p_exactly_or_to_2_to_the_minus_32():
+    """``mask="bits"``: the fewest bits that hold p exactly, else 32 bits, p to within 2^-33; the
+    drop rate of an 8-bit mask is exactly p: every byte value appears, so over all 256 values of
+    one byte exactly p · 256 of them are dropped."""
+    assert FastDropout.bit_width(0.5) == (8, 128)
+    assert FastDropout.bit_width(0.25) == (8, 64)
+    assert FastDropout.bit_width(0.25 + 2**-16) == (16, 2**14 + 1)
+    w, t = FastDropout.bit_width(0.3)
+    assert w == 32 and abs(t / 2**32 - 0.3) <= 2**-33
+    # the threshold compare on every 8-bit value: P(drop) = 128 / 256 = 0.5 exactly
+    u = torch.arange(-128, 128, dtype=torch.int8)
+    assert int((u < 128 - 2**7).sum()) == 128
+
+
+@pytest.mark.parametrize("mask", ["bits", "uniform", "bytes"])
 def test_fast_dropout_in_place_only_without_a_graph(mask):
     x = torch.randn(8, 1000)
     torch.manual_seed(5)
@@ -213,9 +228,10 @@ def test_tfn_no_grad_train_mode_pass_matches_the_grad_pass(small_data):
 def test_tfn_dropout_mask_is_a_checked_config_key():
     from trainables.config import ConfigError
 
-    assert tfn_config().backbone_cfg.dropout_mask == "uniform"  # the previous draws by default
+    assert tfn_config().backbone_cfg.dropout_mask == "bits"  # nn.Dropout's distribution, cheapest
+    assert tfn_config(**{"backbone.dropout_mask": "uniform"}).backbone_cfg.dropout_mask == "uniform"
     with pytest.raises(ConfigError, match="dropout_mask"):
-        tfn_config(**{"backbone.dropout_mask": "bits"})
+        tfn_config(**{"backbone.dropout_mask": "bogus"})
 
 
 _KEEP_CHECK = """

@@ -18,6 +18,7 @@ directly.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import math
@@ -38,7 +39,7 @@ from trainables.backbones import get_backbone
 from trainables.backbones.base import BackboneOutput
 from trainables.config import TrialConfig
 from trainables.data.batches import (Batch, MultimodalData, TensorSplit, concat_batches, iterate_batches,
-                                     row_lengths, split_batch, trim_batch)
+                                     row_lengths, shuffle_modalities, split_batch, trim_batch)
 from trainables.metrics import compute_metrics
 from trainables.regularisers import get_regulariser
 from trainables.regularisers.base import Encoder, float_detached
@@ -136,6 +137,40 @@ def make_adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=lr)
 
 
+def _cat_outputs(outs: list[BackboneOutput]) -> BackboneOutput:
+    """The rows of several outputs as one (new tensors: outside inference mode they are normal
+    tensors, which autograd may save)."""
+    return BackboneOutput(torch.cat([o.prediction for o in outs]),
+                          {k: torch.cat([o.features[k] for o in outs]) for k in outs[0].features})
+
+
+def _halves(out: BackboneOutput) -> tuple[BackboneOutput, BackboneOutput]:
+    """The first and the second half of ``out``'s rows."""
+    n = len(out.prediction) // 2
+    return (BackboneOutput(out.prediction[:n], {k: v[:n] for k, v in out.features.items()}),
+            BackboneOutput(out.prediction[n:], {k: v[n:] for k, v in out.features.items()}))
+
+
+@contextlib.contextmanager
+def _batchnorm_updates_twice(model: torch.nn.Module):
+    """Within the block, every BatchNorm of ``model`` that updates running statistics folds two
+    updates with the same batch statistics s into one: r ← (1−m)²·r + (1 − (1−m)²)·s is two
+    steps of r ← (1−m)·r + m·s; ``num_batches_tracked`` counts both. For the unimodal pass that
+    stands for B's and B̄'s (the same rows, permuted: the same statistics)."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+             and m.training and m.track_running_stats and m.momentum is not None]
+    before = [(m, m.momentum, int(m.num_batches_tracked)) for m in norms]
+    for m in norms:
+        m.momentum = 1.0 - (1.0 - m.momentum) ** 2
+    try:
+        yield
+    finally:
+        for m, momentum, tracked in before:
+            m.momentum = momentum
+            if int(m.num_batches_tracked) > tracked:  # it updated (not a one-row batch)
+                m.num_batches_tracked.add_(1)
+
+
 class Trainer:
     """Builds model, regulariser and optimisers from a :class:`TrialConfig` and trains them."""
 
@@ -221,7 +256,13 @@ class Trainer:
         #: what a regulariser may run of the backbone within a step (MDM's fresh batches and B̄)
         self.encoder = Encoder(forward=self._encode, forward_no_grad=self._encode_no_grad,
                                sample=self._sample_batches,
-                               batch_size=min(cfg.batch_size, len(self.splits["train"])))
+                               batch_size=min(cfg.batch_size, len(self.splits["train"])),
+                               pairs_no_grad=self._encode_pairs_no_grad)
+        #: B̄ from B's unimodal encodings (Backbone.encode / fuse); not with a cumulative-average
+        #: BatchNorm (momentum None), whose two updates cannot be folded into one
+        self.separable = bool(getattr(self.model, "modality_separable", False)) and all(
+            m.momentum is not None for m in self.model.modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
 
         steps_per_epoch = math.ceil(len(self.splits["train"]) / cfg.batch_size)
         total_steps = steps_per_epoch * cfg.max_epochs
@@ -254,18 +295,54 @@ class Trainer:
         with self._autocast():
             return self.model(batch.to(self.device, non_blocking=True))
 
-    @torch.no_grad()
     def _encode_no_grad(self, batch: Batch) -> BackboneOutput:
-        """The backbone without gradients. On the CPU a large batch (MDM's 2·unroll critic
-        batches) runs in chunks of ``batch_size`` rows: measured 1.5x faster than one pass on TFN
-        and MAG-BERT (``bench/regularisers.py``), the activations staying in cache; on CUDA one
-        pass."""
-        chunk = self.cfg.batch_size
-        if self.device.type != "cpu" or len(batch) <= chunk:
-            return float_detached(self._encode(batch))
-        outs = [float_detached(self._encode(part)) for part in split_batch(batch, chunk)]
-        return BackboneOutput(torch.cat([o.prediction for o in outs]),
-                              {k: torch.cat([o.features[k] for o in outs]) for k in outs[0].features})
+        """The backbone without gradients (inference mode), in chunks of the trial's batch size
+        on every device, each cut to its longest row: a large batch (MDM's critic blocks with
+        ``input="unimodal"``) is then the sequential passes that many steps would run (BatchNorm
+        normalises each block with its own statistics, as it does the model step's batch), and on
+        the CPU it is faster too (measured 1.5x on TFN and MAG-BERT, the activations staying in
+        cache)."""
+        outs = []
+        for part in split_batch(batch, self.encoder.batch_size):
+            with torch.inference_mode():
+                outs.append(float_detached(self._encode(self._ready(part))))
+        return _cat_outputs(outs)
+
+    def _encode_pairs_no_grad(self, batch: Batch, perms: dict[str, torch.Tensor]) -> tuple[BackboneOutput, BackboneOutput]:
+        """:attr:`Encoder.pairs_no_grad`: ``batch`` (blocks of the encoder's batch size) and its
+        modality shuffle by ``perms`` (within the blocks), without gradients (inference mode),
+        block by block: B_1, B̄_1, B_2, B̄_2, ... as Algorithm 1's sequential critic steps would
+        encode them (BatchNorm normalises each with its own block's statistics and updates its
+        running statistics in that order). Each block is cut to its longest row (B̄'s rows are
+        B's, so the same widths).
+
+        A backbone with an encode/fuse split (``modality_separable``) encodes each block's
+        modalities once: B̄'s unimodal encodings are B's rows permuted by σ_m, so only the fusion
+        runs for both, in one pass of 2·size rows (the fusion is row-wise). BatchNorm sees the same rows (permuted) in B̄, hence the same batch
+        statistics; its running statistics get the two updates of the plain pair in one (momentum
+        1 − (1 − m)², :func:`_batchnorm_updates_twice`). Dropout in the unimodal encoders then
+        draws one mask per row that B and B̄ share (permuted), instead of two independent ones:
+        each of Z and Z̄ has the same distribution as before (docs/fidelity.md, "Speed")."""
+        size = self.encoder.batch_size
+        outs, outs_bar = [], []
+        separable = self.separable
+        for k, part in enumerate(split_batch(batch, size)):
+            part, start = self._ready(part), k * size
+            block_perms = {m: p[start:start + size] - start for m, p in perms.items()}
+            with torch.inference_mode(), self._autocast():
+                if separable:
+                    with _batchnorm_updates_twice(self.model):
+                        unimodal = self.model.encode(part)
+                    # B and B̄ fused in one pass of 2·size rows (fuse is row-wise), halved
+                    both = self.model.fuse({m: torch.cat([u, u[block_perms[m].to(u.device)]])
+                                            for m, u in unimodal.items()})
+                    out, out_bar = _halves(both)
+                else:
+                    out = self.model(part)
+                    out_bar = self.model(shuffle_modalities(part, perms=block_perms))
+                outs.append(float_detached(out))
+                outs_bar.append(float_detached(out_bar))
+        return _cat_outputs(outs), _cat_outputs(outs_bar)
 
     def _sample_batches(self, k: int) -> Batch:
         """``k`` random training batches (distinct rows within each) as one batch of ``k`` blocks,
@@ -334,13 +411,17 @@ class Trainer:
         own, the backbone runs in train mode (dropout on, as the official solver's stage 0) without
         gradients, and ``reg.estimator_step`` runs ``inner_steps`` times on the features. Nothing
         but the regulariser's estimator networks changes; the model pass follows with no inner
-        steps. Returns the mean of each batch's last estimates, as ``train_<key>``."""
+        steps. Returns the mean of each batch's last estimates, as ``train_<key>``. The pass runs
+        in inference mode (no autograd bookkeeping; the same values as ``torch.no_grad``)."""
         totals: dict[str, float] = {}
         n_batches = 0
         for batch in self._train_batches():
-            with torch.no_grad(), self._autocast():
+            with torch.inference_mode(), self._autocast():
                 out = self.model(batch)
-            det = float_detached(out)
+            # new (normal) tensors: q's steps may save them for their backward pass; the fused
+            # MLP is part of the pass although q reads only h_t, h_a, h_v: it is < 1% of it (the
+            # text encoder is the pass), and skipping it would shift the dropout draws that follow
+            det = _cat_outputs([float_detached(out)])
             est_stats: dict[str, float] = {}
             for _ in range(self.reg.inner_steps):
                 est_stats = self.reg.estimator_step(det, batch)

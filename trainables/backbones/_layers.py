@@ -41,18 +41,28 @@ def masked_mean(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 class FastDropout(nn.Dropout):
     """``nn.Dropout`` with a cheaper mask for very wide activations (TFN's ~140k-wide fusion tensor).
 
-    ``mask="uniform"`` (default): the same distribution as ``nn.Dropout``: each element is kept
-    independently with probability ``1 - p`` (``u >= p`` for ``u ~ U[0, 1)`` from ``torch.rand``,
-    the default generator, so a seeded run is reproducible) and scaled by ``1 / (1 - p)``; zeroed
-    otherwise. On the CPU, ``torch.rand`` plus two in-place ops costs ~1/4 of ``bernoulli_`` (what
-    ``F.dropout`` draws its mask with), one of the costliest ops of a TFN step in a profile.
+    ``mask="bits"``: each element is kept when an integer of w random bits, uniform on
+    [0, 2^w), is at least ``p · 2^w``, with w the fewest of 8, 16 and 32 for which ``p · 2^w`` is
+    an integer (p = 0.5, TFN's post-fusion dropout, takes 8 bits: one byte of the generator's
+    output per element), else w = 32 with p rounded to the nearest
+    multiple of 2^-32. The bits come from ``random_`` on int64 (the default generator, so seeded
+    runs repeat), 64 / w elements per draw. Kept elements are scaled by 1 / (1 − p_w) (p_w: p as
+    the bits represent it), so the expectation is kept exactly. P(drop) = p_w, which is p itself
+    for any multiple of 2^-32 (0.5, 0.25, ...) and within 2^-33 of p otherwise: finer than ``torch.rand``'s float32
+    uniforms, which are multiples of 2^-24. So this is nn.Dropout's Bernoulli distribution, not
+    an approximation of it (docs/fidelity.md), drawn cheaper than with ``torch.rand`` on the CPU
+    (the generator is serial: the mask is one of the costliest ops of a TFN step), the fewer bits
+    the cheaper. :meth:`masked` leaves the scale to the caller (TFN folds it into its next layer).
 
-    ``mask="bytes"``: 16 random bits per element, four elements per 64-bit draw of the default
-    generator (``random_`` on int64, ~3x cheaper than ``torch.rand`` on the CPU); an element is
-    dropped when its 16 bits, read as an integer in [0, 65536), are below ``round(p · 65536)``. So
-    p is rounded to a multiple of 2^-16 (0.3 -> 0.3000030); kept elements are scaled by
-    1 / (1 - p_rounded), so the expectation is kept exactly. Other draws than ``"uniform"``: a seeded
-    run differs from one with the uniform mask (same distribution up to that rounding).
+    ``mask="uniform"``: ``u >= p`` for ``u ~ U[0, 1)`` from ``torch.rand`` (float32, multiples of
+    2^-24), scaled by ``1 / (1 - p)``; this project's earlier default, kept for comparison.
+
+    ``mask="bytes"``: 16 random bits per element whatever p, so p is rounded to a multiple of
+    2^-16 (0.3 -> 0.3000030); kept elements are scaled by 1 / (1 - p_rounded). Superseded by
+    ``"bits"``, which represents every p at least as finely (with twice the draws where p
+    needs 32 bits).
+
+    Each mask draws other random numbers than the others: seeded runs differ between them.
 
     ``inplace=True`` multiplies the input by the mask in place when no graph is being recorded
     (``torch.no_grad``: MDM's critic batches), so no second activation-sized tensor is allocated;
@@ -62,24 +72,58 @@ class FastDropout(nn.Dropout):
     ``nn.Dropout`` (it has none).
     """
 
-    def __init__(self, p: float = 0.5, inplace: bool = False, mask: str = "uniform") -> None:
+    MASKS = ("bits", "uniform", "bytes")
+
+    def __init__(self, p: float = 0.5, inplace: bool = False, mask: str = "bits") -> None:
         super().__init__(p, inplace)
-        if mask not in ("uniform", "bytes"):
-            raise ValueError(f"FastDropout mask: expected 'uniform' or 'bytes', got {mask!r}")
+        if mask not in self.MASKS:
+            raise ValueError(f"FastDropout mask: expected one of {', '.join(self.MASKS)}, got {mask!r}")
         self.mask = mask
+
+    @staticmethod
+    def bit_width(p: float) -> tuple[int, int]:
+        """(w, t): the bits per element of ``mask="bits"`` and the drop threshold t = p_w · 2^w
+        (drop when the w-bit integer is below t): the fewest w in (8, 16, 32) with p · 2^w an
+        integer, else 32 with p · 2^32 rounded."""
+        for w in (8, 16):
+            t = p * 2**w
+            if t == int(t):
+                return w, int(t)
+        return 32, min(round(p * 2**32), 2**32 - 1)
+
+    def _drop(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(drop, scale): where to zero x (bool, shape of x) and 1 / P(keep) for the rest."""
+        n = x.numel()
+        if self.mask == "uniform":
+            # uniforms in float32 even under bf16 autocast (a bf16 uniform would quantise 1 - p)
+            drop = torch.rand(x.shape, dtype=torch.float32, device=x.device) < self.p
+            return drop, 1.0 / (1.0 - self.p)
+        w, t = self.bit_width(self.p) if self.mask == "bits" else (16, round(self.p * 65536))
+        per_word = 64 // w
+        words = torch.empty((n + per_word - 1) // per_word, dtype=torch.int64,
+                            device=x.device).random_(-2**63, None)
+        # the words' bytes read as signed w-bit integers: uniform on [-2^(w-1), 2^(w-1))
+        u = words.view({8: torch.int8, 16: torch.int16, 32: torch.int32}[w])[:n].view(x.shape)
+        return u < t - 2**(w - 1), 2**w / (2**w - t)  # P(drop) = t / 2^w
 
     def _keep(self, x: torch.Tensor) -> torch.Tensor:
         """The scaled mask, float32, shape of x: 0 or 1 / P(keep)."""
-        if self.mask == "uniform":
-            # uniforms in float32 even under bf16 autocast (a bf16 uniform would quantise 1 - p)
-            keep = torch.rand(x.shape, dtype=torch.float32, device=x.device).ge_(self.p)
-            return keep.mul_(1.0 / (1.0 - self.p))
-        n = x.numel()
-        threshold = round(self.p * 65536)  # drop when the 16-bit integer u < threshold
-        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, None)
-        u = words.view(torch.int16)[:n].view(x.shape).to(torch.float32)  # uniform on [-32768, 32768)
-        keep = u.ge_(threshold - 32768)
-        return keep.mul_(65536.0 / (65536 - threshold))
+        drop, scale = self._drop(x)
+        return (~drop).to(torch.float32).mul_(scale)
+
+    def masked(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(x with the dropped elements zeroed, scale): ``forward(x) == scale * masked(x)[0]``,
+        for a caller that folds the scale into what follows (TFN's post-fusion layer multiplies
+        its product by it, ``addmm``'s alpha: exact for p = 0.5, whose scale 2 is a power of two,
+        and within a rounding otherwise), saving two passes over a 140,481-wide tensor. In place
+        under the same rule as :meth:`forward`. Scale 1.0 when nothing is dropped (eval, p = 0)."""
+        if not self.training or self.p == 0.0:
+            return x, 1.0
+        in_place = self.inplace and not (torch.is_grad_enabled() and x.requires_grad)
+        if self.p == 1.0:
+            return (x.mul_(0.0) if in_place else x * 0.0), 1.0
+        drop, scale = self._drop(x)
+        return (x.masked_fill_(drop, 0.0) if in_place else x.masked_fill(drop, 0.0)), scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:

@@ -4,6 +4,11 @@ Every regulariser reads only ``BackboneOutput.features`` (and the batch), so any
 with any regulariser. ``features`` holds at least ``"text"``, ``"audio"``, ``"vision"`` (the
 unimodal representations the model fuses, each (B, d_m)) and ``"fused"`` (B, d_f); a backbone
 may add more (MIRD's shared/private representations, reconstructions).
+
+A backbone that encodes each modality on its own before fusing (TFN, LMF, MMIM) may also offer
+the split ``fuse(encode(batch)) == forward(batch)`` (``modality_separable = True``); the loop uses
+it where a method needs the same rows with their modalities permuted (MDM's B̄): B̄'s unimodal
+encodings are then B's rows permuted, and only the fusion runs twice.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ class Backbone(nn.Module):
     #: (:func:`~trainables.data.batches.trim_batch`; tests/test_loop.py checks every backbone).
     #: A backbone that reads steps past the lengths (a fixed-width layer) sets False.
     trim_padding: ClassVar[bool] = True
+    #: ``encode``/``fuse`` split (see :meth:`encode`); False: only ``forward``
+    modality_separable: ClassVar[bool] = False
 
     def __init__(self, config: Any, dims: ModalityDims) -> None:
         super().__init__()
@@ -96,6 +103,20 @@ class Backbone(nn.Module):
 
     def forward(self, batch: Batch) -> BackboneOutput:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def encode(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The unimodal encodings, modality -> (B, ...) tensor, for a backbone with
+        ``modality_separable``. Contract (``tests/test_speed.py`` checks every such backbone):
+        ``encode(batch)[m]`` reads only modality ``m``'s inputs, row by row (BatchNorm's batch
+        statistics aside, which a permutation of the rows leaves unchanged), so that the batch
+        with its modalities permuted by σ_m encodes to ``encode(batch)[m][σ_m]``; and
+        ``fuse(encode(batch))`` is ``forward(batch)``; ``fuse`` is row-wise (no batch statistics),
+        so fusing the rows of two encodings at once is fusing each."""
+        raise NotImplementedError(f"backbone {self.name!r} has no encode/fuse split")
+
+    def fuse(self, unimodal: dict[str, torch.Tensor]) -> BackboneOutput:
+        """Everything after :meth:`encode`: the fusion and the head, on the unimodal encodings."""
+        raise NotImplementedError(f"backbone {self.name!r} has no encode/fuse split")
 
     def param_groups(self, lr: float, text_lr: float, weight_decay: float) -> list[dict]:
         """Optimiser parameter groups. Pretrained text encoders get their own ``text_lr`` group;

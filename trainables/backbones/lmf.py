@@ -92,6 +92,7 @@ class LMFConfig:
 class LMF(Backbone):
     name = "lmf"
     config_class = LMFConfig
+    modality_separable = True
 
     @classmethod
     def fused_problem(cls, config: LMFConfig) -> str | None:
@@ -143,9 +144,14 @@ class LMF(Backbone):
             product = projected if product is None else product * projected
         return torch.einsum("r,bro->bo", self.fusion_weights[0], product) + self.fusion_bias  # (B, d_h)
 
-    def forward(self, batch: Batch) -> BackboneOutput:
-        z_t, z_a, z_v = self.subnets(batch)  # (B, T), (B, A), (B, V)
+    def encode(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The modality embedding subnetworks: z_t (B, T), z_a (B, A), z_v (B, V)."""
+        z_t, z_a, z_v = self.subnets(batch)
+        return {"text": z_t, "audio": z_a, "vision": z_v}
 
+    def fuse(self, unimodal: dict[str, torch.Tensor]) -> BackboneOutput:
+        """The low-rank fusion and the head on the embeddings."""
+        z_t, z_a, z_v = unimodal["text"], unimodal["audio"], unimodal["vision"]
         h = self.low_rank_fusion(z_a, z_v, z_t)  # (B, d_h)
         if self.head is None:
             prediction = h[:, 0]  # (B,)
@@ -155,3 +161,6 @@ class LMF(Backbone):
             prediction=prediction,
             features={"text": z_t, "audio": z_a, "vision": z_v, "fused": h},
         )
+
+    def forward(self, batch: Batch) -> BackboneOutput:
+        return self.fuse(self.encode(batch))

@@ -115,6 +115,7 @@ class SequenceEncoder(nn.Module):
 class MMIM(Backbone):
     name = "mmim"
     config_class = MMIMConfig
+    modality_separable = True
     text_input = "tokens"
 
     def __init__(self, config: MMIMConfig, dims: ModalityDims) -> None:
@@ -142,13 +143,18 @@ class MMIM(Backbone):
                 if id(p) not in text_ids and p.dim() > 1:
                     nn.init.xavier_normal_(p)
 
-    def forward(self, batch: Batch) -> BackboneOutput:
+    def encode(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Eq. 2: h_t = the encoder's [CLS] (B, d_t), h_a (B, d_aout), h_v (B, d_vout)."""
         ids, mask, segments = batch.text_bert.unbind(dim=1)  # (B, L) each
         encoded = self.text_encoder(input_ids=ids, attention_mask=mask, token_type_ids=segments)
         h_t = encoded.last_hidden_state[:, 0]  # (B, d_t): [CLS]
         h_a = self.audio_encoder(batch.audio, batch.audio_lengths)  # (B, d_aout)
         h_v = self.vision_encoder(batch.vision, batch.vision_lengths)  # (B, d_vout)
+        return {"text": h_t, "audio": h_a, "vision": h_v}
 
+    def fuse(self, unimodal: dict[str, torch.Tensor]) -> BackboneOutput:
+        """The fusion MLP (Z) and the head on the unimodal encodings."""
+        h_t, h_a, h_v = unimodal["text"], unimodal["audio"], unimodal["vision"]
         x = self.fusion_dropout(torch.cat([h_t, h_a, h_v], dim=-1))  # (B, d_t + d_aout + d_vout)
         z = torch.tanh(self.fusion_2(torch.tanh(self.fusion_1(x))))  # (B, d_prjh)
         prediction = self.head(z).squeeze(-1)  # (B,)
@@ -156,6 +162,9 @@ class MMIM(Backbone):
             prediction=prediction,
             features={"text": h_t, "audio": h_a, "vision": h_v, "fused": z},
         )
+
+    def forward(self, batch: Batch) -> BackboneOutput:
+        return self.fuse(self.encode(batch))
 
     def param_groups(self, lr: float, text_lr: float, weight_decay: float) -> list[dict]:
         """The pretrained text encoder at ``text_lr`` (the paper's BERT lr 5e-5), the rest at ``lr``."""

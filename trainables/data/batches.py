@@ -37,6 +37,7 @@ __all__ = [
     "text_extent",
     "trim_batch",
     "resample_to_length",
+    "modality_permutations",
     "shuffle_modalities",
     "split_batch",
 ]
@@ -326,8 +327,21 @@ MODALITY_FIELDS = {
 }
 
 
+def modality_permutations(n: int, block_size: int | None = None,
+                          generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """σ_l, σ_a, σ_v of MDM's Algorithm 1 for ``n`` rows: one independent permutation per modality
+    (``"text"``, ``"audio"``, ``"vision"``, drawn in that order), each (n,) int64 on the CPU; with
+    ``block_size`` each permutes within consecutive blocks of that many rows. Drawn with
+    ``generator`` (default: torch's global generator)."""
+    block = n if not block_size else int(block_size)
+    return {m: torch.cat([torch.randperm(min(block, n - start), generator=generator) + start
+                          for start in range(0, n, block)]) if n else torch.zeros(0, dtype=torch.long)
+            for m in MODALITY_FIELDS}
+
+
 def shuffle_modalities(batch: Batch, block_size: int | None = None,
-                       generator: torch.Generator | None = None) -> Batch:
+                       generator: torch.Generator | None = None,
+                       perms: dict[str, torch.Tensor] | None = None) -> Batch:
     """B̄ of MDM's Algorithm 1: each modality's *inputs* permuted independently over the batch.
 
     Row ``j`` of the result holds text row σ_l(j), audio row σ_a(j) and vision row σ_v(j) of
@@ -337,14 +351,14 @@ def shuffle_modalities(batch: Batch, block_size: int | None = None,
     batches that :class:`~trainables.regularisers.base.Encoder` ``.sample`` concatenates), so each
     block is the shuffle of its own batch. Labels, ``index`` and ``labeled`` are the joint rows'
     (a product sample has no label of its own; nothing reads them). Permutations are drawn on the
-    CPU from ``generator`` (default: torch's global generator) and applied on the batch's device.
+    CPU from ``generator`` (default: torch's global generator) by :func:`modality_permutations`
+    and applied on the batch's device; ``perms`` gives them instead (modality -> (n,) rows).
     """
-    n = len(batch)
-    block = n if not block_size else int(block_size)
+    if perms is None:
+        perms = modality_permutations(len(batch), block_size, generator)
     fields: dict[str, torch.Tensor | None] = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
-    for names in MODALITY_FIELDS.values():
-        perm = torch.cat([torch.randperm(min(block, n - start), generator=generator) + start
-                          for start in range(0, n, block)])  # (B,)
+    for modality, names in MODALITY_FIELDS.items():
+        perm = perms[modality]
         for name in names:
             x = fields[name]
             if x is not None:

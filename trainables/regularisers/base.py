@@ -71,12 +71,20 @@ class Encoder:
       (rows distinct within a batch, batches independent), concatenated into one :class:`Batch`
       of ``k`` blocks, so that one forward pass encodes them all.
     - ``batch_size``: the rows of one block of ``sample``.
+    - ``pairs_no_grad(batch, perms)``: ``(out, out_bar)`` without gradients (float32): the
+      backbone on ``batch`` and on ``shuffle_modalities(batch, perms=perms)``, block by block of
+      ``batch_size`` rows in the order B_1, B̄_1, B_2, B̄_2, ... (``perms`` permute within the
+      blocks), as that many sequential steps would (BatchNorm sees one block at a time). A
+      backbone with an encode/fuse split encodes each block's modalities once and fuses them
+      twice (B̄'s unimodal encodings are B's rows permuted). None: the regulariser encodes B̄
+      itself through ``forward_no_grad``.
     """
 
     forward: Callable[[Batch], BackboneOutput]
     forward_no_grad: Callable[[Batch], BackboneOutput]
     sample: Callable[[int], Batch]
     batch_size: int
+    pairs_no_grad: Callable[[Batch, dict[str, torch.Tensor]], tuple[BackboneOutput, BackboneOutput]] | None = None
 
 
 class Regulariser(nn.Module):

@@ -33,9 +33,12 @@ answer (e.g. NWJ's optimum T = 1); on dependent ones it is a collapse.
 Training (Algorithm 1), per model step, in :meth:`MDM.estimator_update` and :meth:`MDM.step_penalty`:
 
 1. ``unroll`` critic steps. Each samples its own batch B of the training set and builds its own
-   B̄ from it; all 2·``unroll`` batches are encoded in one forward pass without gradients (the
-   encoder does not change during the unroll, so this is exactly the sequential algorithm), and
-   each step updates θ on the empirical Eq. 6/7/8 (maximising D).
+   B̄ from it; all 2·``unroll`` batches are encoded up front without gradients, block by block in
+   the order B_1, B̄_1, B_2, ... (the encoder does not change during the unroll, so this is
+   exactly the sequential algorithm, BatchNorm statistics included), and each step updates θ on
+   the empirical Eq. 6/7/8 (maximising D). For a backbone that encodes each modality before
+   fusing (TFN, LMF, MMIM), the loop encodes each B_i's modalities once and fuses them twice:
+   B̄_i's unimodal encodings are B_i's rows permuted (docs/fidelity.md, "Speed").
 2. The model step: the loop's own batch B, its shuffle B̄, both encoded *with* gradients; the
    penalty −λ·D(Z, Z̄) is read with T_θ frozen, so gradients reach f_θe (the fusion layers and
    everything below them, through both Z and Z̄) and never θ.
@@ -96,7 +99,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from trainables.backbones.base import MODALITIES, BackboneOutput
 from trainables.config import ConfigError
-from trainables.data.batches import Batch, concat_batches, shuffle_modalities
+from trainables.data.batches import Batch, concat_batches, modality_permutations, shuffle_modalities
 from trainables.regularisers.base import Encoder, Regulariser
 
 __all__ = ["MDM", "MDMConfig", "StatisticNetwork"]
@@ -399,17 +402,23 @@ class MDM(Regulariser):
 
     def _fresh_pairs(self, encoder: Encoder):
         """(Z_i, Z̄_i) of ``unroll`` fresh training batches, one per critic step. The batches and
-        (``input="fused"``) their shuffles B̄_i are encoded together without gradients (the
-        encoder does not change during the unroll); with ``input="unimodal"`` each Z̄_i is the
-        block's features permuted, drawn just before its step."""
+        (``input="fused"``) their shuffles B̄_i are encoded without gradients up front, block by
+        block in the order B_1, B̄_1, B_2, ... (``encoder.pairs_no_grad``): the encoder does not
+        change during the unroll, so this is the sequential algorithm; with ``input="unimodal"``
+        each Z̄_i is the block's features permuted, drawn just before its step."""
         c = self.config
         fresh = encoder.sample(c.unroll)  # unroll blocks of batch_size rows
         size = encoder.batch_size
         blocks = [slice(i * size, (i + 1) * size) for i in range(c.unroll)]
         if c.input == "fused":
-            both = concat_batches([fresh, shuffle_modalities(fresh, block_size=size)])
-            z = encoder.forward_no_grad(both).features["fused"]  # (2·unroll·size, d_in)
-            z_p, z_q = z[: len(fresh)], z[len(fresh):]
+            perms = modality_permutations(len(fresh), block_size=size)  # σ_l, σ_a, σ_v per block
+            if encoder.pairs_no_grad is not None:
+                out, out_bar = encoder.pairs_no_grad(fresh, perms)
+                z_p, z_q = out.features["fused"], out_bar.features["fused"]
+            else:
+                both = concat_batches([fresh, shuffle_modalities(fresh, perms=perms)])
+                z = encoder.forward_no_grad(both).features["fused"]  # (2·unroll·size, d_in)
+                z_p, z_q = z[: len(fresh)], z[len(fresh):]
             for rows in blocks:
                 yield z_p[rows], z_q[rows]
         else:

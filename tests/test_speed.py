@@ -1,0 +1,146 @@
+"""The exact speed-ups compute what the plain computation does (issue 26).
+
+- MDM's critic batches: the loop encodes them block by block (B_1, B̄_1, B_2, ...) on every device,
+  so BatchNorm normalises each block with its own statistics, as the sequential Algorithm 1; a
+  backbone with an encode/fuse split encodes each block's modalities once and fuses twice, with
+  the same Z, Z̄ and BatchNorm running statistics.
+- The encode/fuse contract of every backbone that declares it.
+- MMIM's stage 1 in inference mode: the same q updates as with ``torch.no_grad``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tests.test_backbones import TINY_BACKBONE, make_batch, make_dims
+from trainables.backbones import get_backbone
+from trainables.config import TrialConfig, build_dataclass
+from trainables.data.batches import modality_permutations, shuffle_modalities, split_batch
+from trainables.loop import Trainer
+
+#: TFN at toy widths with its BatchNorm subnets and every dropout off (values comparable exactly)
+TINY_TFN = {"backbone": "tfn", "regulariser": "mdm", "max_epochs": 1, "batch_size": 16, "seed": 0,
+            "patience": 0, "regulariser.unroll": 3,
+            **{f"backbone.{k}": v for k, v in TINY_BACKBONE["tfn"].items()},
+            **{f"backbone.{m}_dropout": 0.0 for m in ("audio", "vision", "text", "post_fusion")}}
+
+
+def _running_stats(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "tracked" in k}
+
+
+def test_critic_pairs_are_the_sequential_algorithm_with_batchnorm(small_data):
+    """The critic blocks, as the CPU path (which every device now takes) encodes them, equal the
+    sequential Algorithm 1: per step, B_k then B̄_k through the backbone in training mode,
+    BatchNorm on each block's own 16 rows (not on the 96 rows of all blocks at once), and its
+    running statistics updated in that order. Both the encode/fuse path (TFN's) and the plain
+    path give the same Z, Z̄ and running statistics."""
+    trainer = Trainer(TrialConfig.from_flat(TINY_TFN), small_data, device="cpu", num_threads=1)
+    assert trainer.separable
+    model = trainer.model.train()
+    fresh = trainer.encoder.sample(3)
+    perms = modality_permutations(len(fresh), block_size=16)
+    start = copy.deepcopy(model.state_dict())
+
+    results = {}
+    for separable in (True, False):
+        model.load_state_dict(start)
+        trainer.separable = separable
+        out, out_bar = trainer.encoder.pairs_no_grad(fresh, perms)
+        results[separable] = (out.features["fused"], out_bar.features["fused"], _running_stats(model))
+        assert not out.features["fused"].requires_grad and not out.features["fused"].is_inference()
+
+    model.load_state_dict(start)
+    z, z_bar = [], []
+    with torch.no_grad():
+        for k, block in enumerate(split_batch(fresh, 16)):
+            z.append(model(block).features["fused"])
+            block_perms = {m: p[16 * k:16 * (k + 1)] - 16 * k for m, p in perms.items()}
+            z_bar.append(model(shuffle_modalities(block, perms=block_perms)).features["fused"])
+    sequential = (torch.cat(z), torch.cat(z_bar), _running_stats(model))
+    with torch.no_grad():
+        model.load_state_dict(start)
+        one_pass = model(fresh).features["fused"]  # BatchNorm over all 48 rows at once
+    assert not torch.allclose(one_pass, sequential[0], atol=1e-4)  # the test can tell them apart
+
+    for separable, (z_p, z_q, stats) in results.items():
+        torch.testing.assert_close(z_p, sequential[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(z_q, sequential[1], rtol=1e-5, atol=1e-5)
+        assert stats.keys() == sequential[2].keys()
+        for key, value in stats.items():
+            torch.testing.assert_close(value, sequential[2][key], rtol=1e-5, atol=1e-6, msg=key)
+
+    # the no-grad encoding of a large batch (MDM with input="unimodal") also runs block by block
+    model.load_state_dict(start)
+    chunked = trainer.encoder.forward_no_grad(fresh).features["fused"]
+    torch.testing.assert_close(chunked, sequential[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tfn", "lmf", "mmim"])
+def test_encode_fuse_split_is_the_forward_pass(name):
+    """``fuse(encode(B)) == forward(B)``, and the encoding of B with its modalities permuted is
+    B's encoding with its rows permuted (training mode: BatchNorm on batch statistics), which is
+    what the loop's B̄ shortcut relies on."""
+    cls = get_backbone(name)
+    assert cls.modality_separable
+    dims = make_dims()
+    torch.manual_seed(0)
+    model = cls(build_dataclass(cls.config_class, TINY_BACKBONE[name]), dims)
+    for module in model.modules():  # values comparable exactly: no dropout draws
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model.train()
+    batch = make_batch(dims, b=8, seed=1)
+    with torch.no_grad():
+        full = model(batch)
+        unimodal = model.encode(batch)
+        fused = model.fuse(unimodal)
+        perms = modality_permutations(len(batch))
+        shuffled = model.encode(shuffle_modalities(batch, perms=perms))
+    torch.testing.assert_close(fused.prediction, full.prediction)
+    for key in full.features:
+        torch.testing.assert_close(fused.features[key], full.features[key])
+    for m, u in unimodal.items():
+        torch.testing.assert_close(shuffled[m], u[perms[m]], rtol=1e-5, atol=1e-6)
+
+
+def test_separable_flag_is_declared_only_where_the_split_exists():
+    """The flag a backbone declares matches what it implements (a backbone without the split
+    keeps the base class's refusal)."""
+    for name in ("ef_lstm", "mfn", "mag_bert"):
+        cls = get_backbone(name)
+        assert not cls.modality_separable
+        assert cls.encode is get_backbone("tfn").__mro__[1].encode
+
+
+def test_mmim_stage_one_in_inference_mode_is_the_no_grad_pass(small_data, monkeypatch):
+    """MMIM's stage 1 (the loop's estimator pass) in inference mode makes bit for bit the q
+    updates, and leaves the model and the random state, as the same pass under torch.no_grad."""
+    from trainables import loop
+
+    flat = {"backbone": "mmim", "regulariser": "mmim", "backbone.text_model": "tiny-bert",
+            "backbone.d_prjh": 16, "regulariser.hidden": 8, "max_epochs": 1, "batch_size": 32,
+            "seed": 3, "patience": 0}
+    trainer = Trainer(TrialConfig.from_flat(flat), small_data, device="cpu", num_threads=1)
+    train = trainer.splits["train"]
+    trainer.splits["train"] = type(train)(**{  # two batches are enough
+        k: (None if v is None else v[:64]) for k, v in vars(train).items()})
+    start = copy.deepcopy(trainer.state_dict())  # weights, optimisers, generators, RNG
+    results = []
+    for mode in ("inference", "no_grad"):
+        if mode == "no_grad":
+            monkeypatch.setattr(loop.torch, "inference_mode", torch.no_grad)
+        trainer.load_state_dict(copy.deepcopy(start), None)
+        trainer.model.train()
+        trainer.reg.train()
+        stats = trainer._estimator_pass()
+        results.append((stats, copy.deepcopy(trainer.reg.state_dict()), torch.rand(3)))
+    (stats_a, q_a, rng_a), (stats_b, q_b, rng_b) = results
+    assert stats_a == stats_b and torch.equal(rng_a, rng_b)
+    for key in q_a:
+        torch.testing.assert_close(q_a[key], q_b[key], rtol=0, atol=0, msg=key)
+    assert any(not torch.equal(q_a[k], v) for k, v in start["weights"]["regulariser"].items()), \
+        "stage 1 changed nothing: the test would not see a difference"
