@@ -308,7 +308,8 @@ class Trainer:
                 outs.append(float_detached(self._encode(self._ready(part))))
         return _cat_outputs(outs)
 
-    def _encode_pairs_no_grad(self, batch: Batch, perms: dict[str, torch.Tensor]) -> tuple[BackboneOutput, BackboneOutput]:
+    def _encode_pairs_no_grad(self, batch: Batch, perms: dict[str, torch.Tensor]
+                              ) -> tuple[BackboneOutput, BackboneOutput]:
         """:attr:`Encoder.pairs_no_grad`: ``batch`` (blocks of the encoder's batch size) and its
         modality shuffle by ``perms`` (within the blocks), without gradients (inference mode),
         block by block: B_1, B̄_1, B_2, B̄_2, ... as Algorithm 1's sequential critic steps would
@@ -318,9 +319,10 @@ class Trainer:
 
         A backbone with an encode/fuse split (``modality_separable``) encodes each block's
         modalities once: B̄'s unimodal encodings are B's rows permuted by σ_m, so only the fusion
-        runs for both, in one pass of 2·size rows (the fusion is row-wise). BatchNorm sees the same rows (permuted) in B̄, hence the same batch
-        statistics; its running statistics get the two updates of the plain pair in one (momentum
-        1 − (1 − m)², :func:`_batchnorm_updates_twice`). Dropout in the unimodal encoders then
+        runs for both, in one pass of 2·size rows (the fusion is row-wise). BatchNorm sees the
+        same rows (permuted) in B̄, hence the same batch statistics; its running statistics get
+        the two updates of the plain pair in one (momentum 1 − (1 − m)²,
+        :func:`_batchnorm_updates_twice`). Dropout in the unimodal encoders then
         draws one mask per row that B and B̄ share (permuted), instead of two independent ones:
         each of Z and Z̄ has the same distribution as before (docs/fidelity.md, "Speed")."""
         size = self.encoder.batch_size
