@@ -89,8 +89,8 @@ What the defaults do (each "as the paper" unless it says otherwise):
   better conditioned k × k S on wide fused vectors; κ is affine invariant, so a Gaussian stays
   Gaussian). Sec. 4.1 also allows unimodal Z_i in the kurtosis; D6 uses the fused Z only, and so do we.
   With minimising κ and a lagging S (D5: S holds past batches, the current one enters with weight
-  1 against ~1/(1 − α) for the history), shrinking the fused code also lowers κ: at steady state d
-  log L_κ / d log scale ≈ 3 (measured on Gaussian codes: 2.4-3.2 for k = 32-128, 1.1 at k = 384;
+  1 against ~1/(1 − α) for the history), shrinking the fused code also lowers κ: at steady state
+  d log L_κ / d log scale ≈ 3 (measured on Gaussian codes: 2.4-3.2 for k = 32-128, 1.1 at k = 384;
   the ideal lag gives 4 − 4(1 − α) = 3.6), so most of L_κ's gradient shrinks Z, which the linear
   head can undo by growing its weights. This is D5/D6 as written; the task loss and β decide how
   far it goes (the paper does not discuss it; docs/fidelity.md says so too).
