@@ -75,7 +75,7 @@ What the defaults do (each "as the paper" unless it says otherwise):
   constant factor per backbone, so the minimiser is the paper's and γ_κ's range is on a common
   order of magnitude (k is 32 to 944 in the synergy space). It does not make γ_κ mean the same on
   every backbone: under D5's lagging S, L_κ on Gaussian codes settles near 0.007-0.009 for k = 32-128
-  and near 0.0034 for k = 384. ``kurtosis_units="raw"`` is κ itself: on TFN (k = 64, fused std
+  and near 0.0033 for k = 384. ``kurtosis_units="raw"`` is κ itself: on TFN (k = 64, fused std
   ~0.04 at the start) raw κ's gradient is ~100-400× the task loss's even at β = 0.01, so with the
   gradient clip the task cannot train (valid MAE stays at the constant predictor's on the
   synthetic set).
@@ -90,10 +90,10 @@ What the defaults do (each "as the paper" unless it says otherwise):
   Gaussian). Sec. 4.1 also allows unimodal Z_i in the kurtosis; D6 uses the fused Z only, and so do we.
   With minimising κ and a lagging S (D5: S holds past batches, the current one enters with weight
   1 against ~1/(1 − α) for the history), shrinking the fused code also lowers κ: at steady state
-  d log L_κ / d log scale ≈ 3 (measured on Gaussian codes: 2.4-3.2 for k = 32-128; the ideal lag
-  gives 4 − 4(1 − α) = 3.6), so most of L_κ's gradient shrinks Z, which the linear head can undo by growing its weights. This is D5/D6 as
-  written; the task loss and β decide how far it goes (the paper does not discuss it;
-  docs/fidelity.md says so too).
+  d log L_κ / d log scale ≈ 3 (measured on Gaussian codes: 2.4-3.2 for k = 32-128, 1.1 at k = 384;
+  the ideal lag gives 4 − 4(1 − α) = 3.6), so most of L_κ's gradient shrinks Z, which the linear
+  head can undo by growing its weights. This is D5/D6 as written; the task loss and β decide how
+  far it goes (the paper does not discuss it; docs/fidelity.md says so too).
 - Who minimises what (D7-D9): the C-network (Q_i, g_i) takes one AdamW step (lr ``c_lr`` = η_MI)
   on γ_L2·L_L2 + γ_d·L_d per batch in :meth:`Synergy.estimator_step` (L_κ has no C-network
   parameters), on detached features; the model's step minimises L_task + β·L_reg with the C-network
