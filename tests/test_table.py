@@ -204,7 +204,12 @@ def test_statistics_equal_scipy_and_hand_computed_values(store):
     chosen, _ = choose_cells(open_searches(client, "mdm_like", "alpha", "beta"))
     seeds = list(range(6))
     reruns = fake_reruns([c.label for c in chosen], seeds)
+    flagged = next(r for r in reruns if r.variant == chosen[-1].label)
+    flagged.collapsed = "critic collapsed: ..."
     rows = table_rows(chosen, reruns, "mae")
+    # a collapsed critic is counted on its cell's row (issue 23: the table flags such runs)
+    assert [r["collapsed_reruns"] for r in rows] == [0] * (len(rows) - 1) + [1]
+    assert {r["chosen_collapsed"] for r in rows} == {"false"}
 
     def mae(label):
         return np.array([r.test["mae"] for r in reruns if r.variant == label])

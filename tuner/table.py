@@ -48,7 +48,7 @@ import numpy as np
 
 from tuner.preflight import UsageError
 from tuner.report import (REPORT_METRICS, ROBUSTNESS_METRICS, Rerun, SearchInfo, _fmt,
-                          _in_default_style, _pyplot, check_search_selection, dropped_metric,
+                          _in_default_style, collapsed_note, _pyplot, check_search_selection, dropped_metric,
                           find_search, kept, load_search_data, mann_whitney, mean_std,
                           metric_name, parse_seeds, plain_table, probe_reruns, robustness_ratio,
                           run_reruns, trial_config, write_csv)
@@ -379,6 +379,10 @@ def table_rows(chosen: list[Chosen], reruns: list[Rerun], metric: str) -> list[d
             "trial_run_id": c.run.info.run_id, "selection": c.search.info.objective,
             "selection_value": c.value, "cell_trials": c.trials,
             "configuration": json.dumps(c.configuration(), sort_keys=True),
+            # MDM's W critic saturated (tuner.report.collapsed_note): that arm trained as the
+            # baseline in these runs, so a "no effect" there says nothing about the penalty
+            "chosen_collapsed": str(collapsed_note(c.run) is not None).lower(),
+            "collapsed_reruns": sum(1 for r in reruns if r.variant == c.label and r.collapsed),
         }
         values = {m: [v for v in seed_values(reruns, c.label, m).values()] for m in REPORT_METRICS}
         row["n"] = mean_std(values[metric])[2]
@@ -502,7 +506,9 @@ def markdown(rows: list[dict[str, Any]], chosen: list[Chosen], robust: list[dict
             config = ", ".join(f"{k.partition('.')[2] or k}={v}"
                                for k, v in json.loads(r["configuration"]).items())
             test = {"mann_whitney": "MW", "paired_t": "t"}.get(r["test"], "")
-            cells = [by_label[r["label"]].row_name, config or "–", str(r["n"])]
+            collapsed = r["collapsed_reruns"] or r["chosen_collapsed"] == "true"
+            cells = [by_label[r["label"]].row_name + (" ⚠" if collapsed else ""), config or "–",
+                     str(r["n"])]
             cells += [_pm(r[f"test_{m}_mean"], r[f"test_{m}_std"]) for m in REPORT_METRICS]
             if r["regulariser"] == BASELINE:
                 cells += ["(baseline)", "", "", ""]
@@ -553,6 +559,13 @@ def markdown(rows: list[dict[str, Any]], chosen: list[Chosen], robust: list[dict
                      f"`{r['trial_run_id']}` | {_fmt(r['selection_value'])} | {r['cell_trials']} |")
     failed = [r for r in reruns if not r.test]
     lines += ["", f"Re-runs: {len(reruns)} ({len(failed)} without test metrics)."]
+    notes = list(notes) + [
+        f"⚠ {r['backbone']} {by_label[r['label']].row_name}: the critic collapsed (its output "
+        f"constant over an epoch, so the estimate was 0 and the penalty gave no gradient) in "
+        f"{r['collapsed_reruns']} of {r['n']} re-runs"
+        + (" and in the chosen trial" if r["chosen_collapsed"] == "true" else "")
+        + "; where the modalities are dependent this arm trained as its baseline"
+        for r in rows if r["collapsed_reruns"] or r["chosen_collapsed"] == "true"]
     if notes:
         lines += ["", "Notes:", "", *[f"- {n}" for n in notes]]
     return "\n".join(lines) + "\n"
