@@ -482,11 +482,12 @@ def print_start(space: SearchSpace, name: str, tracker, ui=None, ui_asked: bool 
           f"parent run {name!r} (id {tracker.parent_run_id}).")
     print(f"Watch the runs: {tracker.ui_command()}")
     print(f"  then open     {runs}")
-    print(f"  this search   {runs}/{tracker.parent_run_id}")
+    print(f"  this search   {tracker.runs_url(run_id=tracker.parent_run_id)}")
     if ui is not None:
         ui_runs = tracker.runs_url(port=ui.port)
         print(f"MLflow UI (--ui, pid {ui.pid}, it stops with the search): {ui_runs}")
-        print(f"  this search   {ui_runs}/{tracker.parent_run_id}", flush=True)
+        print(f"  this search   {tracker.runs_url(port=ui.port, run_id=tracker.parent_run_id)}",
+              flush=True)
         problem = ui.wait_ready()
         if problem is not None:
             print(f"warning: --ui: {problem}; the search goes on", file=sys.stderr)
@@ -502,6 +503,63 @@ def study_storage_for(args: argparse.Namespace) -> str:
     file on a cluster's head node is enough for a driver on the head."""
     return os.environ.get("OPTUNA_STORAGE") or f"sqlite:///{Path('optuna.db').resolve()}"
 
+
+
+def concurrency(space: SearchSpace, cpus: float) -> int:
+    """Trials at once on ``cpus`` CPUs: by the space's CPUs per trial and ``max_concurrent``."""
+    at_once = max(1, int(cpus // max(space.resources.cpu, RAY_RESOURCE_UNIT)))
+    limit = space.search.max_concurrent
+    return min(at_once, limit) if limit else at_once
+
+
+def _ray_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 1))
+
+
+def projection_line(space: SearchSpace, client, data_digest: str | None, cpus: float) -> str | None:
+    """The CPU-only projection of a transformer space (:func:`tuner.progress.cpu_projection`),
+    from epoch timings in the MLflow store of ``client``; None for other spaces. A store that
+    cannot be read gives the line without timings."""
+    from tuner.progress import TRANSFORMER_BACKBONES, cpu_projection, stored_epoch_seconds
+
+    if space.resources.gpu > 0 or not set(space.backbones) & set(TRANSFORMER_BACKBONES):
+        return None
+    try:
+        timings = stored_epoch_seconds(client, [(b, r) for b in space.backbones
+                                                for r in space.regularisers], False, data_digest)
+    except Exception:  # noqa: BLE001 - a projection never stops a search
+        timings = {}
+    return cpu_projection(space, timings, concurrency(space, cpus))
+
+
+def dry_run_projection(space: SearchSpace, args: argparse.Namespace,
+                       data: MultimodalData | None) -> str | None:
+    """``--dry-run``'s projection: only from a store that exists (a dry run creates none)."""
+    from mlflow.tracking import MlflowClient
+
+    from tuner.progress import TRANSFORMER_BACKBONES
+    from tuner.tracking import DEFAULT_TRACKING_URI, absolute_sqlite_uri
+
+    if space.resources.gpu > 0 or not set(space.backbones) & set(TRANSFORMER_BACKBONES):
+        return None
+    uri = args.mlflow_uri or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).expanduser().exists():
+        client = None
+    else:
+        if uri.startswith(("http://", "https://")):
+            from tuner.tracking import HTTP_DEFAULTS
+
+            for key, value in HTTP_DEFAULTS.items():  # seconds, not minutes, if it is down
+                os.environ.setdefault(key, value)
+        client = MlflowClient(tracking_uri=absolute_sqlite_uri(uri))
+    if client is None:
+        from tuner.progress import cpu_projection
+
+        return cpu_projection(space, {}, concurrency(space, os.cpu_count() or 1))
+    return projection_line(space, client, data.digest if data is not None else None,
+                           os.cpu_count() or 1)
 
 
 def ray_address(address: str | None) -> str:
@@ -522,14 +580,69 @@ def init_ray(address: str | None, verbose: int = 0) -> None:
     if ray.is_initialized():
         return
     address = ray_address(address)
+    quiet_startup(verbose)
     try:
         ray.init(address=address, log_to_driver=verbose > 0,
                  logging_level=logging.INFO if verbose else logging.WARNING,
                  include_dashboard=False if address == "local" else None)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - Ray raises bare Exceptions (a start timeout)
         where = "local Ray" if address == "local" else f"--address {address}"
         raise UsageError(f"{where}: Ray did not start ({type(exc).__name__}: "
                          f"{' '.join(str(exc).split())[:200]})") from None
+
+
+#: notices that a search hides unless -v (errors always show), by logger -> the level shown:
+#: Ray's token-auth default of a local Ray (docs/safety.md says what it means), Tune's hints
+#: that a step took long (a loaded machine), Optuna's "A new study created", MLflow's INFO lines
+#: (database set-up, input-example validation, model registration: the summary says what
+#: matters)
+QUIET_LOGGERS = {"ray._private.authentication.authentication_token_setup": logging.ERROR,
+                 "ray.tune.utils.util": logging.ERROR, "optuna": logging.WARNING,
+                 "mlflow": logging.WARNING}
+
+
+def quiet_startup(verbose: int) -> None:
+    """Without ``-v``: the notices of :data:`QUIET_LOGGERS` hidden, and Tune's TensorBoard
+    logger (and its "To visualize your results with TensorBoard" hint) not created
+    (:func:`tune_loggers`)."""
+    if verbose:
+        return
+    for name, level in QUIET_LOGGERS.items():
+        logger = logging.getLogger(name)
+        logger.setLevel(max(level, logger.getEffectiveLevel()))
+
+
+def tune_loggers(verbose: int) -> list:
+    """The result loggers Tune needs (CSV: ``progress.csv``, which MLflow's sync reads; JSON),
+    given explicitly without ``-v`` so that Tune adds no TensorBoard logger (see
+    :func:`_tune_auto_loggers`)."""
+    if verbose:
+        return []
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    return [CSVLoggerCallback(), JsonLoggerCallback()]
+
+
+class _tune_auto_loggers:
+    """Within: Tune adds its default loggers (CSV, JSON, TensorBoard) only with ``-v``."""
+
+    KEY = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
+
+    def __init__(self, verbose: int) -> None:
+        self.verbose = verbose
+        self.before: str | None = None
+
+    def __enter__(self):
+        self.before = os.environ.get(self.KEY)
+        if not self.verbose:
+            os.environ[self.KEY] = "1"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.before is None:
+            os.environ.pop(self.KEY, None)
+        else:
+            os.environ[self.KEY] = self.before
 
 
 def run_search(space: SearchSpace, data: MultimodalData, args: argparse.Namespace,
@@ -631,9 +744,16 @@ def _run(space: SearchSpace, data: MultimodalData, args: argparse.Namespace, sto
     from trainables.trainable import train_fusion
     from tuner.pruning import (OptunaPruningScheduler, SearchBudget, StudySearch,
                                StudySearchGenerator, make_pruner, make_sampler)
-    from tuner.tracking import DiskSpaceGuard, MlflowTrialCallback, git_commit, rebind_callbacks
+    from tuner.progress import ProgressCallback
+    from tuner.tracking import (DiskSpaceGuard, MlflowTrialCallback, dataset_inputs,
+                                environment_tags, git_commit, rebind_callbacks)
 
     settings = space.search
+    unlabeled_path = (str(Path(args.unlabeled).expanduser().resolve())
+                      if getattr(args, "unlabeled", None) else None)
+    tracker.inputs = dataset_inputs(data, unlabeled_path)
+    tracker.data_digest = data.digest
+    tracker.objective, tracker.mode = space.objective, space.mode
     parent = tracker.start_search(
         name,
         params={"space": space.name, "sampler": settings.sampler, "pruner": settings.pruner,
@@ -644,6 +764,7 @@ def _run(space: SearchSpace, data: MultimodalData, args: argparse.Namespace, sto
                 "cpu_per_trial": space.resources.cpu, "gpu_per_trial": space.resources.gpu,
                 "metric": space.metric, "mode": space.mode},
         tags={"git_commit": git_commit(), "data_digest": data.digest, "data_source": data.source,
+              **environment_tags(),
               # the report applies the selection rule again: an explicit mode may go against
               # the metric's direction
               "mode_explicit": str(space.mode_explicit).lower(),
@@ -669,7 +790,8 @@ def _run(space: SearchSpace, data: MultimodalData, args: argparse.Namespace, sto
             # back from Ray's experiment checkpoint; finished trials stay finished, unfinished
             # and errored ones continue from their last checkpoint
             tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
-            rebind_callbacks(tuner, tracker)  # write where --mlflow-uri says now
+            # write where --mlflow-uri says now; the ETA measures afresh
+            rebind_callbacks(tuner, tracker, {"budget": budget, "spent_before": spent_before})
             print(f"Resuming search {name!r} from {experiment}.", flush=True)
         else:
             pruner = make_pruner(settings.pruner, settings.grace_epochs, settings.max_epochs)
@@ -693,7 +815,9 @@ def _run(space: SearchSpace, data: MultimodalData, args: argparse.Namespace, sto
                                        trial_dirname_creator=_trial_dirname),
                 run_config=RunConfig(
                     name=name, storage_path=storage, stop=stop,
-                    callbacks=[MlflowTrialCallback(tracker), DiskSpaceGuard(storage)],
+                    callbacks=[MlflowTrialCallback(tracker), DiskSpaceGuard(storage),
+                               ProgressCallback(num_samples, settings.max_epochs, budget),
+                               *tune_loggers(args.verbose)],
                     checkpoint_config=CheckpointConfig(num_to_keep=1),
                     failure_config=FailureConfig(max_failures=2),
                     verbose=1 if args.verbose == 0 else 2,
@@ -704,8 +828,12 @@ def _run(space: SearchSpace, data: MultimodalData, args: argparse.Namespace, sto
             logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
         print_start(space, name, tracker, ui, ui_asked=getattr(args, "ui", False),
                     budget=budget, spent_before=spent_before)
+        projection = projection_line(space, tracker.client, data.digest, _ray_cpus())
+        if projection:
+            print(projection, flush=True)
         try:
-            results = tuner.fit()
+            with _tune_auto_loggers(args.verbose):
+                results = tuner.fit()
         except BaseException as exc:
             tracker.finish_search("KILLED", None, None, None)
             full = _disk_full(exc)
@@ -806,7 +934,7 @@ def summarise(results, space: SearchSpace, tracker, data: MultimodalData,
     be given now (``--resume`` writes them once the store is back)."""
     from trainables.loop import BEST_FILE
     from trainables.trainable import evaluate_checkpoint
-    from tuner.tracking import NEVER_BEST, final_status
+    from tuner.tracking import COUNTED, NEVER_BEST, final_status
 
     objective = space.objective
     counts: dict[str, int] = {}
@@ -821,6 +949,14 @@ def summarise(results, space: SearchSpace, tracker, data: MultimodalData,
         elif status not in NEVER_BEST and isinstance(value, (int, float)) and math.isfinite(value):
             candidates.append(result)  # NEVER_BEST: not a diverged trial, whatever came before
     synced = tracker.sync_results(results)
+    # the parent's live counts, final: as the summary counts (trials a stopper ended included)
+    tracker.safely("live counts", tracker.log_progress, {
+        **{key: sum(counts.get(s, 0) for s in statuses) for key, statuses in COUNTED.items()},
+        "trials_running": 0,
+        "trial_epochs_done": sum(int((r.metrics or {}).get("training_iteration") or 0)
+                                 for r in results),
+        "best_so_far": min((r.metrics[objective] for r in candidates),
+                           key=lambda v: v if space.mode == "min" else -v, default=math.nan)})
     if synced:
         print(f"MLflow: wrote the records of {synced} trials that it had missed "
               f"(from Ray's results in {experiment})", flush=True)
@@ -915,6 +1051,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.dry_run:
         print(yaml.safe_dump(plan(space), sort_keys=False).rstrip())
+        projection = dry_run_projection(space, args, data)
+        if projection:
+            print(projection)
         return 0
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
