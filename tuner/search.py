@@ -624,12 +624,19 @@ def tune_loggers(verbose: int) -> list:
 
 
 class _tune_auto_loggers:
-    """Within: Tune adds its default loggers (CSV, JSON, TensorBoard) only with ``-v``."""
+    """Within: Tune adds its default loggers (CSV, JSON, TensorBoard) only with ``-v`` or when
+    the search's callbacks lack the CSV logger (a search started by an older version, resumed:
+    MLflow's sync needs its ``progress.csv``)."""
 
     KEY = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
 
-    def __init__(self, verbose: int) -> None:
-        self.verbose = verbose
+    def __init__(self, verbose: int, tuner=None) -> None:
+        from ray.tune.logger import CSVLoggerCallback
+
+        callbacks = (tuner._local_tuner.get_run_config().callbacks or []  # noqa: SLF001
+                     if tuner is not None else [])
+        has_csv = any(isinstance(c, CSVLoggerCallback) for c in callbacks)
+        self.verbose = verbose or (tuner is not None and not has_csv)
         self.before: str | None = None
 
     def __enter__(self):
@@ -832,7 +839,7 @@ def _run(space: SearchSpace, data: MultimodalData, args: argparse.Namespace, sto
         if projection:
             print(projection, flush=True)
         try:
-            with _tune_auto_loggers(args.verbose):
+            with _tune_auto_loggers(args.verbose, tuner):
                 results = tuner.fit()
         except BaseException as exc:
             tracker.finish_search("KILLED", None, None, None)

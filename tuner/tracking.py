@@ -630,8 +630,8 @@ class MlflowTrialCallback(Callback):
 
     def _progress(self, trials, now: dict[str, str]) -> None:
         """The parent run's live counts (see :func:`search_counts`)."""
-        counts = search_counts(trials, self.tracker.objective, self.tracker.mode, now)
-        self.tracker.safely("live counts", self.tracker.log_progress, counts)
+        self.tracker.safely("live counts", lambda: self.tracker.log_progress(
+            search_counts(trials, self.tracker.objective, self.tracker.mode, now)))
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         self._guard("per-epoch metrics", trial, self._log_result, trial, result)
@@ -731,15 +731,16 @@ def search_counts(trials, objective: str | None, mode: str = "min",
     best = math.nan
     sign = 1 if mode == "min" else -1
     for trial in trials:
-        last = trial.last_result or {}
+        last = getattr(trial, "last_result", None) or {}
         counts["trial_epochs_done"] += float(last.get("training_iteration") or 0)
         status = now.get(trial.trial_id)
+        state = getattr(trial, "status", None)
         if status is None:
-            if trial.status == "TERMINATED":
+            if state == "TERMINATED":
                 status = final_status(last)
-            elif trial.status == "ERROR":
+            elif state == "ERROR":
                 status = "errored"
-            elif trial.status == "RUNNING":
+            elif state == "RUNNING":
                 status = "running"
         for key, statuses in COUNTED.items():
             counts[key] += status in statuses
