@@ -195,3 +195,26 @@ def test_cpu_projection_of_a_transformer_space(tmp_path, monkeypatch, capsys):
     assert "projected about 20 h 0 min for at most 2400 trial-epochs at 30 s each" in out, out
     assert main(["--space", "mmim", "--dry-run", "--gpus-per-trial", "1"]) == 0
     assert "projected" not in capsys.readouterr().out
+
+
+def test_quiet_start_up_hides_rays_notices_unless_verbose(monkeypatch):
+    """Without -v: Ray's token-auth notice, Tune's "took long" hints, Optuna's and MLflow's INFO
+    lines are not emitted, warnings of Optuna and MLflow still are; Tune gets explicit CSV and
+    JSON loggers (no TensorBoard logger, so no TensorBoard hint)."""
+    import logging
+
+    from tuner.search import QUIET_LOGGERS, quiet_startup, tune_loggers
+
+    for name in QUIET_LOGGERS:
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.NOTSET)
+    quiet_startup(1)
+    token = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    assert token.isEnabledFor(logging.WARNING)
+    quiet_startup(0)
+    assert not token.isEnabledFor(logging.WARNING)
+    assert not logging.getLogger("ray.tune.utils.util").isEnabledFor(logging.WARNING)
+    assert not logging.getLogger("mlflow.store.db.utils").isEnabledFor(logging.INFO)
+    assert logging.getLogger("optuna").isEnabledFor(logging.WARNING)
+    assert {type(c).__name__ for c in tune_loggers(0)} == {"CSVLoggerCallback",
+                                                           "JsonLoggerCallback"}
+    assert tune_loggers(1) == []
