@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 
 from trainables.environment import collect_environment, cuda_environment
 from trainables.trainable import reset_peak_memory, trial_cost
@@ -183,7 +184,9 @@ def test_cpu_projection_of_a_transformer_space(tmp_path, monkeypatch, capsys):
 
     monkeypatch.chdir(tmp_path)
     assert main(["--space", "mmim", "--dry-run"]) == 0
-    assert "no epoch of its cells is timed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "\n# note: space 'mmim' has transformer backbones" in out
+    assert "no epoch of its cells is timed" in out and yaml.safe_load(out)["trials"] == 60
     assert not (tmp_path / "mlflow.db").exists()  # a dry run creates no store
     tracker = Tracker("sqlite:///mlflow.db", "earlier")
     tracker.start_search("s", {}, {}, {})

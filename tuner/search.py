@@ -1059,8 +1059,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(yaml.safe_dump(plan(space), sort_keys=False).rstrip())
         projection = dry_run_projection(space, args, data)
-        if projection:
-            print(projection)
+        if projection:  # a YAML comment: the plan stays machine-readable
+            print(f"# {projection}")
         return 0
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
