@@ -382,6 +382,14 @@ def test_report_after_a_tiny_search(tmp_path, monkeypatch, tiny_search_space, sm
     reruns = [r for r in runs if r.data.tags.get("run_kind") == "rerun"]
     assert rep.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert all(r.data.tags["mlflow.parentRunId"] == rep.info.run_id for r in reruns)
+    # where the report and its re-runs ran, the data they used, what the search cost per cell
+    assert f"Environment: Python {rep.data.tags['env.python']}, torch " in printed
+    assert "different environments" not in printed  # one machine, one checkout
+    assert "Cost of search 's1' per cell" in printed and "ef_lstm/mdm" in printed
+    for run in (rep, *reruns):
+        assert run.data.tags["env.torch_version"] and run.data.tags["env.git_commit"]
+        assert run.inputs.dataset_inputs[0].dataset.digest == small_data.digest[:36]
+    assert all(r.data.metrics["cost.peak_rss_mb"] > 0 for r in reruns)
 
     # mode max: each trial's best epoch is its highest valid_corr (every epoch's, from MLflow)
     assert parent.data.params["mode"] == "max" and len(trials) == 3

@@ -1,5 +1,6 @@
 """A tiny real search (local Ray, Optuna, SQLite MLflow), then MLflow read back."""
 
+import json
 import os
 import re
 import socket
@@ -52,8 +53,10 @@ def test_tiny_search_is_tracked_in_mlflow(tmp_path, monkeypatch, tiny_space, sma
                                           ray_local, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["--space", str(tiny_space), "--name", "e2e"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "Best configuration (chosen on validation only)" in out
+    # quiet by default: Ray's start-up notices are for -v
+    assert "Token authentication" not in out + err and "TensorBoard" not in out + err
     assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in out
     assert "#/experiments/" in out
     # before the first trial: the plan (as --dry-run counts it), the ui command, the runs URLs
@@ -67,6 +70,14 @@ def test_tiny_search_is_tracked_in_mlflow(tmp_path, monkeypatch, tiny_space, sma
     assert plan_line < ui_line < parent_line < first_trial, out[:3000]
     # ... and still at the end
     assert _index(lines, "Browse the runs:") > first_trial
+    # every URL opens the UI's Model-training workspace
+    urls = re.findall(r"http://127\.0\.0\.1:5000/\S+", out)
+    assert urls and all(u.endswith("?workflowType=machine_learning") for u in urls), urls
+    # progress with an ETA once epochs are timed, the last one when every trial has ended
+    progress = [line for line in lines if line.startswith("Progress: ")]
+    assert progress and all(" ETA " in line and "ef_lstm/none" in line for line in progress)
+    assert progress[-1].startswith("Progress: 7/7 trials done (") and "ETA 0 s" in progress[-1]
+    assert re.search(r"; \d+/28 trial-epochs;", progress[-1]), progress[-1]
 
     client = MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
     experiment = client.get_experiment_by_name("tiny")
@@ -77,13 +88,38 @@ def test_tiny_search_is_tracked_in_mlflow(tmp_path, monkeypatch, tiny_space, sma
     parent = parents[0]
     # the search's own page, printed before the first trial
     this_search = (f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs/"
-                   f"{parent.info.run_id}")
+                   f"{parent.info.run_id}?workflowType=machine_learning")
     assert _index(lines, this_search) < first_trial
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["data_digest"] == small_data.digest
     assert parent.data.tags["git_commit"]
     assert "tuner.search" in parent.data.tags["command"]
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+
+    # the data as an MLflow dataset on every run; the environment on every run
+    for run in (parent, *children):
+        inputs = run.inputs.dataset_inputs
+        assert [i.dataset.name for i in inputs][:1] == ["data"], inputs  # the Parquet folder
+        assert inputs[0].dataset.digest == small_data.digest[:36]
+        assert json.loads(inputs[0].dataset.profile)["train_rows"] == len(small_data.splits["train"])
+        assert [(t.key, t.value) for t in inputs[0].tags] == [("mlflow.data.context", "training")]
+        assert run.data.tags["env.torch_version"] == torch.__version__
+        assert run.data.tags["env.gpu_count"] == "0" and run.data.tags["env.git_commit"]
+    # what each trial cost, and the parent's live counts
+    for child in children:
+        epochs = len(client.get_metric_history(child.info.run_id, "valid_mae"))
+        assert child.data.metrics["cost.trial_epochs"] == epochs
+        assert child.data.metrics["cost.peak_rss_mb"] > 50
+        assert 0 < child.data.metrics["cost.wall_s"]
+        assert child.data.tags["env.threads"] == "1"  # the trial's one CPU
+    counts = {k: parent.data.metrics.get(k) for k in ("trials_completed", "trials_pruned",
+                                                       "trials_failed", "trials_running")}
+    assert counts["trials_completed"] + counts["trials_pruned"] == 7, counts
+    assert counts["trials_pruned"] == sum(c.data.tags["status"] == "pruned" for c in children)
+    assert counts["trials_failed"] == 0 and counts["trials_running"] == 0
+    assert parent.data.metrics["best_so_far"] == pytest.approx(parent.data.metrics["best_valid_mae"])
+    assert [m.value for m in client.get_metric_history(parent.info.run_id, "trials_running")
+            ][:1] == [1]  # live while the search ran (one trial at a time)
 
     statuses = {c.data.tags["status"] for c in children}
     assert "pruned" in statuses, statuses

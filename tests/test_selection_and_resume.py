@@ -252,7 +252,16 @@ def test_budget_ended_search_resumes_with_a_larger_budget_only(tmp_path, monkeyp
     assert [s for s, _, _ in trials] == ["COMPLETE", "PRUNED"]
     _, value, steps = trials[1]
     assert list(steps) == [1] and value == steps[1]
-    capsys.readouterr()
+    # the summary, the progress line and the parent's live counts say the same
+    out = capsys.readouterr().out
+    assert "Search 'b1' finished: 1 completed, 1 pruned" in out
+    assert [line for line in out.splitlines() if line.startswith("Progress: ")][-1].startswith(
+        "Progress: 2/20 trials done (1 completed, 1 pruned), 0 running; 4/4 trial-epochs;")
+    parent = client.get_run(client.search_runs(
+        [client.get_experiment_by_name("budget").experiment_id],
+        "tags.run_kind = 'search'")[0].info.run_id).data.metrics
+    assert (parent["trials_completed"], parent["trials_pruned"], parent["trials_running"]) == \
+        (1, 1, 0)
 
     for flags in (["--budget-trial-epochs", "4"], [], ["--budget-trial-epochs", "3"]):
         assert main(cmd + ["--resume", *flags]) == 2

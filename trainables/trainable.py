@@ -7,10 +7,18 @@ Reads like Ray's ``mnist_pytorch`` example on purpose; everything else is in
 trial also carries ``test_*`` of its best-validation epoch. A non-finite loss ends the trial with
 ``trial_status == "diverged"`` (and a NaN metric) instead of raising, so the search goes on and
 the retry machinery does not re-run a deterministic divergence.
+
+Every report also carries what the trial costs so far (:func:`trial_cost`: the peak resident
+memory of the trial's process and, on CUDA, the peak allocated GPU memory), and the first report
+of each start the environment it runs in (``env.*``, :func:`trainables.environment.collect_environment`):
+the driver records both in the trial's MLflow run.
 """
 
 from __future__ import annotations
 
+import re
+import resource
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,11 +29,54 @@ from ray import tune
 
 from trainables.config import TrialConfig
 from trainables.data.batches import DROP_SETS, MultimodalData, TensorSplit, iterate_batches
+from trainables.environment import collect_environment
 from trainables.loop import Trainer, load_best
 
-__all__ = ["critic_scores", "evaluate_checkpoint", "probe_checkpoint", "train_fusion",
-           "trial_node_id",
+__all__ = ["critic_scores", "evaluate_checkpoint", "peak_rss_mb", "probe_checkpoint",
+           "reset_peak_memory", "train_fusion", "trial_cost", "trial_node_id",
            "trial_num_threads"]
+
+#: the prefix of the environment keys in a trial's first report (and of the MLflow tags)
+ENV_PREFIX = "env."
+_STATUS = Path("/proc/self/status")
+
+
+def reset_peak_memory(device: torch.device | str, cuda=None) -> None:
+    """Start counting peak memory from now: a reused Ray worker ran other trials before.
+
+    Linux resets a process's peak resident set (``VmHWM``) when ``5`` is written to
+    ``/proc/self/clear_refs``; where that is refused, :func:`peak_rss_mb` falls back to the
+    process's lifetime peak. On CUDA, torch's peak allocated memory is reset too (``cuda``: the
+    ``torch.cuda`` module; tests pass a stand-in)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    if torch.device(device).type == "cuda":
+        (cuda or torch.cuda).reset_peak_memory_stats(torch.device(device))
+
+
+def peak_rss_mb() -> float:
+    """The peak resident memory of this process in MiB since :func:`reset_peak_memory`
+    (``VmHWM``), else since it started (``getrusage``)."""
+    try:
+        match = re.search(r"^VmHWM:\s+(\d+)\s+kB", _STATUS.read_text(), re.MULTILINE)
+        if match:
+            return int(match.group(1)) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**20 if sys.platform == "darwin" else 1024)
+
+
+def trial_cost(device: torch.device | str, cuda=None) -> dict[str, float]:
+    """What the trial's process used so far: ``cost.peak_rss_mb`` and, on CUDA,
+    ``cost.peak_cuda_allocated_mb`` (torch's peak of allocated tensor memory, not the cache)."""
+    cost = {"cost.peak_rss_mb": round(peak_rss_mb(), 1)}
+    if torch.device(device).type == "cuda":
+        allocated = (cuda or torch.cuda).max_memory_allocated(torch.device(device))
+        cost["cost.peak_cuda_allocated_mb"] = round(allocated / 2**20, 1)
+    return cost
 
 
 def trial_num_threads() -> int | None:
@@ -53,6 +104,9 @@ def train_fusion(config: dict[str, Any], data: MultimodalData) -> None:
     """Train one backbone + regulariser configuration; ``data`` comes via ``tune.with_parameters``."""
     cfg = TrialConfig.from_flat(config)
     trainer = Trainer(cfg, data, num_threads=trial_num_threads())
+    reset_peak_memory(trainer.device)
+    # where this start of the trial runs (a retry may run on another node): first report only
+    environment = {ENV_PREFIX + k: v for k, v in collect_environment().items()}
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -62,7 +116,9 @@ def train_fusion(config: dict[str, Any], data: MultimodalData) -> None:
     node_id = trial_node_id()
     while not trainer.finished:
         # the Ray node, so that the driver can record where each epoch ran
-        metrics = {**trainer.run_epoch(), "ray_node_id": node_id}
+        metrics = {**trainer.run_epoch(), "ray_node_id": node_id, **trial_cost(trainer.device),
+                   **environment}
+        environment = {}
         if not trainer.checkpoint_due():  # a TFN checkpoint is ~146 MB: not every epoch
             tune.report(metrics)
             continue

@@ -164,6 +164,27 @@ def ray_address(address: str | None) -> str:
     return address or os.environ.get("RAY_ADDRESS") or "local"
 
 
+#: notices that a search hides unless -v (errors always show), by logger -> the level shown:
+#: Ray's token-auth default of a local Ray (docs/safety.md says what it means), Tune's hints
+#: that a step took long (a loaded machine), Optuna's "A new study created", MLflow's INFO lines
+#: (database set-up, input-example validation, model registration: the summary says what
+#: matters)
+QUIET_LOGGERS = {"ray._private.authentication.authentication_token_setup": logging.ERROR,
+                 "ray.tune.utils.util": logging.ERROR, "optuna": logging.WARNING,
+                 "mlflow": logging.WARNING}
+
+
+def quiet_startup(verbose: int) -> None:
+    """Without ``-v``: the notices of :data:`QUIET_LOGGERS` hidden, and Tune's TensorBoard
+    logger (and its "To visualize your results with TensorBoard" hint) not created
+    (:func:`tune_loggers`)."""
+    if verbose:
+        return
+    for name, level in QUIET_LOGGERS.items():
+        logger = logging.getLogger(name)
+        logger.setLevel(max(level, logger.getEffectiveLevel()))
+
+
 def init_ray(address: str | None, verbose: int = 0) -> None:
     """Start (or join) Ray unless it runs in this process already; a failure is a UsageError.
 
@@ -176,11 +197,12 @@ def init_ray(address: str | None, verbose: int = 0) -> None:
     if ray.is_initialized():
         return
     address = ray_address(address)
+    quiet_startup(verbose)
     try:
         ray.init(address=address, log_to_driver=verbose > 0,
                  logging_level=logging.INFO if verbose else logging.WARNING,
                  include_dashboard=False if address == "local" else None)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - Ray raises bare Exceptions (a start timeout)
         where = "local Ray" if address == "local" else f"--address {address}"
         raise UsageError(f"{where}: Ray did not start ({type(exc).__name__}: "
                          f"{' '.join(str(exc).split())[:200]})") from None

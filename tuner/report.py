@@ -397,6 +397,7 @@ def _rerun_callback(tracker, variants: dict[str, dict[str, Any]], report_name: s
                           "status": "running"})
                 run_id = run.info.run_id
                 self.tracker._log_params(run_id, flat)
+                self.tracker.log_inputs(run_id)
             self.run_ids[trial.trial_id] = run_id
             return run_id
 
@@ -903,12 +904,35 @@ def write_markdown(out: Path, *, info: SearchInfo, chosen, choice_note: str, con
 
 
 # ---------------------------------------------------------------------------------- main
+def print_environment_and_cost(client, info: SearchInfo, report_run: str,
+                               reruns: list[Rerun]) -> None:
+    """Where the report ran, whether its re-runs ran elsewhere (``env.*`` tags), and what the
+    search cost per cell (:func:`tuner.tracking.cost_per_cell`)."""
+    from tuner.tracking import cost_per_cell, environments_differ, format_environment
+
+    print(f"Environment: {format_environment(client.get_run(report_run).data.tags)}")
+    envs = {}
+    for rerun in reruns:
+        if rerun.run_id:
+            envs[f"{rerun.variant} seed {rerun.seed}"] = client.get_run(rerun.run_id).data.tags
+    differ = environments_differ(envs)
+    if differ:
+        print(f"warning: the re-runs ran in different environments: {differ}")
+    rows = cost_per_cell(info.trials)
+    if rows:
+        print(f"Cost of search {info.name!r} per cell (wall seconds and trial-epochs summed over "
+              "its trials, peak memory the largest of a trial):")
+        print(plain_table([{k: (_fmt(v, 1) if isinstance(v, float) else v) for k, v in r.items()}
+                           for r in rows]))
+
+
 def run_report(args: argparse.Namespace, command: str) -> int:
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
     from tuner.preflight import check_address, check_tracking_uri, study_storage_for
-    from tuner.tracking import DEFAULT_TRACKING_URI, Tracker, absolute_sqlite_uri, git_commit
+    from tuner.tracking import (DEFAULT_TRACKING_URI, Tracker, absolute_sqlite_uri,
+                                dataset_inputs, environment_tags, git_commit)
 
     if args.seeds is not None:
         seeds = parse_seeds(args.seeds)
@@ -969,8 +993,11 @@ def run_report(args: argparse.Namespace, command: str) -> int:
         tags={"mlflow.parentRunId": info.parent.info.run_id, "run_kind": "report",
               "search": name, "report_of": info.name, "chosen_run_id": chosen.info.run_id,
               "data_digest": data.digest, "data_source": data.source, "command": command,
-              "git_commit": git_commit()}).info.run_id
+              "git_commit": git_commit(), **environment_tags()}).info.run_id
     tracker.parent_run_id, tracker.search_name = report_run, name
+    tracker.inputs = dataset_inputs(data, str(Path(args.unlabeled).expanduser().resolve())
+                                    if getattr(args, "unlabeled", None) else None)
+    tracker.log_inputs(report_run)
     client.log_batch(report_run, params=[
         Param("seeds", ",".join(map(str, seeds))), Param("regulariser", reg),
         Param("backbone", str(config["backbone"])), Param("max_epochs", str(config["max_epochs"])),
@@ -1030,6 +1057,7 @@ def run_report(args: argparse.Namespace, command: str) -> int:
     client.set_terminated(report_run, status="FINISHED" if not failed else "FAILED")
 
     print("\n" + "=" * 72)
+    print_environment_and_cost(client, info, report_run, reruns)
     print(f"Test metrics over seeds {', '.join(map(str, seeds))} ({reg} vs {BASELINE}; "
           "p: two-sided Mann-Whitney U):")
     print(plain_table(metric_rows))

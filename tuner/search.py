@@ -33,7 +33,7 @@ from trainables.config import ConfigError
 from trainables.data import DataError, MultimodalData
 from tuner.preflight import (  # noqa: F401 - re-exported: the commands' shared pre-flight
     CONNECT_TIMEOUT_S, UsageError, _load_data, _OneLineParser, check_address, check_tracking_uri,
-    exit_cli, init_ray, ray_address, resolve_data, study_storage_for, warning_lines)
+    exit_cli, init_ray, quiet_startup, ray_address, resolve_data, study_storage_for, warning_lines)
 from tuner.redact import redact_uris
 from tuner.spaces import (PRUNERS, SAMPLERS, SearchSpace, SpaceError, apply_overrides, cell_label,
                           check_name, load_space, narrow)
@@ -404,11 +404,12 @@ def print_start(space: SearchSpace, name: str, tracker, ui=None, ui_asked: bool 
           f"parent run {name!r} (id {tracker.parent_run_id}).")
     print(f"Watch the runs: {redact_uris(tracker.ui_command())}")
     print(f"  then open     {runs}")
-    print(f"  this search   {runs}/{tracker.parent_run_id}")
+    print(f"  this search   {tracker.runs_url(run_id=tracker.parent_run_id)}")
     if ui is not None:
         ui_runs = tracker.runs_url(port=ui.port)
         print(f"MLflow UI (--ui, pid {ui.pid}, it stops with the search): {ui_runs}")
-        print(f"  this search   {ui_runs}/{tracker.parent_run_id}", flush=True)
+        print(f"  this search   {tracker.runs_url(port=ui.port, run_id=tracker.parent_run_id)}",
+              flush=True)
         problem = ui.wait_ready()
         if problem is not None:
             print(f"warning: --ui: {problem}; the search goes on", file=sys.stderr)
@@ -423,6 +424,103 @@ def command_line(module: str, argv: list[str]) -> str:
     the userinfo of every URI in it (``--optuna-storage postgresql://USER:PASSWORD@...``)
     redacted."""
     return redact_uris(shlex.join([sys.executable, "-m", module, *argv]))
+
+
+def concurrency(space: SearchSpace, cpus: float) -> int:
+    """Trials at once on ``cpus`` CPUs: by the space's CPUs per trial and ``max_concurrent``."""
+    at_once = max(1, int(cpus // max(space.resources.cpu, RAY_RESOURCE_UNIT)))
+    limit = space.search.max_concurrent
+    return min(at_once, limit) if limit else at_once
+
+
+def _ray_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 1))
+
+
+def projection_line(space: SearchSpace, client, data_digest: str | None, cpus: float) -> str | None:
+    """The CPU-only projection of a transformer space (:func:`tuner.progress.cpu_projection`),
+    from epoch timings in the MLflow store of ``client``; None for other spaces. A store that
+    cannot be read gives the line without timings."""
+    from tuner.progress import TRANSFORMER_BACKBONES, cpu_projection, stored_epoch_seconds
+
+    if space.resources.gpu > 0 or not set(space.backbones) & set(TRANSFORMER_BACKBONES):
+        return None
+    try:
+        timings = stored_epoch_seconds(client, [(b, r) for b in space.backbones
+                                                for r in space.regularisers], False, data_digest)
+    except Exception:  # noqa: BLE001 - a projection never stops a search
+        timings = {}
+    return cpu_projection(space, timings, concurrency(space, cpus))
+
+
+def dry_run_projection(space: SearchSpace, args: argparse.Namespace,
+                       data: MultimodalData | None) -> str | None:
+    """``--dry-run``'s projection: only from a store that exists (a dry run creates none)."""
+    from mlflow.tracking import MlflowClient
+
+    from tuner.progress import TRANSFORMER_BACKBONES
+    from tuner.tracking import DEFAULT_TRACKING_URI, absolute_sqlite_uri
+
+    if space.resources.gpu > 0 or not set(space.backbones) & set(TRANSFORMER_BACKBONES):
+        return None
+    uri = args.mlflow_uri or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).expanduser().exists():
+        client = None
+    else:
+        if uri.startswith(("http://", "https://")):
+            from tuner.tracking import HTTP_DEFAULTS
+
+            for key, value in HTTP_DEFAULTS.items():  # seconds, not minutes, if it is down
+                os.environ.setdefault(key, value)
+        client = MlflowClient(tracking_uri=absolute_sqlite_uri(uri))
+    if client is None:
+        from tuner.progress import cpu_projection
+
+        return cpu_projection(space, {}, concurrency(space, os.cpu_count() or 1))
+    return projection_line(space, client, data.digest if data is not None else None,
+                           os.cpu_count() or 1)
+
+
+def tune_loggers(verbose: int) -> list:
+    """The result loggers Tune needs (CSV: ``progress.csv``, which MLflow's sync reads; JSON),
+    given explicitly without ``-v`` so that Tune adds no TensorBoard logger (see
+    :func:`_tune_auto_loggers`)."""
+    if verbose:
+        return []
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    return [CSVLoggerCallback(), JsonLoggerCallback()]
+
+
+class _tune_auto_loggers:
+    """Within: Tune adds its default loggers (CSV, JSON, TensorBoard) only with ``-v`` or when
+    the search's callbacks lack the CSV logger (a search started by an older version, resumed:
+    MLflow's sync needs its ``progress.csv``)."""
+
+    KEY = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
+
+    def __init__(self, verbose: int, tuner=None) -> None:
+        from ray.tune.logger import CSVLoggerCallback
+
+        callbacks = (tuner._local_tuner.get_run_config().callbacks or []  # noqa: SLF001
+                     if tuner is not None else [])
+        has_csv = any(isinstance(c, CSVLoggerCallback) for c in callbacks)
+        self.verbose = verbose or (tuner is not None and not has_csv)
+        self.before: str | None = None
+
+    def __enter__(self):
+        self.before = os.environ.get(self.KEY)
+        if not self.verbose:
+            os.environ[self.KEY] = "1"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.before is None:
+            os.environ.pop(self.KEY, None)
+        else:
+            os.environ[self.KEY] = self.before
 
 
 def run_search(space: SearchSpace, data: MultimodalData, args: argparse.Namespace,
@@ -523,11 +621,18 @@ def _run(space: SearchSpace, data: MultimodalData, args: argparse.Namespace, sto
     from ray.tune.search import ConcurrencyLimiter
 
     from trainables.trainable import train_fusion
+    from tuner.progress import ProgressCallback
     from tuner.pruning import (OptunaPruningScheduler, SearchBudget, StudySearchGenerator,
                                cell_search)
-    from tuner.tracking import DiskSpaceGuard, MlflowTrialCallback, git_commit, rebind_callbacks
+    from tuner.tracking import (DiskSpaceGuard, MlflowTrialCallback, dataset_inputs,
+                                environment_tags, git_commit, rebind_callbacks)
 
     settings = space.search
+    unlabeled_path = (str(Path(args.unlabeled).expanduser().resolve())
+                      if getattr(args, "unlabeled", None) else None)
+    tracker.inputs = dataset_inputs(data, unlabeled_path)
+    tracker.data_digest = data.digest
+    tracker.objective, tracker.mode = space.objective, space.mode
     parent = tracker.start_search(
         name,
         params={"space": space.name, "sampler": settings.sampler, "pruner": settings.pruner,
@@ -541,6 +646,7 @@ def _run(space: SearchSpace, data: MultimodalData, args: argparse.Namespace, sto
                 "cpu_per_trial": space.resources.cpu, "gpu_per_trial": space.resources.gpu,
                 "metric": space.metric, "mode": space.mode},
         tags={"git_commit": git_commit(), "data_digest": data.digest, "data_source": data.source,
+              **environment_tags(),
               # the report applies the selection rule again: an explicit mode may go against
               # the metric's direction
               "mode_explicit": str(space.mode_explicit).lower(),
@@ -566,7 +672,8 @@ def _run(space: SearchSpace, data: MultimodalData, args: argparse.Namespace, sto
             # back from Ray's experiment checkpoint; finished trials stay finished, unfinished
             # and errored ones continue from their last checkpoint
             tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
-            rebind_callbacks(tuner, tracker)  # write where --mlflow-uri says now
+            # write where --mlflow-uri says now; the ETA measures afresh
+            rebind_callbacks(tuner, tracker, {"budget": budget, "spent_before": spent_before})
             print(f"Resuming search {name!r} from {redact_uris(experiment)}.", flush=True)
         else:
             # one study; each cell its own trials, sampler and pruner (tuner.pruning.CellSearch)
@@ -586,7 +693,10 @@ def _run(space: SearchSpace, data: MultimodalData, args: argparse.Namespace, sto
                                        trial_dirname_creator=_trial_dirname),
                 run_config=RunConfig(
                     name=name, storage_path=storage, stop=stop,
-                    callbacks=[MlflowTrialCallback(tracker), DiskSpaceGuard(storage)],
+                    callbacks=[MlflowTrialCallback(tracker), DiskSpaceGuard(storage),
+                               ProgressCallback(num_samples, settings.max_epochs, budget,
+                                                cell_keys=space.cells),
+                               *tune_loggers(args.verbose)],
                     checkpoint_config=CheckpointConfig(num_to_keep=1),
                     failure_config=FailureConfig(max_failures=2),
                     verbose=1 if args.verbose == 0 else 2,
@@ -597,8 +707,12 @@ def _run(space: SearchSpace, data: MultimodalData, args: argparse.Namespace, sto
             logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
         print_start(space, name, tracker, ui, ui_asked=getattr(args, "ui", False),
                     budget=budget, spent_before=spent_before)
+        projection = projection_line(space, tracker.client, data.digest, _ray_cpus())
+        if projection:
+            print(projection, flush=True)
         try:
-            results = tuner.fit()
+            with _tune_auto_loggers(args.verbose, tuner):
+                results = tuner.fit()
         except BaseException as exc:
             tracker.finish_search("KILLED", None, None, None)
             full = _disk_full(exc)
@@ -700,7 +814,7 @@ def summarise(results, space: SearchSpace, tracker, data: MultimodalData,
     be given now (``--resume`` writes them once the store is back)."""
     from trainables.loop import BEST_FILE
     from trainables.trainable import evaluate_checkpoint
-    from tuner.tracking import NEVER_BEST, final_status
+    from tuner.tracking import COUNTED, NEVER_BEST, final_status
 
     objective = space.objective
     counts: dict[str, int] = {}
@@ -715,6 +829,14 @@ def summarise(results, space: SearchSpace, tracker, data: MultimodalData,
         elif status not in NEVER_BEST and isinstance(value, (int, float)) and math.isfinite(value):
             candidates.append(result)  # NEVER_BEST: not a diverged trial, whatever came before
     synced = tracker.sync_results(results)
+    # the parent's live counts, final: as the summary counts (trials a stopper ended included)
+    tracker.safely("live counts", tracker.log_progress, {
+        **{key: sum(counts.get(s, 0) for s in statuses) for key, statuses in COUNTED.items()},
+        "trials_running": 0,
+        "trial_epochs_done": sum(int((r.metrics or {}).get("training_iteration") or 0)
+                                 for r in results),
+        "best_so_far": min((r.metrics[objective] for r in candidates),
+                           key=lambda v: v if space.mode == "min" else -v, default=math.nan)})
     if synced:
         print(f"MLflow: wrote the records of {synced} trials that it had missed "
               f"(from Ray's results in {redact_uris(experiment)})", flush=True)
@@ -810,6 +932,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.dry_run:
         print(yaml.safe_dump(plan(space), sort_keys=False).rstrip())
+        projection = dry_run_projection(space, args, data)
+        if projection:  # a YAML comment: the plan stays machine-readable
+            print(f"# {projection}")
         return 0
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:

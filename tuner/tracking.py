@@ -39,17 +39,25 @@ from trainables.data import MultimodalData
 from tuner.redact import redact_uris
 from tuner.spaces import DEFAULT_CELL_KEYS, cell_of, cell_tag
 
-__all__ = ["DEFAULT_TRACKING_URI", "absolute_sqlite_uri", "all_runs", "DiskFull", "DiskSpaceGuard", "Tracker", "MlflowTrialCallback", "disk_full",
-           "final_status", "git_commit", "rebind_callbacks"]
+__all__ = ["DEFAULT_TRACKING_URI", "ENV_PREFIX", "absolute_sqlite_uri", "all_runs",
+           "dataset_inputs", "DiskFull", "DiskSpaceGuard", "Tracker", "MlflowTrialCallback",
+           "disk_full", "environment_tags", "environments_differ", "final_status",
+           "format_environment", "git_commit", "rebind_callbacks", "runs_url"]
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-METRIC_PREFIXES = ("valid_", "train_", "best_", "test_")
+METRIC_PREFIXES = ("valid_", "train_", "best_", "test_", "cost.")
 METRIC_KEYS = ("epoch", "epoch_seconds", "best_epoch")
 TERMINAL = {"completed": "FINISHED", "early_stopped": "FINISHED", "pruned": "KILLED",
             "diverged": "FAILED", "errored": "FAILED", "interrupted": "KILLED"}
 #: trial statuses never chosen as a search's best, whatever validation value came before:
 #: a diverged trial's pre-divergence epochs, an errored one's, an interrupted one's partial run
 NEVER_BEST = frozenset({"diverged", "errored", "interrupted"})
+#: the prefix of the environment tags (:func:`environment_tags`); trials report them with it too
+ENV_PREFIX = "env."
+#: the query parameter that opens MLflow 3.x's Model-training workspace, not its GenAI one
+WORKFLOW_QUERY = "workflowType=machine_learning"
+#: the MLflow input tag that says what a dataset was used for
+DATASET_CONTEXT_TAG = "mlflow.data.context"
 #: the note on a child run that Ray never recorded (see :meth:`Tracker.sync_results`)
 INTERRUPTED_NOTE = ("the driver stopped before Ray recorded this trial; the resumed search ran "
                     "a new trial in its place")
@@ -167,6 +175,24 @@ def trial_metrics(result: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def result_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """:func:`trial_metrics` plus what the trial cost so far, from Tune's own counters:
+    ``cost.wall_s`` (the trial's wall seconds, Tune's ``time_total_s``) and ``cost.trial_epochs``
+    (its epochs, Tune's ``training_iteration``); the trial reports the peak memory itself."""
+    metrics = trial_metrics(result)
+    for key, source in (("cost.wall_s", "time_total_s"),
+                        ("cost.trial_epochs", "training_iteration")):
+        if finite(result.get(source)):
+            metrics[key] = float(result[source])
+    return metrics
+
+
+def result_environment(result: dict[str, Any]) -> dict[str, str]:
+    """The ``env.*`` entries of a trial's report (its first report of each start has them)."""
+    return {k: str(v) for k, v in result.items()
+            if k.startswith(ENV_PREFIX) and isinstance(v, str)}
+
+
 def final_status(last_result: dict[str, Any]) -> str:
     """A finished trial's status from its last report.
 
@@ -218,6 +244,13 @@ class Tracker:
         self.experiment_name = experiment_name
         self.parent_run_id: str | None = None
         self.search_name: str | None = None
+        #: the data as MLflow dataset inputs (:func:`dataset_inputs`), logged on every run
+        self.inputs: list[Any] = []
+        #: the data's sha256, also a tag of each trial run (epoch timings are found by it)
+        self.data_digest: str | None = None
+        #: what the parent's live ``best_so_far`` follows (the search sets them)
+        self.objective: str | None = None
+        self.mode = "min"
         #: ``models:/<space>-best/<version>`` once the best model is registered
         self.registered: str | None = None
 
@@ -259,6 +292,22 @@ class Tracker:
         return bool(self.missed) or self._failures_since_sync > 0
 
     # ------------------------------------------------------------------ parent run
+    def log_inputs(self, run_id: str) -> None:
+        """The data's dataset inputs (:attr:`inputs`) on a run."""
+        if self.inputs:
+            self.client.log_inputs(run_id, datasets=self.inputs)
+
+    def log_progress(self, counts: dict[str, float]) -> None:
+        """The parent run's live counts (``trials_completed``, ``trials_pruned``, ...): a
+        metric each, the step the number of trials finished, so the row shows progress."""
+        if self.parent_run_id is None:
+            return
+        step = int(sum(counts.get(k, 0) for k in ("trials_completed", "trials_pruned",
+                                                  "trials_failed")))
+        ts = _now_ms()
+        metrics = [Metric(k, float(v), ts, step) for k, v in counts.items() if finite(v)]
+        self.client.log_batch(self.parent_run_id, metrics=metrics)
+
     def find_parent(self, search_name: str) -> str | None:
         runs = self.client.search_runs(
             [self.experiment_id],
@@ -279,6 +328,7 @@ class Tracker:
             )
             run_id = run.info.run_id
             self._log_params(run_id, params)
+            self.log_inputs(run_id)
             for name, text in files.items():
                 self.client.log_text(run_id, text, name)
         else:
@@ -432,9 +482,11 @@ class Tracker:
                 "seed": str(config.get("seed")),
                 "status": "running",
                 **self._cell_tag(config),
+                **({"data_digest": self.data_digest} if self.data_digest else {}),
             },
         )
         self._log_params(run.info.run_id, params)
+        self.log_inputs(run.info.run_id)
         return run.info.run_id
 
     def _cell_tag(self, config: dict[str, Any]) -> dict[str, str]:
@@ -514,10 +566,17 @@ class Tracker:
             if step in logged_steps:
                 continue
             logged_steps.add(step)
-            metrics += [Metric(k, v, ts, step) for k, v in trial_metrics(report).items()
+            metrics += [Metric(k, v, ts, step) for k, v in result_metrics(report).items()
                         if not k.startswith("test_")]
         metrics += [Metric(k, v, ts, 0) for k, v in trial_metrics(last).items()
                     if k.startswith("test_") and k not in logged_metrics]
+        environment = {}
+        for report in reports:  # the newest start's environment
+            environment.update(result_environment(report))
+        known = run.data.tags if run is not None else {}
+        if any(known.get(k) != v for k, v in environment.items()):
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in environment.items()])
+            changed = True
         for start in range(0, len(metrics), 1000):  # MLflow's batch limit
             self.client.log_batch(run_id, metrics=metrics[start:start + 1000])
         changed = changed or bool(metrics)
@@ -531,8 +590,10 @@ class Tracker:
             changed = True
         return changed
 
-    def runs_url(self, host: str = "127.0.0.1", port: int = 5000) -> str:
-        return f"http://{host}:{port}/#/experiments/{self.experiment_id}/runs"
+    def runs_url(self, host: str = "127.0.0.1", port: int = 5000,
+                 run_id: str | None = None) -> str:
+        """The runs table (or one run's page) in the UI's Model-training workspace."""
+        return runs_url(self.experiment_id, run_id, host, port)
 
     def ui_command(self, port: int = 5000) -> str:
         if self.tracking_uri.startswith(("http://", "https://")):
@@ -581,6 +642,12 @@ class MlflowTrialCallback(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._guard("child run", trial, self._run_id, trial)
+        self._progress(trials, {trial.trial_id: "running"})
+
+    def _progress(self, trials, now: dict[str, str]) -> None:
+        """The parent run's live counts (see :func:`search_counts`)."""
+        self.tracker.safely("live counts", lambda: self.tracker.log_progress(
+            search_counts(trials, self.tracker.objective, self.tracker.mode, now)))
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         self._guard("per-epoch metrics", trial, self._log_result, trial, result)
@@ -593,10 +660,13 @@ class MlflowTrialCallback(Callback):
             self._record_node(run_id, node, result.get("node_ip"))
             self.nodes[trial.trial_id] = node
         logged = self.logged_steps.setdefault(trial.trial_id, set())
+        environment = result_environment(result)
+        if environment:  # the first report of each start of the trial: where it runs
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in environment.items()])
         if step in logged:
             return  # re-run after a retry or resume: already in MLflow
         ts = _now_ms()
-        metrics = [Metric(k, v, ts, step) for k, v in trial_metrics(result).items()
+        metrics = [Metric(k, v, ts, step) for k, v in result_metrics(result).items()
                    if not k.startswith("test_")]
         metrics += [Metric(k, v, ts, 0) for k, v in trial_metrics(result).items()
                     if k.startswith("test_")]
@@ -631,6 +701,7 @@ class MlflowTrialCallback(Callback):
         best = last.get("best_epoch")
         self._guard("trial status", trial, self._finish, trial, final_status(last),
                     {"best_epoch": str(best)} if best is not None else None)
+        self._progress(trials, {trial.trial_id: final_status(last)})
 
     def _stop_if_disk_full(self, trial, message: str) -> None:
         path = disk_full(message)
@@ -656,6 +727,46 @@ class MlflowTrialCallback(Callback):
               f"failures ({message}); the search goes on", file=sys.stderr, flush=True)
         self._guard("trial status", trial, self._finish, trial, "errored",
                     {"error": message or "see the Ray trial log"})
+        self._progress(trials, {trial.trial_id: "errored"})
+
+
+#: the parent's live counts: which trial statuses each one counts
+COUNTED = {"trials_completed": ("completed", "early_stopped"), "trials_pruned": ("pruned",),
+           "trials_failed": ("diverged", "errored", "interrupted")}
+
+
+def search_counts(trials, objective: str | None, mode: str = "min",
+                  now: dict[str, str] | None = None) -> dict[str, float]:
+    """A search's live counts from Tune's trials: ``trials_completed`` (early-stopped ones
+    included), ``trials_pruned``, ``trials_failed`` (diverged, errored), ``trials_running``,
+    ``trial_epochs_done`` and ``best_so_far`` (the best ``objective`` of any trial that did not
+    diverge or error, running ones included; NaN before the first). ``now``: trials Tune is
+    starting or ending now (id -> status: running, completed, ...), before it marks them so."""
+    now = now or {}
+    counts = {key: 0.0 for key in (*COUNTED, "trials_running", "trial_epochs_done")}
+    best = math.nan
+    sign = 1 if mode == "min" else -1
+    for trial in trials:
+        last = getattr(trial, "last_result", None) or {}
+        counts["trial_epochs_done"] += float(last.get("training_iteration") or 0)
+        status = now.get(trial.trial_id)
+        state = getattr(trial, "status", None)
+        if status is None:
+            if state == "TERMINATED":
+                status = final_status(last)
+            elif state == "ERROR":
+                status = "errored"
+            elif state == "RUNNING":
+                status = "running"
+        for key, statuses in COUNTED.items():
+            counts[key] += status in statuses
+        counts["trials_running"] += status == "running"
+        value = last.get(objective) if objective else None
+        if status not in NEVER_BEST and finite(value) and not (
+                finite(best) and sign * value >= sign * best):
+            best = float(value)
+    counts["best_so_far"] = best
+    return counts
 
 
 def _result_trial_id(result) -> str:
@@ -667,7 +778,7 @@ def _result_trial_id(result) -> str:
     return trial_id
 
 
-def rebind_callbacks(tuner, tracker: Tracker) -> None:
+def rebind_callbacks(tuner, tracker: Tracker, progress: dict[str, Any] | None = None) -> None:
     """Point the MLflow callback of a restored Tuner at this run's tracker.
 
     ``Tuner.restore`` unpickles the callbacks saved when the search started, with the tracking
@@ -676,6 +787,8 @@ def rebind_callbacks(tuner, tracker: Tracker) -> None:
     """
     run_config = tuner._local_tuner.get_run_config()  # noqa: SLF001 - no public accessor
     for callback in run_config.callbacks or []:
+        if hasattr(callback, "restart"):  # tuner.progress.ProgressCallback: a fresh measure
+            callback.restart(**(progress or {}))
         if isinstance(callback, MlflowTrialCallback):
             # a fresh state: also fills attributes that a callback pickled by an older version
             # of this class lacks (the per-trial state is read back from MLflow as needed)
@@ -778,3 +891,186 @@ def all_runs(client: MlflowClient, experiment_id: str, filter_string: str,
 
 def finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ---------------------------------------------------------------------- where a run ran
+def environment_tags(cuda=None) -> dict[str, str]:
+    """This process's environment as MLflow tags ``env.<key>`` (see
+    :func:`trainables.environment.collect_environment` for the keys). The search's parent run
+    and the report's re-runs get the driver's; each trial run gets its Ray worker's, from the
+    trial's first report."""
+    from trainables.environment import collect_environment
+
+    return {ENV_PREFIX + k: v for k, v in collect_environment(cuda).items()}
+
+
+def run_environment(tags: dict[str, str]) -> dict[str, str]:
+    """The ``env.*`` tags of a run (its tags, e.g. ``run.data.tags``)."""
+    return {k: v for k, v in tags.items() if k.startswith(ENV_PREFIX)}
+
+
+def environments_differ(envs: dict[str, dict[str, str]]) -> str | None:
+    """None when every run's ``env.*`` tags agree; else one line naming each differing tag and
+    which runs had which value, e.g. ``env.torch_version: 2.13.0 (3 runs), 2.12.1 (run b)``.
+    Every tag counts, the thread count too (it can change a float reduction's order).
+
+    ``envs``: a label per run (its name or id) -> its tags (other tags are ignored). A tag one
+    run lacks counts as ``missing``."""
+    envs = {label: run_environment(tags) for label, tags in envs.items()}
+    keys = sorted(set().union(*envs.values())) if envs else []
+    parts = []
+    for key in keys:
+        groups: dict[str, list[str]] = {}
+        for label, env in envs.items():
+            groups.setdefault(env.get(key, "missing"), []).append(label)
+        if len(groups) < 2:
+            continue
+        parts.append(f"{key}: " + ", ".join(
+            f"{value} ({len(labels)} runs)" if len(labels) > 2 else
+            f"{value} ({', '.join(labels)})" for value, labels in sorted(groups.items())))
+    return "; ".join(parts) or None
+
+
+def format_environment(tags: dict[str, str]) -> str:
+    """A run's environment in one line, for a report or a summary."""
+    env = {k[len(ENV_PREFIX):]: v for k, v in run_environment(tags).items()}
+    if not env:
+        return "not recorded"
+    gpu = (f"{env.get('gpu_count', '?')} x {env.get('gpu_model', '?')}, CUDA "
+           f"{env.get('cuda_version', '?')}, cuDNN {env.get('cudnn_version', '?')}"
+           if env.get("gpu_count", "0") not in ("0", "unknown") else "no GPU")
+    dirty = " (dirty)" if env.get("git_dirty") == "true" else ""
+    return (f"Python {env.get('python', '?')}, torch {env.get('torch_version', '?')}, {gpu}; "
+            f"CPU {env.get('cpu_model', '?')}, {env.get('threads', '?')} threads; "
+            f"ray {env.get('ray_version', '?')}, optuna {env.get('optuna_version', '?')}, "
+            f"mlflow {env.get('mlflow_version', '?')}, transformers "
+            f"{env.get('transformers_version', '?')}; deterministic algorithms "
+            f"{env.get('deterministic_algorithms', '?')}, cuDNN deterministic "
+            f"{env.get('cudnn_deterministic', '?')}; git {env.get('git_commit', '?')[:12]}{dirty}")
+
+
+# ---------------------------------------------------------------------- the data as datasets
+def _tensor_schema(split) -> str:
+    """The feature widths of a split (its arrays' dtypes and shapes, rows as -1) in MLflow's
+    tensor-schema JSON, which the UI shows as the dataset's schema."""
+    import numpy as np
+    from mlflow.data.schema import TensorDatasetSchema
+    from mlflow.types import Schema, TensorSpec
+
+    specs = []
+    for key in ("text", "text_bert", "audio", "vision"):
+        array = getattr(split, key, None)
+        if array is not None:
+            specs.append(TensorSpec(np.dtype(array.dtype), (-1, *array.shape[1:]), name=key))
+    labels = Schema([TensorSpec(np.dtype(split.labels.dtype), (-1,), name="labels")])
+    return json.dumps(TensorDatasetSchema(features=Schema(specs), targets=labels).to_dict())
+
+
+def _dataset(name: str, digest: str, source: str, schema_split, profile: dict[str, Any]):
+    from mlflow.entities import Dataset
+
+    uri = source if "://" in source or source.startswith("synthetic:") else \
+        Path(source).expanduser().resolve().as_uri()
+    return Dataset(name=name, digest=digest[:36],  # MLflow's column holds 36 characters
+                   source_type="local" if uri.startswith("file:") else "code",
+                   source=json.dumps({"uri": uri}), schema=_tensor_schema(schema_split),
+                   profile=json.dumps(profile))
+
+
+def dataset_name(data: MultimodalData) -> str:
+    """What the runs table's Dataset column shows: the data file's or folder's name (for a
+    pickle the folder and the file, ``MOSI/unaligned_50``), or the synthetic set's name."""
+    source = data.source
+    if source.startswith("synthetic:") or "://" in source:
+        return source
+    path = Path(source)
+    if path.suffix in (".pkl", ".pickle"):
+        return f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
+    return path.name or source
+
+
+def split_digest(split) -> str:
+    """sha256 over one split's arrays (dtype, shape, bytes; strings as UTF-8), in the way of
+    :func:`trainables.data.mmsa.data_digest`: the unlabeled pool's own digest."""
+    import dataclasses
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256(b"mifusion-split-v1")
+    for field in dataclasses.fields(split):
+        value = getattr(split, field.name)
+        h.update(f"|{field.name}|".encode())
+        if value is None:
+            h.update(b"none")
+        elif value.dtype.kind in "USO":
+            for item in value.tolist():
+                encoded = str(item).encode("utf-8")
+                h.update(len(encoded).to_bytes(8, "little") + encoded)
+        else:
+            value = np.ascontiguousarray(value)
+            h.update(f"{value.dtype.str}{value.shape}".encode())
+            h.update(memoryview(value).cast("B"))
+    return h.hexdigest()
+
+
+def dataset_inputs(data: MultimodalData, unlabeled_source: str | None = None) -> list[Any]:
+    """The search's data as MLflow dataset inputs (context ``training``): the labeled data
+    (name, the first 36 characters of its sha256 as digest with the whole one in the profile,
+    its source, the split sizes in the profile, the feature widths as schema) and, when the data
+    has one, the unlabeled pool as a dataset of its own (``<name>:unlabeled``, its own digest)."""
+    from mlflow.entities import DatasetInput, InputTag
+
+    train = data.splits["train"]
+    dims = data.dims
+    profile = {"sha256": data.digest,
+               **{f"{split}_rows": len(arrays) for split, arrays in data.splits.items()},
+               "text_width": dims.text, "audio_width": dims.audio, "vision_width": dims.vision,
+               "text_len": dims.text_len, "audio_len": dims.audio_len,
+               "vision_len": dims.vision_len, "aligned": dims.aligned,
+               "text_tokens": dims.has_tokens}
+    tags = [InputTag(DATASET_CONTEXT_TAG, "training")]
+    inputs = [DatasetInput(_dataset(dataset_name(data), data.digest, data.source, train,
+                                    profile), tags=tags)]
+    pool = data.unlabeled
+    if pool is not None:
+        digest = split_digest(pool)
+        inputs.append(DatasetInput(_dataset(
+            f"{dataset_name(data)}:unlabeled", digest, unlabeled_source or data.source, pool,
+            {"sha256": digest, "unlabeled_rows": len(pool)}), tags=tags))
+    return inputs
+
+
+def runs_url(experiment_id: str, run_id: str | None = None, host: str = "127.0.0.1",
+             port: int = 5000, base: str | None = None) -> str:
+    """The UI's URL of an experiment's runs table (or one run's page), in the Model-training
+    workspace (MLflow 3.x opens a fresh browser in its GenAI one without the query)."""
+    base = (base or f"http://{host}:{port}").rstrip("/")
+    run = f"/{run_id}" if run_id else ""
+    return f"{base}/#/experiments/{experiment_id}/runs{run}?{WORKFLOW_QUERY}"
+
+
+# ---------------------------------------------------------------------- what a search cost
+def cost_per_cell(runs) -> list[dict[str, Any]]:
+    """Per cell (:func:`tuner.progress.cell_of` of the runs' ``backbone`` / ``regulariser``
+    tags), what its trial runs cost: ``trials``, ``trial_epochs`` and ``wall_s`` summed (so
+    ``wall_s`` is machine time, not the search's elapsed time), ``peak_rss_mb`` and
+    ``peak_cuda_allocated_mb`` the largest of any trial (NaN where none was recorded)."""
+    from tuner.progress import cell_of
+
+    cells: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        metrics = run.data.metrics
+        cell = cells.setdefault(cell_of(run.data.tags), {
+            "cell": cell_of(run.data.tags), "trials": 0, "trial_epochs": 0.0, "wall_s": 0.0,
+            "peak_rss_mb": math.nan, "peak_cuda_allocated_mb": math.nan})
+        cell["trials"] += 1
+        for key in ("trial_epochs", "wall_s"):
+            value = metrics.get(f"cost.{key}")
+            if finite(value):
+                cell[key] += value
+        for key in ("peak_rss_mb", "peak_cuda_allocated_mb"):
+            value = metrics.get(f"cost.{key}")
+            if finite(value) and not value <= cell[key]:
+                cell[key] = value
+    return [cells[k] for k in sorted(cells)]
