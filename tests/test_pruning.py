@@ -136,16 +136,9 @@ def _sampled(name: str, seed: int, trials: int = 9) -> list[dict]:
     return [t.params for t in study.trials]
 
 
-def _missing(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is None
-
-
-@pytest.mark.parametrize("name", ["grid", "tpe", "random", pytest.param("cmaes", marks=pytest.mark.xfail(
-    _missing("cmaes"), raises=ModuleNotFoundError, strict=True,
-    reason="Optuna's CmaEsSampler needs the package cmaes, which requirements.lock lacks: "
-           "--sampler cmaes fails at its first draw")), "qmc"])
+# cmaes: Optuna's CmaEsSampler imports the package cmaes at its first draw (in the lock since
+# --sampler cmaes failed there without it)
+@pytest.mark.parametrize("name", ["grid", "tpe", "random", "cmaes", "qmc"])
 def test_every_sampler_is_seeded_and_set_as_documented(name, caplog):
     """The seed fixes the draws (and another seed changes them); the settings each sampler is
     documented with (tuner/pruning.py, docs/search-spaces.md) are the ones it has."""
