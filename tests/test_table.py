@@ -5,6 +5,7 @@ tiny real search and table."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -275,7 +276,7 @@ def test_holm_effect_size_and_interval_by_hand():
 
 
 # ---------------------------------------------------------------------------------- the command
-def test_merged_table_reruns_a_shared_cell_once(store, tmp_path, monkeypatch, capsys):
+def test_merged_table_reruns_a_shared_cell_once(store, tmp_path, monkeypatch, capsys, small_data):
     """Done-when: two searches with one shared cell (tfn + none) merge into one table; the
     shared cell is chosen from the trials of both (beta's is better) and re-run once; table.csv,
     table.md (papers' values on --dataset mosi), the heatmap and the MLflow table run."""
@@ -290,7 +291,7 @@ def test_merged_table_reruns_a_shared_cell_once(store, tmp_path, monkeypatch, ca
         return fake_reruns(list(variants), seeds)
 
     monkeypatch.setattr(table, "run_reruns", reruns)
-    data = SimpleNamespace(digest=DIGEST, source="synthetic:small")  # what the table reads
+    data = dataclasses.replace(small_data, digest=DIGEST)  # the searches' data, as recorded
     monkeypatch.setattr(table, "load_search_data", lambda *a, **k: data)
     out = tmp_path / "out"
     assert main(["--table", "--experiment", "mdm_like", "--search", "alpha", "--search", "beta",
@@ -325,6 +326,11 @@ def test_merged_table_reruns_a_shared_cell_once(store, tmp_path, monkeypatch, ca
     assert (out / "table_heatmap.png").stat().st_size > 1000
     run = client.get_run(table_run)
     assert run.data.tags["run_kind"] == "table" and run.data.tags["table_of"] == "alpha,beta"
+    # where it ran (issue 25) and on which data: env tags, a dataset input, said in table.md
+    assert run.data.tags["env.torch_version"] and run.data.tags["env.python"]
+    digests = [d.dataset.digest for d in run.inputs.dataset_inputs]
+    assert digests[0] == DIGEST[:36] and len(digests) == 1 + (small_data.unlabeled is not None)
+    assert "- Environment: " in md
     assert run.info.status == "FINISHED"
     assert {"table.csv", "table.md", "table_heatmap.png", "robustness.csv"} <= {
         a.path for a in client.list_artifacts(table_run)}

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 
 from trainables.data import UNLABELED, DataError, MultimodalData, load_dataset, write_parquet
 from trainables.text import DEFAULT_TEXT_MODEL, TextModelError

@@ -904,13 +904,36 @@ def write_markdown(out: Path, *, info: SearchInfo, chosen, choice_note: str, con
 
 
 # ---------------------------------------------------------------------------------- main
-def print_environment_and_cost(client, info: SearchInfo, report_run: str,
-                               reruns: list[Rerun]) -> None:
-    """Where the report ran, whether its re-runs ran elsewhere (``env.*`` tags), and what the
-    search cost per cell (:func:`tuner.tracking.cost_per_cell`)."""
+def start_driver_run(client, tracking_uri: str, info: SearchInfo, *, name: str, kind: str,
+                     tags: dict[str, str], data: MultimodalData, unlabeled: str | None):
+    """The MLflow run of a report or a table (``run_kind`` ``kind``), a child of the search's
+    parent run: the data's tags and dataset inputs, the git commit and the ``env.*`` tags of
+    where it runs (tuner.tracking.environment_tags). Returns a :class:`~tuner.tracking.Tracker`
+    whose trial runs (the re-runs) become the new run's children, and the run's id."""
+    from tuner.tracking import Tracker, dataset_inputs, environment_tags, git_commit
+
+    tracker = Tracker(tracking_uri, info.experiment_name)
+    run_id = client.create_run(
+        info.experiment_id, run_name=name,
+        tags={"mlflow.parentRunId": info.parent.info.run_id, "run_kind": kind, "search": name,
+              **tags, "data_digest": data.digest, "data_source": data.source,
+              "git_commit": git_commit(), **environment_tags()}).info.run_id
+    tracker.parent_run_id, tracker.search_name = run_id, name
+    tracker.inputs = dataset_inputs(data, str(Path(unlabeled).expanduser().resolve())
+                                    if unlabeled else None)
+    tracker.log_inputs(run_id)
+    return tracker, run_id
+
+
+def print_environment_and_cost(client, infos: "SearchInfo | list[SearchInfo]", run_id: str,
+                               reruns: list[Rerun]) -> str:
+    """Where the report or table ran, whether its re-runs ran elsewhere (``env.*`` tags), and
+    what each search cost per cell (:func:`tuner.tracking.cost_per_cell`). Returns the
+    environment line."""
     from tuner.tracking import cost_per_cell, environments_differ, format_environment
 
-    print(f"Environment: {format_environment(client.get_run(report_run).data.tags)}")
+    line = f"Environment: {format_environment(client.get_run(run_id).data.tags)}"
+    print(line)
     envs = {}
     for rerun in reruns:
         if rerun.run_id:
@@ -918,12 +941,14 @@ def print_environment_and_cost(client, info: SearchInfo, report_run: str,
     differ = environments_differ(envs)
     if differ:
         print(f"warning: the re-runs ran in different environments: {differ}")
-    rows = cost_per_cell(info.trials)
-    if rows:
-        print(f"Cost of search {info.name!r} per cell (wall seconds and trial-epochs summed over "
-              "its trials, peak memory the largest of a trial):")
-        print(plain_table([{k: (_fmt(v, 1) if isinstance(v, float) else v) for k, v in r.items()}
-                           for r in rows]))
+    for info in infos if isinstance(infos, list) else [infos]:
+        rows = cost_per_cell(info.trials)
+        if rows:
+            print(f"Cost of search {info.name!r} per cell (wall seconds and trial-epochs summed "
+                  "over its trials, peak memory the largest of a trial):")
+            print(plain_table([{k: (_fmt(v, 1) if isinstance(v, float) else v)
+                               for k, v in r.items()} for r in rows]))
+    return line
 
 
 def run_report(args: argparse.Namespace, command: str) -> int:
@@ -931,8 +956,7 @@ def run_report(args: argparse.Namespace, command: str) -> int:
     from mlflow.tracking import MlflowClient
 
     from tuner.preflight import check_address, check_tracking_uri, study_storage_for
-    from tuner.tracking import (DEFAULT_TRACKING_URI, Tracker, absolute_sqlite_uri,
-                                dataset_inputs, environment_tags, git_commit)
+    from tuner.tracking import DEFAULT_TRACKING_URI, absolute_sqlite_uri
 
     if args.seeds is not None:
         seeds = parse_seeds(args.seeds)
@@ -987,17 +1011,10 @@ def run_report(args: argparse.Namespace, command: str) -> int:
           f"{chosen.info.run_id}; re-training {reg} and {BASELINE} with seeds "
           f"{', '.join(map(str, seeds))} ({2 * len(seeds)} runs).", flush=True)
 
-    tracker = Tracker(tracking_uri, info.experiment_name)
-    report_run = client.create_run(
-        info.experiment_id, run_name=name,
-        tags={"mlflow.parentRunId": info.parent.info.run_id, "run_kind": "report",
-              "search": name, "report_of": info.name, "chosen_run_id": chosen.info.run_id,
-              "data_digest": data.digest, "data_source": data.source, "command": command,
-              "git_commit": git_commit(), **environment_tags()}).info.run_id
-    tracker.parent_run_id, tracker.search_name = report_run, name
-    tracker.inputs = dataset_inputs(data, str(Path(args.unlabeled).expanduser().resolve())
-                                    if getattr(args, "unlabeled", None) else None)
-    tracker.log_inputs(report_run)
+    tracker, report_run = start_driver_run(
+        client, tracking_uri, info, name=name, kind="report",
+        tags={"report_of": info.name, "chosen_run_id": chosen.info.run_id, "command": command},
+        data=data, unlabeled=getattr(args, "unlabeled", None))
     client.log_batch(report_run, params=[
         Param("seeds", ",".join(map(str, seeds))), Param("regulariser", reg),
         Param("backbone", str(config["backbone"])), Param("max_epochs", str(config["max_epochs"])),

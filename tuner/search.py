@@ -14,7 +14,6 @@ reported as one line on stderr with exit code 2.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import math
 import os

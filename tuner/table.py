@@ -40,7 +40,7 @@ import re
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +48,15 @@ import numpy as np
 
 from tuner.preflight import UsageError
 from tuner.report import (REPORT_METRICS, ROBUSTNESS_METRICS, Rerun, SearchInfo, _fmt,
-                          _in_default_style, collapsed_note, _pyplot, check_search_selection, dropped_metric,
-                          find_search, kept, load_search_data, mann_whitney, mean_std,
-                          metric_name, parse_seeds, plain_table, probe_reruns, robustness_ratio,
-                          run_reruns, trial_config, write_csv)
+                          _in_default_style, _pyplot, check_search_selection, collapsed_note,
+                          dropped_metric, find_search, kept, load_search_data, mann_whitney, mean_std,
+                          parse_seeds, plain_table, print_environment_and_cost,
+                          probe_reruns, robustness_ratio, run_reruns, start_driver_run,
+                          trial_config, write_csv)
 from tuner.spaces import (DEFAULT_CELL_KEYS, TABLE_TESTS, Cell, TableSettings, cell_label, cell_of,
                           cell_tag)
 from trainables.data import DROP_SETS
-from tuner.tracking import NEVER_BEST, all_runs, finite
+from tuner.tracking import NEVER_BEST, finite
 
 __all__ = ["BASELINE", "Chosen", "TableSearch", "bootstrap_interval", "choose_cells", "cohen_d",
            "compare", "holm", "load_paper_results", "table_rows", "run_table", "dry_run"]
@@ -731,7 +732,7 @@ def run_table(args: argparse.Namespace, command: str) -> int:
     from mlflow.tracking import MlflowClient
 
     from tuner.preflight import check_address, check_tracking_uri
-    from tuner.tracking import DEFAULT_TRACKING_URI, Tracker, absolute_sqlite_uri, git_commit
+    from tuner.tracking import DEFAULT_TRACKING_URI, absolute_sqlite_uri, format_environment
 
     check_tracking_uri(args.mlflow_uri)
     tracking_uri = absolute_sqlite_uri(args.mlflow_uri or DEFAULT_TRACKING_URI)
@@ -766,14 +767,10 @@ def run_table(args: argparse.Namespace, command: str) -> int:
           f"each its own best trial by {first.objective} ({first.mode}); re-training each with "
           f"seeds {', '.join(map(str, seeds))} ({len(chosen) * len(seeds)} runs).", flush=True)
 
-    tracker = Tracker(tracking_uri, first.experiment_name)
-    table_run = client.create_run(
-        first.experiment_id, run_name=name,
-        tags={"mlflow.parentRunId": first.parent.info.run_id, "run_kind": "table",
-              "search": name, "table_of": ",".join(s.name for s in searches),
-              "data_digest": data.digest, "data_source": data.source, "command": command,
-              "git_commit": git_commit()}).info.run_id
-    tracker.parent_run_id, tracker.search_name = table_run, name
+    tracker, table_run = start_driver_run(
+        client, tracking_uri, first, name=name, kind="table",
+        tags={"table_of": ",".join(s.name for s in searches), "command": command},
+        data=data, unlabeled=args.unlabeled)
     client.log_batch(table_run, params=[
         Param("seeds", ",".join(map(str, seeds))), Param("objective", first.objective),
         Param("cells", str(len(chosen))), Param("dataset", args.dataset or "other"),
@@ -806,7 +803,8 @@ def run_table(args: argparse.Namespace, command: str) -> int:
               f"- Table run `{table_run}`; data `{data.source}`, sha256 `{data.digest}`",
               f"- Selection: each cell's best `{first.objective}` ({first.mode}) among its own "
               "trials (validation only; never a diverged, errored or interrupted trial)",
-              f"- Seeds: {', '.join(map(str, seeds))}", f"- Command: `{command}`"]
+              f"- Seeds: {', '.join(map(str, seeds))}", f"- Command: `{command}`",
+              f"- Environment: {format_environment(client.get_run(table_run).data.tags)}"]
     (out / "table.md").write_text(markdown(
         rows, chosen, robust, papers, title=f"Table {name}", header=header, dataset=args.dataset,
         metric=metric, mode=first.mode, notes=notes, reruns=reruns))
@@ -829,6 +827,7 @@ def run_table(args: argparse.Namespace, command: str) -> int:
     client.set_terminated(table_run, status="FINISHED" if not failed else "FAILED")
 
     print("\n" + "=" * 72)
+    print_environment_and_cost(client, [s.info for s in searches], table_run, reruns)
     print(plain_table([{"backbone": r["backbone"], "row": by_label[r["label"]].row_name,
                         "n": r["n"], f"test_{metric}": r[f"test_{metric}_mean"],
                         "diff": r["diff_mean"], "p": r["p_value"], "p_holm": r["p_holm"]}
