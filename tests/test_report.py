@@ -385,7 +385,7 @@ def test_report_after_a_tiny_search(tmp_path, monkeypatch, tiny_search_space, sm
     # where the report and its re-runs ran, the data they used, what the search cost per cell
     assert f"Environment: Python {rep.data.tags['env.python']}, torch " in printed
     assert "different environments" not in printed  # one machine, one checkout
-    assert "Cost of search 's1' per cell" in printed and "ef_lstm/mdm" in printed
+    assert "Cost of search 's1' per cell" in printed and "ef_lstm + mdm" in printed
     for run in (rep, *reruns):
         assert run.data.tags["env.torch_version"] and run.data.tags["env.git_commit"]
         assert run.inputs.dataset_inputs[0].dataset.digest == small_data.digest[:36]

@@ -75,7 +75,7 @@ def test_tiny_search_is_tracked_in_mlflow(tmp_path, monkeypatch, tiny_space, sma
     assert urls and all(u.endswith("?workflowType=machine_learning") for u in urls), urls
     # progress with an ETA once epochs are timed, the last one when every trial has ended
     progress = [line for line in lines if line.startswith("Progress: ")]
-    assert progress and all(" ETA " in line and "ef_lstm/none" in line for line in progress)
+    assert progress and all(" ETA " in line and "ef_lstm + none" in line for line in progress)
     assert progress[-1].startswith("Progress: 7/7 trials done (") and "ETA 0 s" in progress[-1]
     assert re.search(r"; \d+/28 trial-epochs;", progress[-1]), progress[-1]
 
