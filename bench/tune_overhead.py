@@ -122,8 +122,8 @@ BARE_PHASES = (
     ("", "trainables/loop.py", "fit"),
 )
 SEARCH_PHASES = (
-    ("data load and validation", "tuner/search.py", "_load_data"),
-    ("Ray's start (`init_ray`; the MLflow store opens beside it in a thread)", "tuner/search.py",
+    ("data load and validation", "tuner/preflight.py", "_load_data"),
+    ("Ray's start (`init_ray`; the MLflow store opens beside it in a thread)", "tuner/preflight.py",
      "init_ray"),
     ("MLflow parent run (`start_search`)", "tuner/tracking.py", "start_search"),
     ("the trial: bare `Trainer` build + `fit`; search `Tuner.fit` (the trial's Ray worker: "
