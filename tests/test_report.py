@@ -342,9 +342,11 @@ def tiny_search_space(tmp_path, small_data):
         "start_points": [{"regulariser": "mdm", "lr": 0.005, "regulariser.weight": 0.1},
                          {"regulariser": "none", "lr": 0.005},
                          {"regulariser": "mdm", "lr": 0.002, "regulariser.weight": 0.3}],
-        "search": {"sampler": "random", "pruner": "none", "num_samples": 3, "max_epochs": 2,
-                   "seed": 0, "max_concurrent": 3},
-        "resources": {"cpu": 0.5},  # the three trials at once on the 2-CPU test Ray
+        # 4 trials over the 2 cells (none, mdm), 2 each: mdm's are its two start points, none
+        # runs its start point and one random draw
+        "search": {"sampler": "random", "pruner": "none", "num_samples": 4, "max_epochs": 2,
+                   "seed": 0, "max_concurrent": 4},
+        "resources": {"cpu": 0.5},  # the four trials at once on the 2-CPU test Ray
         "seeds": [0, 1, 2],  # the report's default seeds
     }
     path = tmp_path / "tinyreport.yaml"
@@ -392,7 +394,7 @@ def test_report_after_a_tiny_search(tmp_path, monkeypatch, tiny_search_space, sm
     assert all(r.data.metrics["cost.peak_rss_mb"] > 0 for r in reruns)
 
     # mode max: each trial's best epoch is its highest valid_corr (every epoch's, from MLflow)
-    assert parent.data.params["mode"] == "max" and len(trials) == 3
+    assert parent.data.params["mode"] == "max" and len(trials) == 4
     history = {t.info.run_id: [m.value for m in client.get_metric_history(t.info.run_id,
                                                                           "valid_corr")]
                for t in trials}
