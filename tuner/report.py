@@ -904,6 +904,15 @@ def write_markdown(out: Path, *, info: SearchInfo, chosen, choice_note: str, con
 
 
 # ---------------------------------------------------------------------------------- main
+def output_dir(args: argparse.Namespace, kind: str, search: str) -> tuple[str, Path]:
+    """The run's name (``--name``, else ``<kind>-<search>-<time>``) and its output folder
+    (``--out``, else ``reports/<name>``), created; shared by the report and the table."""
+    name = args.name or f"{kind}-{search}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(args.out or Path("reports") / name)
+    out.mkdir(parents=True, exist_ok=True)
+    return name, out
+
+
 def start_driver_run(client, tracking_uri: str, info: SearchInfo, *, name: str, kind: str,
                      tags: dict[str, str], data: MultimodalData, unlabeled: str | None):
     """The MLflow run of a report or a table (``run_kind`` ``kind``), a child of the search's
@@ -1004,9 +1013,7 @@ def run_report(args: argparse.Namespace, command: str) -> int:
     variants = {reg: config, BASELINE: twin_config(config)}
     data = load_search_data(client, info, args.data, args.nonfinite, args.unlabeled)
 
-    name = args.name or f"report-{info.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out = Path(args.out or Path("reports") / name)
-    out.mkdir(parents=True, exist_ok=True)
+    name, out = output_dir(args, "report", info.name)
     print(f"Report {name!r} on search {info.name!r}: {choice_note}, trial run "
           f"{chosen.info.run_id}; re-training {reg} and {BASELINE} with seeds "
           f"{', '.join(map(str, seeds))} ({2 * len(seeds)} runs).", flush=True)

@@ -49,10 +49,10 @@ import numpy as np
 from tuner.preflight import UsageError
 from tuner.report import (REPORT_METRICS, ROBUSTNESS_METRICS, Rerun, SearchInfo, _fmt,
                           _in_default_style, _pyplot, check_search_selection, collapsed_note,
-                          dropped_metric, find_search, kept, load_search_data, mann_whitney, mean_std,
-                          parse_seeds, plain_table, print_environment_and_cost,
-                          probe_reruns, robustness_ratio, run_reruns, start_driver_run,
-                          trial_config, write_csv)
+                          dropped_metric, find_search, kept, load_search_data, mann_whitney,
+                          mean_std, output_dir, parse_seeds, plain_table,
+                          print_environment_and_cost, probe_reruns, robustness_ratio,
+                          run_reruns, start_driver_run, trial_config, write_csv)
 from tuner.spaces import (DEFAULT_CELL_KEYS, TABLE_TESTS, Cell, TableSettings, cell_label, cell_of,
                           cell_tag)
 from trainables.data import DROP_SETS
@@ -760,9 +760,7 @@ def run_table(args: argparse.Namespace, command: str) -> int:
             notes.append(f"search {s.name!r}: test {s.settings.test} from {s.settings_note}")
     variants = rerun_configs(chosen, args.max_epochs)
     data = load_search_data(client, first, args.data, args.nonfinite, args.unlabeled)
-    name = args.name or f"table-{first.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out = Path(args.out or Path("reports") / name)
-    out.mkdir(parents=True, exist_ok=True)
+    name, out = output_dir(args, "table", first.name)
     print(f"Table {name!r} of {', '.join(repr(s.name) for s in searches)}: {len(chosen)} cells, "
           f"each its own best trial by {first.objective} ({first.mode}); re-training each with "
           f"seeds {', '.join(map(str, seeds))} ({len(chosen) * len(seeds)} runs).", flush=True)
