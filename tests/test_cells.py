@@ -109,6 +109,24 @@ def test_per_cell_pruning_keeps_the_weak_cells_best_configuration():
     assert pruned[("tfn", 0.001)] is True  # the weak cell's best, cut by the strong cell's median
 
 
+def test_a_cell_of_two_trials_prunes_its_second_by_default():
+    """search.startup_trials (default 1): a cell's first trial is the reference of its second, so
+    a cell of 2 trials (the smoke space's) can prune; with Optuna's habit of 2, it never does."""
+    for startup, expected in ((None, True), (2, False)):
+        extra = {} if startup is None else {"startup_trials": startup}
+        space = space_from_dict({
+            "name": "pair", "backbones": ["ef_lstm", "tfn"], "regularisers": ["none"],
+            "grid": {"lr": [0.001, 0.01]},
+            "search": {"sampler": "grid", "pruner": "median", "max_epochs": 3,
+                       "grace_epochs": 1, **extra}}, "pair.yaml")
+        searcher, _ = cell_search(space, f"pair{startup}", optuna.storages.InMemoryStorage())
+        for pruner in searcher.study.pruner.pruners.values():
+            assert pruner._n_startup_trials == (startup or 1)
+        pruned = {(c["backbone"], c["lr"]): p for _, c, p in drive(searcher, space)}
+        assert pruned == {("ef_lstm", 0.001): False, ("tfn", 0.001): False,
+                          ("ef_lstm", 0.01): expected, ("tfn", 0.01): expected}
+
+
 def test_every_cell_gets_its_budget_and_its_own_sampler():
     """TPE with trials_per_cell: each cell gets exactly its trials, in turns; each Optuna trial
     carries its cell; each cell's TPE sees only its own trials (its startup trials are its own,

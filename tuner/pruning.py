@@ -67,12 +67,15 @@ def make_sampler(name: str, seed: int, num_samples: int = 8) -> optuna.samplers.
     raise ValueError(f"unknown sampler {name!r}; known: grid, tpe, random, cmaes, qmc")
 
 
-def make_pruner(name: str, grace_epochs: int, max_epochs: int) -> optuna.pruners.BasePruner | None:
-    """The Optuna pruner for a ``search.pruner`` name (None for ``none``)."""
+def make_pruner(name: str, grace_epochs: int, max_epochs: int,
+                startup_trials: int = 2) -> optuna.pruners.BasePruner | None:
+    """The Optuna pruner for a ``search.pruner`` name (None for ``none``); ``startup_trials`` is
+    the median pruner's ``n_startup_trials`` (``search.startup_trials`` for a search's cells)."""
     if name == "none":
         return None
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=grace_epochs)
+        return optuna.pruners.MedianPruner(n_startup_trials=startup_trials,
+                                           n_warmup_steps=grace_epochs)
     if name in ("successive_halving", "asha"):
         # Optuna's SuccessiveHalvingPruner is the asynchronous variant (ASHA, Li et al. 2020)
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=grace_epochs,
@@ -435,7 +438,8 @@ def cell_search(space: Any, study_name: str, storage: optuna.storages.BaseStorag
     sampler = CellSampler({tag: make_sampler(settings.sampler, settings.seed + i, max(budget, 1))
                            for i, (tag, (_, _, budget)) in enumerate(zip(tags, budgets))})
     pruner = (CellPruner({tag: make_pruner(settings.pruner, settings.grace_epochs,
-                                           settings.max_epochs) for tag in tags})
+                                           settings.max_epochs, settings.startup_trials)
+                          for tag in tags})
               if settings.pruner != "none" else None)
     searcher = CellSearch(
         space=space.define_by_run(settings.sampler, settings.max_epochs, settings.seed),

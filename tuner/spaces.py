@@ -259,6 +259,10 @@ class SearchSettings:
     max_epochs: int = 10
     #: a pruner may stop a trial once it has run this many epochs (not before)
     grace_epochs: int = 2
+    #: the median pruner stops a trial only once this many trials of its cell have reported
+    #: (Optuna's ``n_startup_trials``). 1: a cell's first trial is the reference of its second,
+    #: so a cell of 2-3 trials can prune at all (with 2, a cell of 2 trials never prunes)
+    startup_trials: int = 1
     #: seed of the sampler and of every trial
     seed: int = 0
     #: trials running at once (0 = as many as the resources allow)
@@ -282,6 +286,8 @@ class SearchSettings:
             raise ConfigError(f"grace_epochs: expected >= 1, got {self.grace_epochs}")
         if self.max_concurrent < 0:
             raise ConfigError(f"max_concurrent: expected >= 0, got {self.max_concurrent}")
+        if self.startup_trials < 0:
+            raise ConfigError(f"startup_trials: expected >= 0, got {self.startup_trials}")
 
 
 @dataclass
