@@ -362,20 +362,70 @@ def test_dry_run_prints_cells_chosen_trials_and_reruns(store, capsys):
 
 
 def test_the_papers_numbers_are_well_formed():
-    from trainables.backbones import get_backbone
-    from trainables.regularisers import get_regulariser
-    from tuner.table import load_paper_results
+    """tuner/paper_results.csv (docs/paper-results-audit.md) loads with every row checked, covers
+    the tables it says it does, and names each cell as tuner.table does, so that a paper's value
+    can meet our cell: every variant key is a cell key of a shipped space of that regulariser."""
+    from tuner.spaces import load_space
+    from tuner.table import PAPER_VALUE_RANGES, load_paper_results
 
-    rows = load_paper_results()
-    assert {r["paper"] for r in rows} == {"MDM", "MMIM", "MIRD", "Synergy"}
-    assert {r["dataset"] for r in rows} == {"mosi", "mosei"}
+    rows = load_paper_results()  # every row checked: names, ranges, notes, no duplicate key
+    assert all(isinstance(r["value"], float) for r in rows)
+    assert {(r["paper"], r["table"]) for r in rows} == {
+        ("MDM", "Table 1"), ("MDM", "Table 2"), ("MMIM", "Table 2"), ("Synergy", "Table 2"),
+        ("Synergy", "Table 3"), ("MIRD", "Table 1"), ("MIRD", "Table 5")}
+    for table, dataset in (("Table 2", "mosi"), ("Table 3", "mosei")):  # Synergy's captions
+        assert {r["dataset"] for r in rows if r["paper"] == "Synergy" and r["table"] == table} \
+            == {dataset}
+    assert {m for _, m in PAPER_VALUE_RANGES} == set(REPORT_METRICS)
+    cell_keys: dict[str, set[str]] = {}
+    for path in sorted((Path(__file__).parents[1] / "search_spaces").glob("*.yaml")):
+        space = load_space(str(path))
+        for reg in space.regularisers:
+            cell_keys.setdefault(reg, set()).update(
+                k.partition(".")[2] for k in space.cells if k.startswith("regulariser.")
+                and space.applies(k, space.backbones[0], reg))
     for r in rows:
-        get_backbone(r["backbone"]), get_regulariser(r["regulariser"])
-        assert r["metric"] in REPORT_METRICS
-        assert (0 <= r["value"] <= 1) or r["metric"] == "mae"
-    keys = [(r["paper"], r["table"], r["dataset"], r["backbone"], r["regulariser"], r["variant"],
-             r["metric"]) for r in rows]
-    assert len(keys) == len(set(keys))
+        keys = {item.partition("=")[0] for item in r["variant"].split(",") if item}
+        assert keys == cell_keys.get(r["regulariser"], set()), r
+
+
+def test_a_bad_row_of_the_papers_numbers_is_one_line(tmp_path):
+    """Each check of load_paper_results fails on its own broken row, naming file, line, field."""
+    from tuner.table import PAPER_COLUMNS, load_paper_results
+
+    good = ["MDM", "Table 1", "mosi", "ef_lstm", "mdm", "estimator=kl", "acc2_non0", "0.764",
+            "L_kl"]
+    cases = {  # column -> (bad value, what the one line says)
+        "table": ("Tab. 1", r"paper, table: expected a paper's name and 'Table N'"),
+        "dataset": ("iemocap", r"dataset: expected one of mosi, mosei, got 'iemocap'"),
+        "backbone": ("lfn", r"backbone: expected one of .*got 'lfn'"),
+        "regulariser": ("mmd", r"regulariser: expected one of .*got 'mmd'"),
+        "variant": ("estimator=wasserstein", r"variant: 'estimator=wasserstein' is not a mdm "
+                    r"setting \(expected key=value, a field of MDMConfig, estimator one of kl, f, w\)"),
+        "metric": ("acc2", r"metric: expected one of .*got 'acc2'"),
+        "value": ("76.4", r"value: acc2_non0 on mosi expected in \[0.6, 0.95\] .*got 76.4"),
+        "note": ("", r"note: expected the paper's name"),
+    }
+    header = "# a comment line\n" + ",".join(PAPER_COLUMNS) + "\n"
+    ok = tmp_path / "ok.csv"
+    ok.write_text(header + ",".join(good) + "\n")
+    assert load_paper_results(ok)[0]["value"] == 0.764
+    for column, (bad, message) in cases.items():
+        row = list(good)
+        row[PAPER_COLUMNS.index(column)] = bad
+        path = tmp_path / f"{column}.csv"
+        path.write_text(header + ",".join(good) + "\n" + ",".join(row) + "\n")
+        with pytest.raises(UsageError, match=f"^{path}: line 4: {message}"):
+            load_paper_results(path)
+    twice = tmp_path / "twice.csv"
+    twice.write_text(header + ",".join(good) + "\n" + ",".join(good[:-1] + ["again"]) + "\n")
+    with pytest.raises(UsageError, match=f"{twice}: line 4: the same paper, table, dataset, "
+                                         "cell and metric as line 3"):
+        load_paper_results(twice)
+    columns = tmp_path / "columns.csv"
+    columns.write_text("paper,table,value\nMDM,Table 1,0.7\n")
+    with pytest.raises(UsageError, match="expected the columns paper,table,dataset"):
+        load_paper_results(columns)
 
 
 def test_a_bad_table_test_in_a_space_is_one_line():

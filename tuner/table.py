@@ -72,6 +72,19 @@ BOOTSTRAP_SEED = 0
 #: the papers' own numbers (item 5 of issue 24): paper, table, dataset, backbone, ...
 PAPER_RESULTS = Path(__file__).with_name("paper_results.csv")
 DATASETS = ("mosi", "mosei")
+PAPER_COLUMNS = ("paper", "table", "dataset", "backbone", "regulariser", "variant", "metric",
+                 "value", "note")
+#: the range a paper's value of each metric can lie in, per dataset (our units): wide enough for
+#: any model these papers print on CMU-MOSI / CMU-MOSEI, narrow enough to catch a percentage left
+#: undivided, a column read into the wrong metric or MAE and Corr swapped
+#: (docs/paper-results-audit.md)
+PAPER_VALUE_RANGES: dict[tuple[str, str], tuple[float, float]] = {
+    **{(d, m): (0.60, 0.95) for d in DATASETS
+       for m in ("acc2_has0", "acc2_non0", "f1_has0", "f1_non0")},
+    **{(d, "acc7"): (0.25, 0.60) for d in DATASETS},
+    **{(d, "corr"): (0.45, 0.90) for d in DATASETS},
+    ("mosi", "mae"): (0.60, 1.20), ("mosei", "mae"): (0.45, 0.90),
+}
 
 
 # ---------------------------------------------------------------------------------- searches
@@ -432,12 +445,69 @@ def robustness_rows(chosen: list[Chosen], reruns: list[Rerun]) -> list[dict[str,
 # ---------------------------------------------------------------------------------- papers
 def load_paper_results(path: Path = PAPER_RESULTS) -> list[dict[str, Any]]:
     """The numbers the papers print for CMU-MOSI / CMU-MOSEI (``tuner/paper_results.csv``),
-    values in our units (accuracies and F1 as fractions)."""
+    values in our units (accuracies and F1 as fractions), each row checked
+    (:func:`check_paper_row`): a bad row is one line naming the file, line and field."""
     with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(line for line in f if not line.startswith("#"))]
-    for r in rows:
-        r["value"] = float(r["value"])
+        lines = [(n, line) for n, line in enumerate(f, 1) if not line.startswith("#")]
+    reader = csv.DictReader(line for _, line in lines)
+    if tuple(reader.fieldnames or ()) != PAPER_COLUMNS:
+        raise UsageError(f"{path}: expected the columns {','.join(PAPER_COLUMNS)}, got "
+                         f"{','.join(reader.fieldnames or ()) or 'none'}")
+    rows, seen = [], {}
+    for r in reader:
+        where = f"{path}: line {lines[reader.line_num - 1][0]}"
+        check_paper_row(r, where)
+        key = tuple(r[c] for c in PAPER_COLUMNS[:7])
+        if key in seen:
+            raise UsageError(f"{where}: the same paper, table, dataset, cell and metric as "
+                             f"line {seen[key]}")
+        seen[key] = lines[reader.line_num - 1][0]
+        rows.append(r)
     return rows
+
+
+def check_paper_row(r: dict[str, Any], where: str) -> None:
+    """One row of ``paper_results.csv``: known names (a backbone and a regulariser of the
+    project, a variant that a cell of that regulariser can have, a metric of the report), a
+    value in its metric's range (:data:`PAPER_VALUE_RANGES`, converted to float in place) and a
+    note. Raises :class:`UsageError` naming ``where`` and the field."""
+    import typing
+
+    from trainables.backbones import BACKBONES
+    from trainables.regularisers import REGULARISERS, get_regulariser
+
+    if any(r.get(c) is None for c in PAPER_COLUMNS):
+        raise UsageError(f"{where}: expected {len(PAPER_COLUMNS)} fields")
+    if not r["paper"] or not re.fullmatch(r"Table \d+", r["table"]):
+        raise UsageError(f"{where}: paper, table: expected a paper's name and 'Table N', got "
+                         f"{r['paper']!r}, {r['table']!r}")
+    for field, known in (("dataset", DATASETS), ("backbone", BACKBONES),
+                         ("regulariser", REGULARISERS), ("metric", REPORT_METRICS)):
+        if r[field] not in known:
+            raise UsageError(f"{where}: {field}: expected one of {', '.join(known)}, "
+                             f"got {r[field]!r}")
+    if r["variant"]:
+        config = get_regulariser(r["regulariser"]).config_class
+        hints = typing.get_type_hints(config)
+        for item in r["variant"].split(","):
+            key, eq, value = item.partition("=")
+            allowed = typing.get_args(hints.get(key))
+            if not eq or key not in hints or (allowed and value not in allowed):
+                raise UsageError(
+                    f"{where}: variant: {item!r} is not a {r['regulariser']} setting (expected "
+                    f"key=value, a field of {config.__name__}"
+                    + (f", {key} one of {', '.join(allowed)}" if allowed else "") + ")")
+    try:
+        value = float(r["value"])
+    except ValueError:
+        raise UsageError(f"{where}: value: expected a number, got {r['value']!r}") from None
+    low, high = PAPER_VALUE_RANGES[r["dataset"], r["metric"]]
+    if not low <= value <= high:
+        raise UsageError(f"{where}: value: {r['metric']} on {r['dataset']} expected in "
+                         f"[{low}, {high}] (accuracies and F1 as fractions), got {r['value']}")
+    if not r["note"].strip():
+        raise UsageError(f"{where}: note: expected the paper's name for the row and our mappings")
+    r["value"] = value
 
 
 def mean_interval(values: list[float]) -> tuple[float, float]:
@@ -742,6 +812,7 @@ def run_table(args: argparse.Namespace, command: str) -> int:
     check_address(args.address)
     if args.seeds is not None:
         parse_seeds(args.seeds)  # a bad flag before MLflow is read
+    paper_values = load_paper_results() if args.dataset else []  # a bad row before any re-run
     client = MlflowClient(tracking_uri=tracking_uri)
     searches = open_searches(client, args)
     seeds = _seeds(args, searches)
@@ -786,8 +857,7 @@ def run_table(args: argparse.Namespace, command: str) -> int:
 
     rows = table_rows(chosen, reruns, metric)
     robust = robustness_rows(chosen, reruns)
-    papers = (paper_rows(chosen, reruns, args.dataset, load_paper_results())
-              if args.dataset else [])
+    papers = paper_rows(chosen, reruns, args.dataset, paper_values) if args.dataset else []
     write_csv(rows, out / "table.csv")
     write_csv(robust, out / "robustness.csv")
     write_csv(papers, out / "paper_values.csv")
