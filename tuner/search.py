@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from trainables.config import ConfigError
+from trainables.config import ConfigError, resolve_scoped
 from trainables.data import DataError, MultimodalData
 from tuner.preflight import (  # noqa: F401 - re-exported: the commands' shared pre-flight
     CONNECT_TIMEOUT_S, UsageError, _load_data, _OneLineParser, check_address, check_tracking_uri,
@@ -869,7 +869,7 @@ def summarise(results, space: SearchSpace, tracker, data: MultimodalData,
             tracker.finish_search("FINISHED", metrics, checkpoint_file, best_run, data)
         checkpoint_note = f"{best.checkpoint.path}/{BEST_FILE}"
 
-    config = {k: v for k, v in best.config.items()}
+    config = resolve_scoped(best.config)  # regulariser.alpha@mird as the trial ran it: alpha
     print("\n" + "=" * 72)
     print(f"Search {tracker.search_name!r} finished: " +
           ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
