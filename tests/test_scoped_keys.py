@@ -9,7 +9,8 @@ import yaml
 
 from trainables.config import ConfigError, TrialConfig
 from tuner.pruning import cell_search
-from tuner.search import main
+from tuner.preflight import UsageError
+from tuner.search import check_unlabeled, main
 from tuner.spaces import (SearchSpace, SpaceError, TableSettings, apply_overrides, cell_label,
                           cell_of, space_from_dict)
 from tuner.table import Chosen, TableSearch
@@ -52,7 +53,7 @@ def test_from_flat_gives_a_scoped_key_to_its_own_regulariser_only():
     for bad, message in [
         ({"regulariser.alpha@mirdd": 1.0}, "'regulariser.alpha@mirdd': unknown regulariser 'mirdd'"),
         ({"regulariser.estimator@mird": "kl"}, "regulariser 'mird' has no field 'estimator'"),
-        ({"backbone.hidden@mird": 8}, "only regulariser fields take a regulariser after '@'"),
+        ({"backbone.hidden@mird": 8}, "only regulariser fields and unlabeled_rate, unlabeled_source take"),
         ({"regulariser.alpha@mird": 1.0, "regulariser.alpha": 2.0}, "both set 'regulariser.alpha'"),
     ]:
         with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
@@ -75,6 +76,14 @@ def test_a_scoped_key_applies_to_its_regulariser_and_counts_only_there():
     assert all("regulariser.alpha@mmim" not in p for p in by_reg["mird"])
     assert space.constants("tfn", "mird", 1, 0)["regulariser.inner_steps@mird"] == 3
     assert "regulariser.inner_steps@mird" not in space.constants("tfn", "mmim", 1, 0)
+    # a trial key a regulariser reads: MIRD's split rate for mird's points only (unscoped, it
+    # would multiply mmim's and mdm's too), and the pre-flight sees it
+    space = scoped(grid={"unlabeled_rate@mird": [0, 1, 2]})
+    assert space.grid_size() == 2 + 2 * 3 * 3 + 2 * 4 * 3 + 2 * 2 == len(space.grid_points())
+    assert TrialConfig.from_flat({"backbone": "tfn", "regulariser": "mird",
+                                  "unlabeled_rate@mird": 2}).unlabeled_rate == 2
+    with pytest.raises(UsageError, match="unlabeled_rate up to 2 .* needs unlabeled data"):
+        check_unlabeled(space, types.SimpleNamespace(unlabeled=None, source="data.pkl"))
 
 
 def test_each_regulariser_gets_its_own_optuna_parameter_and_config():
@@ -146,9 +155,12 @@ def test_the_cell_and_the_table_show_the_field_by_its_name():
      "scoped.yaml: ranges.regulariser.beta@synergy: regulariser 'synergy' is not in this space "
      "(none, mmim, mird, mdm)"),
     ({"fixed": {"regulariser.alpha": 0.1}},
-     "scoped.yaml: grid.regulariser.alpha@mird: fixed.regulariser.alpha sets the same field of "
+     "scoped.yaml: grid.regulariser.alpha@mird: fixed.regulariser.alpha sets the same key of "
      "'mird' trials; give one of them"),
     ({"grid": {"lr@mird": [0.1]}}, "scoped.yaml: grid.lr@mird: 'lr@mird': only regulariser fields"),
+    ({"grid": {"unlabeled_rate@none": [1]}},
+     "scoped.yaml: grid.unlabeled_rate@none: 'unlabeled_rate@none': regulariser 'none' does not "
+     "read unlabeled_rate"),
     ({"cells": ["backbone", "regulariser", "regulariser.estimator@mmim"]},
      "scoped.yaml: cells.regulariser.estimator@mmim: 'regulariser.estimator@mmim': regulariser "
      "'mmim' has no field 'estimator'"),

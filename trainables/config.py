@@ -12,7 +12,8 @@ instead of silently training the default.
 
 A *scoped* key ``regulariser.X@R`` is field ``X`` of regulariser ``R`` only: it sets
 ``regulariser.X`` in a trial whose regulariser is ``R`` and is left out of any other trial
-(:func:`resolve_scoped`). A space that searches several regularisers whose fields share a name
+(:func:`resolve_scoped`); ``unlabeled_rate@R`` likewise (the trial keys that a regulariser
+reads, ``Regulariser.trial_keys``). A space that searches several regularisers whose fields share a name
 (``alpha``: MMIM and MIRD; ``beta``: MMIM and Synergy; ``weight``: MDM and orthogonal) gives each
 its own values, and Optuna its own parameter name, this way.
 """
@@ -146,19 +147,29 @@ def split_scope(key: str) -> tuple[str, str | None]:
 
 
 def check_scoped_key(key: str) -> tuple[str, str]:
-    """The field and regulariser of a scoped key, checked: ``regulariser.X@R`` where ``R`` is a
-    registered regulariser and ``X`` a field of its config class (ConfigError naming the key)."""
+    """The key and regulariser of a scoped key, checked: ``regulariser.X@R`` where ``R`` is a
+    registered regulariser and ``X`` a field of its config class, or ``K@R`` where ``K`` is a
+    trial key that ``R`` reads (``unlabeled_rate``: ``Regulariser.trial_keys``). ConfigError
+    naming the key otherwise."""
     from trainables.regularisers import get_regulariser
+    from trainables.regularisers.base import REGULARISER_TRIAL_KEYS
 
     base, scope = split_scope(key)
     head, dot, name = base.partition(".")
-    if scope is None or head != "regulariser" or not dot or not name or SCOPE in base:
-        raise ConfigError(f"{key!r}: only regulariser fields take a regulariser after "
+    field_key = head == "regulariser" and dot and name
+    if scope is None or SCOPE in base or not (field_key or base in REGULARISER_TRIAL_KEYS):
+        raise ConfigError(f"{key!r}: only regulariser fields and "
+                          f"{', '.join(REGULARISER_TRIAL_KEYS)} take a regulariser after "
                           f"'{SCOPE}', as in 'regulariser.alpha{SCOPE}mird'")
     try:
         cls = get_regulariser(scope)
     except ValueError as exc:
         raise ConfigError(f"{key!r}: unknown regulariser {scope!r} after '{SCOPE}' ({exc})") from None
+    if not field_key:
+        if base not in getattr(cls, "trial_keys", REGULARISER_TRIAL_KEYS):
+            raise ConfigError(f"{key!r}: regulariser {scope!r} does not read {base} (it reads no "
+                              "unlabeled row)")
+        return base, scope
     fields = sorted(f.name for f in dataclasses.fields(cls.config_class))
     if name not in fields:
         raise ConfigError(f"{key!r}: regulariser {scope!r} has no field {name!r}; its fields: "
@@ -167,9 +178,10 @@ def check_scoped_key(key: str) -> tuple[str, str]:
 
 
 def resolve_scoped(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """``flat`` with each scoped key ``regulariser.X@R`` (see the module docstring) replaced by
-    ``regulariser.X`` when the trial's regulariser is ``R`` and dropped otherwise. A scoped key
-    that names no regulariser field, or a field given both ways, is a ConfigError."""
+    """``flat`` with each scoped key ``K@R`` (``regulariser.X@R``, ``unlabeled_rate@R``: see the
+    module docstring) replaced by ``K`` when the trial's regulariser is ``R`` and dropped
+    otherwise. A scoped key that ``R`` does not have, or a key given both ways, is a
+    ConfigError."""
     reg = flat.get("regulariser", TrialConfig.regulariser)
     out = {k: v for k, v in flat.items() if SCOPE not in k}
     for key, value in flat.items():

@@ -32,7 +32,8 @@ regulariser is ``mird``, and is Optuna's parameter name, so a space over several
 gives each its own values of a field name they share (``alpha``: MMIM's CPC weight and MIRD's
 CLUB weight; ``beta``: MMIM's and Synergy's; ``weight``: MDM's λ and the orthogonality weight).
 The trial runs it as ``regulariser.alpha`` (:func:`trainables.config.resolve_scoped`), which is
-also its MLflow param, its cell key and its name in the table. A field given both ways
+also its MLflow param, its cell key and its name in the table. A regulariser's trial keys scope
+the same way (``unlabeled_rate@mird``: MIRD's split-rate grid, not MDM's). A key given both ways
 (``regulariser.alpha`` and ``regulariser.alpha@mird``) is an error.
 
 A trial's *cell* is the row of its paper's table that it belongs to: the values of the space's
@@ -555,7 +556,7 @@ class SearchSpace:
         self._check_scoped(where)
         for section in ("grid", "ranges", "fixed"):
             for key in getattr(self, section):
-                if "." not in key and key not in trial_keys:
+                if "." not in key and split_scope(key)[0] not in trial_keys:
                     raise SpaceError(f"{where}: {section}.{key}: unknown key; known: "
                                      f"{', '.join(trial_keys)}, backbone.X, regulariser.X")
                 pairs = self.model_pairs()
@@ -625,8 +626,8 @@ class SearchSpace:
                                          f"{cut(str(exc))}") from None
 
     def _check_scoped(self, where: str) -> None:
-        """Scoped keys (``regulariser.X@R``): ``R`` a regulariser of this space with field ``X``,
-        and ``X`` not also given unscoped (in any section)."""
+        """Scoped keys (``regulariser.X@R``, ``unlabeled_rate@R``): ``R`` a regulariser of this
+        space that has the key, and the key not also given unscoped (in any section)."""
         sections = [(s, list(getattr(self, s))) for s in ("grid", "ranges", "fixed")]
         sections.append(("cells", [k for k in self.cells if SCOPE in k]))
         for section, keys in sections:
@@ -645,7 +646,7 @@ class SearchSpace:
                 plain = next((f"{s}.{base}" for s in ("grid", "ranges", "fixed")
                               if base in getattr(self, s)), None)
                 if plain is not None:
-                    raise SpaceError(f"{where}: {section}.{key}: {plain} sets the same field of "
+                    raise SpaceError(f"{where}: {section}.{key}: {plain} sets the same key of "
                                      f"{scope!r} trials; give one of them")
 
     def _check_cells(self, where: str) -> None:
