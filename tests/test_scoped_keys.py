@@ -76,6 +76,11 @@ def test_a_scoped_key_applies_to_its_regulariser_and_counts_only_there():
     assert all("regulariser.alpha@mmim" not in p for p in by_reg["mird"])
     assert space.constants("tfn", "mird", 1, 0)["regulariser.inner_steps@mird"] == 3
     assert "regulariser.inner_steps@mird" not in space.constants("tfn", "mmim", 1, 0)
+    # a start point may name a scoped key: the grid runs that point first, in the mird cell
+    space = scoped(start_points=[{"regulariser": "mird", "regulariser.alpha@mird": 10.0}])
+    assert space.grid_points()[0] == {"backbone": "tfn", "regulariser": "mird", "lr": 0.001,
+                                      "regulariser.alpha@mird": 10.0}
+    assert cell_label(space.first_points()[0][0]) == "tfn + mird"
     # a trial key a regulariser reads: MIRD's split rate for mird's points only (unscoped, it
     # would multiply mmim's and mdm's too), and the pre-flight sees it
     space = scoped(grid={"unlabeled_rate@mird": [0, 1, 2]})
