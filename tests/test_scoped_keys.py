@@ -11,8 +11,8 @@ from trainables.config import ConfigError, TrialConfig
 from tuner.pruning import cell_search
 from tuner.preflight import UsageError
 from tuner.search import check_unlabeled, main
-from tuner.spaces import (SearchSpace, SpaceError, TableSettings, apply_overrides, cell_label,
-                          cell_of, space_from_dict)
+from tuner.spaces import (MAX_GRID_POINTS, SearchSpace, SpaceError, TableSettings,
+                          apply_overrides, cell_label, cell_of, space_from_dict)
 from tuner.table import Chosen, TableSearch
 
 #: MMIM's and MIRD's α on their papers' grids (different lists: one Optuna name could not hold
@@ -89,6 +89,21 @@ def test_a_scoped_key_applies_to_its_regulariser_and_counts_only_there():
                                   "unlabeled_rate@mird": 2}).unlabeled_rate == 2
     with pytest.raises(UsageError, match="unlabeled_rate up to 2 .* needs unlabeled data"):
         check_unlabeled(space, types.SimpleNamespace(unlabeled=None, source="data.pkl"))
+
+
+def test_a_scoped_grid_is_counted_per_regulariser_without_building_it(monkeypatch):
+    """Under the grid sampler's limit (MAX_GRID_POINTS) only because MIRD's 50 values do not
+    multiply MMIM's 50 x 50 (nor the baseline's): 2 + 2 x 50 x 50 + 2 x 50 points."""
+    values = [round(0.01 * (i + 1), 2) for i in range(50)]
+    raw = {"name": "big", "backbones": ["tfn"], "regularisers": ["none", "mmim", "mird"],
+           "grid": {"lr": [0.001, 0.002], "regulariser.alpha@mmim": values,
+                    "regulariser.beta@mmim": values, "regulariser.alpha@mird": values}}
+    with monkeypatch.context() as patch:
+        patch.setattr(SearchSpace, "_grid_points", lambda self: pytest.fail("grid built"))
+        space = space_from_dict({**raw, "search": {"sampler": "tpe"}}, "big.yaml")
+        assert space.grid_size() == 2 + 2 * 50 * 50 + 2 * 50 <= MAX_GRID_POINTS
+    space = space_from_dict({**raw, "search": {"sampler": "grid"}}, "big.yaml")  # not refused
+    assert len(space.grid_points()) == space.grid_size()
 
 
 def test_each_regulariser_gets_its_own_optuna_parameter_and_config():
