@@ -28,7 +28,7 @@ def write(tmp_path, raw, name="space.yaml"):
 
 
 def test_every_shipped_space_loads():
-    for name in ["smoke", "mdm", "mmim", "mird", "synergy"]:
+    for name in ["smoke", "mdm", "mmim", "mird", "synergy", "leaderboard"]:
         space = load_space(name)
         assert space.name == name
         assert space.backbones and space.regularisers
@@ -44,6 +44,9 @@ def test_every_shipped_space_loads():
     ("mird", 4 * 6 + 6 + 1),
     # 6 backbones x (none: 2 batch x 5 lr + synergy: 2 x 5 x 3 β x 2 divergences, MMD and KL)
     ("synergy", 6 * (2 * 5 + 2 * 5 * 3 * 2)),
+    # 4 backbones x (none: 4 lr; mdm: 4 lr x 4 λ x 3 estimators; mmim: 4 x 3 α x 3 β; mird: 4 x
+    # 4 α; synergy: 4 x 3 β x 2 divergences; orthogonal: 4 lr), each weight on its own paper's grid
+    ("leaderboard", 4 * (4 + 4 * 4 * 3 + 4 * 3 * 3 + 4 * 4 + 4 * 3 * 2 + 4)),
 ])
 def test_paper_grids_have_the_papers_size(name, expected):
     space = load_space(name)

@@ -9,6 +9,13 @@ Plain keys are :class:`TrialConfig` fields; ``backbone.X`` keys are fields of th
 backbone's config dataclass and ``regulariser.X`` keys of the chosen regulariser's. Any other
 key is an error that lists the known ones, so a typo in a YAML fails before a trial starts
 instead of silently training the default.
+
+A *scoped* key ``regulariser.X@R`` is field ``X`` of regulariser ``R`` only: it sets
+``regulariser.X`` in a trial whose regulariser is ``R`` and is left out of any other trial
+(:func:`resolve_scoped`); ``unlabeled_rate@R`` likewise (the trial keys that a regulariser
+reads, ``Regulariser.trial_keys``). A space that searches several regularisers whose fields share a name
+(``alpha``: MMIM and MIRD; ``beta``: MMIM and Synergy; ``weight``: MDM and orthogonal) gives each
+its own values, and Optuna its own parameter name, this way.
 """
 
 from __future__ import annotations
@@ -19,7 +26,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, TypeVar
 
-__all__ = ["ConfigError", "TrialConfig", "build_dataclass", "dataclass_to_flat"]
+__all__ = ["ConfigError", "TrialConfig", "SCOPE", "build_dataclass", "dataclass_to_flat",
+           "resolve_scoped", "split_scope"]
+
+#: what separates a field from the regulariser it belongs to: ``regulariser.alpha@mird``
+SCOPE = "@"
 
 T = TypeVar("T")
 
@@ -128,6 +139,64 @@ def dataclass_to_flat(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {f"{prefix}{f.name}": getattr(obj, f.name) for f in dataclasses.fields(obj)}
 
 
+def split_scope(key: str) -> tuple[str, str | None]:
+    """``regulariser.alpha@mird`` -> ``("regulariser.alpha", "mird")``; an unscoped key ->
+    ``(key, None)``. Only the form is read here; :func:`check_scoped_key` checks the names."""
+    base, at, scope = key.rpartition(SCOPE)
+    return (base, scope) if at else (key, None)
+
+
+def check_scoped_key(key: str) -> tuple[str, str]:
+    """The key and regulariser of a scoped key, checked: ``regulariser.X@R`` where ``R`` is a
+    registered regulariser and ``X`` a field of its config class, or ``K@R`` where ``K`` is a
+    trial key that ``R`` reads (``unlabeled_rate``: ``Regulariser.trial_keys``). ConfigError
+    naming the key otherwise."""
+    from trainables.regularisers import get_regulariser
+    from trainables.regularisers.base import REGULARISER_TRIAL_KEYS
+
+    base, scope = split_scope(key)
+    head, dot, name = base.partition(".")
+    field_key = head == "regulariser" and dot and name
+    if scope is None or SCOPE in base or not (field_key or base in REGULARISER_TRIAL_KEYS):
+        raise ConfigError(f"{key!r}: only regulariser fields and "
+                          f"{', '.join(REGULARISER_TRIAL_KEYS)} take a regulariser after "
+                          f"'{SCOPE}', as in 'regulariser.alpha{SCOPE}mird'")
+    try:
+        cls = get_regulariser(scope)
+    except ValueError as exc:
+        raise ConfigError(f"{key!r}: unknown regulariser {scope!r} after '{SCOPE}' ({exc})") from None
+    if not field_key:
+        if base not in getattr(cls, "trial_keys", REGULARISER_TRIAL_KEYS):
+            raise ConfigError(f"{key!r}: regulariser {scope!r} does not read {base} (it reads no "
+                              "unlabeled row)")
+        return base, scope
+    fields = sorted(f.name for f in dataclasses.fields(cls.config_class))
+    if name not in fields:
+        raise ConfigError(f"{key!r}: regulariser {scope!r} has no field {name!r}; its fields: "
+                          f"{', '.join(fields) or '(none)'}")
+    return base, scope
+
+
+def resolve_scoped(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``flat`` with each scoped key ``K@R`` (``regulariser.X@R``, ``unlabeled_rate@R``: see the
+    module docstring) replaced by ``K`` when the trial's regulariser is ``R`` and dropped
+    otherwise. A scoped key that ``R`` does not have, or a key given both ways, is a
+    ConfigError."""
+    reg = flat.get("regulariser", TrialConfig.regulariser)
+    out = {k: v for k, v in flat.items() if SCOPE not in k}
+    for key, value in flat.items():
+        if SCOPE not in key:
+            continue
+        base, scope = check_scoped_key(key)
+        if scope != reg:
+            continue
+        if base in out:
+            raise ConfigError(f"{key!r} and {base!r} both set {base!r} of a {reg!r} trial; "
+                              "give one")
+        out[base] = value
+    return out
+
+
 @dataclass
 class TrialConfig:
     """Everything one trial needs besides the data.
@@ -207,13 +276,15 @@ class TrialConfig:
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> "TrialConfig":
-        """Split a flat Tune config into the trial, backbone and regulariser dataclasses."""
+        """Split a flat Tune config into the trial, backbone and regulariser dataclasses
+        (scoped keys ``regulariser.X@R`` first resolved for the trial's regulariser:
+        :func:`resolve_scoped`)."""
         from trainables.backbones import get_backbone
         from trainables.regularisers import get_regulariser
 
         top: dict[str, Any] = {}
         nested: dict[str, dict[str, Any]] = {"backbone": {}, "regulariser": {}}
-        for key, value in flat.items():
+        for key, value in resolve_scoped(flat).items():
             head, dot, rest = key.partition(".")
             if dot and head in nested:
                 nested[head][rest] = value

@@ -28,14 +28,14 @@ from typing import Any
 
 import yaml
 
-from trainables.config import ConfigError
+from trainables.config import ConfigError, resolve_scoped
 from trainables.data import DataError, MultimodalData
 from tuner.preflight import (  # noqa: F401 - re-exported: the commands' shared pre-flight
     CONNECT_TIMEOUT_S, UsageError, _load_data, _OneLineParser, check_address, check_tracking_uri,
     exit_cli, init_ray, quiet_startup, ray_address, resolve_data, study_storage_for, warning_lines)
 from tuner.redact import redact_uris
 from tuner.spaces import (PRUNERS, SAMPLERS, SearchSpace, SpaceError, apply_overrides, cell_label,
-                          check_name, load_space, narrow)
+                          check_name, load_space, narrow, split_scope)
 
 __all__ = ["main", "build_parser", "resolve_data", "run_search"]
 
@@ -173,13 +173,19 @@ def check_models(space: SearchSpace, data: MultimodalData) -> None:
 
 def _searched_values(space: SearchSpace, key: str) -> list[Any]:
     """Every value ``key`` can take in the space's trials (fixed, grid, ranges; a continuous
-    range contributes its bounds), or [] when the space leaves it at its default."""
-    if key in space.fixed:
-        return [space.fixed[key]]
-    values = list(space.grid.get(key, []))
-    spec = space.ranges.get(key)
-    if spec is not None:
-        values += list(spec.choices) if spec.choices is not None else [spec.low, spec.high]
+    range contributes its bounds; ``key@R`` scoped to a regulariser counts too), or [] when the
+    space leaves it at its default."""
+    values: list[Any] = []
+    for written in dict.fromkeys([*space.fixed, *space.grid, *space.ranges]):
+        if split_scope(written)[0] != key:
+            continue
+        if written in space.fixed:  # then in no other section (SearchSpace.check)
+            values.append(space.fixed[written])
+            continue
+        values += list(space.grid.get(written, []))
+        spec = space.ranges.get(written)
+        if spec is not None:
+            values += list(spec.choices) if spec.choices is not None else [spec.low, spec.high]
     return values
 
 
@@ -869,7 +875,7 @@ def summarise(results, space: SearchSpace, tracker, data: MultimodalData,
             tracker.finish_search("FINISHED", metrics, checkpoint_file, best_run, data)
         checkpoint_note = f"{best.checkpoint.path}/{BEST_FILE}"
 
-    config = {k: v for k, v in best.config.items()}
+    config = resolve_scoped(best.config)  # regulariser.alpha@mird as the trial ran it: alpha
     print("\n" + "=" * 72)
     print(f"Search {tracker.search_name!r} finished: " +
           ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))

@@ -26,6 +26,16 @@ effect depends on the regulariser (``unlabeled_rate``, ``unlabeled_source``: see
 for every split rate. A key that applies to none of the space's models is an error, so typos fail
 before Ray starts.
 
+A regulariser field may be scoped to one regulariser: ``regulariser.alpha@mird`` (in ``grid``,
+``ranges``, ``fixed``, ``start_points``, ``cells`` and ``--set``) applies only to trials whose
+regulariser is ``mird``, and is Optuna's parameter name, so a space over several regularisers
+gives each its own values of a field name they share (``alpha``: MMIM's CPC weight and MIRD's
+CLUB weight; ``beta``: MMIM's and Synergy's; ``weight``: MDM's λ and the orthogonality weight).
+The trial runs it as ``regulariser.alpha`` (:func:`trainables.config.resolve_scoped`), which is
+also its MLflow param, its cell key and its name in the table. A regulariser's trial keys scope
+the same way (``unlabeled_rate@mird``: MIRD's split-rate grid, not MDM's). A key given both ways
+(``regulariser.alpha`` and ``regulariser.alpha@mird``) is an error.
+
 A trial's *cell* is the row of its paper's table that it belongs to: the values of the space's
 ``cells`` keys (default ``[backbone, regulariser]``; MDM adds ``regulariser.estimator``, one row
 per L_kl / L_f / L_W). A cell key that a pair does not read is not part of that pair's cell (the
@@ -57,7 +67,8 @@ from typing import Any, Literal
 import yaml
 
 from trainables.backbones import get_backbone
-from trainables.config import ConfigError, TrialConfig, build_dataclass
+from trainables.config import (SCOPE, ConfigError, TrialConfig, build_dataclass, check_scoped_key,
+                                split_scope)
 from trainables.metrics import METRIC_NAMES, mode_for
 from trainables.regularisers import get_regulariser
 from trainables.regularisers.base import REGULARISER_TRIAL_KEYS
@@ -79,6 +90,8 @@ __all__ = [
     "cell_label",
     "cell_tag",
     "parse_cell_tag",
+    "short_key",
+    "split_scope",
     "MAX_GRID_POINTS",
     "MAX_SEEDS",
     "check_name",
@@ -168,18 +181,35 @@ def cell_of(params: dict[str, Any], cell_keys: "tuple[str, ...] | list[str]" = D
     """The cell of one trial from its flat config or its MLflow params: ``(key, str(value))`` for
     each of ``cell_keys`` that the trial has. A key its pair does not read is absent from the
     trial's params (the space samples only keys that apply), so e.g. ``regulariser.estimator``
-    is not part of a ``none`` trial's cell."""
+    is not part of a ``none`` trial's cell. A scoped cell key ``regulariser.X@R`` is part of the
+    cells of ``R``'s trials only, as ``regulariser.X`` (its MLflow param's name): a cell is the
+    same whichever form its space wrote."""
     missing = [k for k in ("backbone", "regulariser") if k not in params]
     if missing:
         raise KeyError(f"a trial's cell needs {', '.join(missing)}")
-    return tuple((key, _cell_text(params[key])) for key in cell_keys if key in params)
+    out = []
+    for key in cell_keys:
+        base, scope = split_scope(key)
+        if scope is None:
+            if key in params:
+                out.append((key, _cell_text(params[key])))
+        elif str(params["regulariser"]) == scope and (key in params or base in params):
+            out.append((base, _cell_text(params[key] if key in params else params[base])))
+    return tuple(out)
+
+
+def short_key(key: str) -> str:
+    """A key as tables show it: ``regulariser.alpha@mird`` and ``regulariser.alpha`` -> ``alpha``,
+    ``lr`` -> ``lr``."""
+    base, _ = split_scope(key)
+    return base.partition(".")[2] or base
 
 
 def cell_label(cell: Cell) -> str:
     """``tfn + mdm (estimator=kl)``: the backbone, the regulariser and the other keys of the
     cell by their short names, for tables and messages."""
     values = dict(cell)
-    rest = [f"{key.partition('.')[2] or key}={value}" for key, value in cell
+    rest = [f"{short_key(key)}={value}" for key, value in cell
             if key not in ("backbone", "regulariser")]
     text = f"{values.get('backbone')} + {values.get('regulariser')}"
     return f"{text} ({', '.join(rest)})" if rest else text
@@ -376,7 +406,11 @@ class SearchSpace:
         ``backbone.X`` / ``regulariser.X`` field of its config class; a trial key of
         :data:`~trainables.regularisers.base.REGULARISER_TRIAL_KEYS` (``unlabeled_rate``) when
         the regulariser lists it in ``trial_keys`` (``none`` reads no unlabeled row); any other
-        trial key always."""
+        trial key always. A scoped key ``regulariser.X@R`` applies to ``R``'s trials only (when
+        ``R`` has the field)."""
+        key, scope = split_scope(key)
+        if scope is not None and scope != regulariser:
+            return False
         head, dot, rest = key.partition(".")
         if not dot:
             if key in REGULARISER_TRIAL_KEYS:
@@ -525,9 +559,10 @@ class SearchSpace:
                 raise SpaceError(f"{where}: regularisers: {exc}") from None
         trial_keys = sorted(f.name for f in dataclasses.fields(TrialConfig)
                             if f.name not in ("backbone_cfg", "regulariser_cfg"))
+        self._check_scoped(where)
         for section in ("grid", "ranges", "fixed"):
             for key in getattr(self, section):
-                if "." not in key and key not in trial_keys:
+                if "." not in key and split_scope(key)[0] not in trial_keys:
                     raise SpaceError(f"{where}: {section}.{key}: unknown key; known: "
                                      f"{', '.join(trial_keys)}, backbone.X, regulariser.X")
                 pairs = self.model_pairs()
@@ -596,10 +631,35 @@ class SearchSpace:
                         raise SpaceError(f"{where}: grid.{key}[{i}] ({backbone} + {reg}): "
                                          f"{cut(str(exc))}") from None
 
+    def _check_scoped(self, where: str) -> None:
+        """Scoped keys (``regulariser.X@R``, ``unlabeled_rate@R``): ``R`` a regulariser of this
+        space that has the key, and the key not also given unscoped (in any section)."""
+        sections = [(s, list(getattr(self, s))) for s in ("grid", "ranges", "fixed")]
+        sections.append(("cells", [k for k in self.cells if SCOPE in k]))
+        for section, keys in sections:
+            for key in keys:
+                if SCOPE not in key:
+                    continue
+                try:
+                    base, scope = check_scoped_key(key)
+                except ConfigError as exc:
+                    raise SpaceError(f"{where}: {section}.{key}: {exc}") from None
+                if scope not in self.regularisers:
+                    raise SpaceError(f"{where}: {section}.{key}: regulariser {scope!r} is not in "
+                                     f"this space ({', '.join(self.regularisers)})")
+                if section == "cells":
+                    continue
+                plain = next((f"{s}.{base}" for s in ("grid", "ranges", "fixed")
+                              if base in getattr(self, s)), None)
+                if plain is not None:
+                    raise SpaceError(f"{where}: {section}.{key}: {plain} sets the same key of "
+                                     f"{scope!r} trials; give one of them")
+
     def _check_cells(self, where: str) -> None:
         if not isinstance(self.cells, list) or not all(isinstance(k, str) for k in self.cells):
             raise SpaceError(f"{where}: cells: expected a list of keys, got {self.cells!r}")
-        if self.cells[:2] != list(DEFAULT_CELL_KEYS) or len(set(self.cells)) != len(self.cells):
+        bases = [split_scope(k)[0] for k in self.cells]
+        if self.cells[:2] != list(DEFAULT_CELL_KEYS) or len(set(bases)) != len(bases):
             raise SpaceError(f"{where}: cells: expected [backbone, regulariser, ...] without "
                              f"repeats, got {self.cells!r}")
         trial_keys = {f.name for f in dataclasses.fields(TrialConfig)}

@@ -54,7 +54,7 @@ from tuner.report import (REPORT_METRICS, ROBUSTNESS_METRICS, Rerun, SearchInfo,
                           print_environment_and_cost, probe_reruns, robustness_ratio,
                           run_reruns, start_driver_run, trial_config, write_csv)
 from tuner.spaces import (DEFAULT_CELL_KEYS, TABLE_TESTS, Cell, TableSettings, cell_label, cell_of,
-                          cell_tag)
+                          cell_tag, short_key, split_scope)
 from trainables.data import DROP_SETS
 from tuner.tracking import NEVER_BEST, finite
 
@@ -104,9 +104,11 @@ class TableSearch:
         return self.info.name
 
     def searched_keys(self) -> list[str]:
-        """The keys the search sampled (grid or ranges), for the configuration column."""
+        """The keys the search sampled (grid or ranges), for the configuration column (scoped
+        keys as the space wrote them, ``regulariser.alpha@mird``)."""
         keys = set(self.space.get("grid") or {}) | set(self.space.get("ranges") or {})
-        return sorted(keys - set(self.cell_keys))
+        cells = {split_scope(k)[0] for k in self.cell_keys}
+        return sorted(k for k in keys if k not in self.cell_keys and split_scope(k)[0] not in cells)
 
 
 def table_settings(space: dict[str, Any], experiment: str) -> tuple[TableSettings, str]:
@@ -204,7 +206,7 @@ class Chosen:
     @property
     def variant(self) -> str:
         """The cell's other keys: ``estimator=kl`` (empty for a two-key cell)."""
-        return ",".join(f"{k.partition('.')[2] or k}={v}" for k, v in self.cell
+        return ",".join(f"{short_key(k)}={v}" for k, v in self.cell
                         if k not in DEFAULT_CELL_KEYS)
 
     @property
@@ -216,9 +218,16 @@ class Chosen:
         return float(self.run.data.metrics[self.search.info.objective])
 
     def configuration(self) -> dict[str, Any]:
-        """The chosen trial's searched keys (lr, weights ...), as its MLflow params."""
+        """The chosen trial's searched keys (lr, weights ...), as its MLflow params: a key scoped
+        to a regulariser (``regulariser.alpha@mird``) by the name the trial ran it under
+        (``regulariser.alpha``), in its own regulariser's cells only."""
         params = self.run.data.params
-        return {k: params[k] for k in self.search.searched_keys() if k in params}
+        out = {}
+        for key in self.search.searched_keys():
+            base, scope = split_scope(key)
+            if scope in (None, self.regulariser) and base in params:
+                out[base] = params[base]
+        return dict(sorted(out.items()))
 
 
 def usable(run, objective: str) -> bool:
@@ -574,7 +583,7 @@ def markdown(rows: list[dict[str, Any]], chosen: list[Chosen], robust: list[dict
     for backbone in dict.fromkeys(r["backbone"] for r in rows):
         lines += [f"### {backbone}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for r in (r for r in rows if r["backbone"] == backbone):
-            config = ", ".join(f"{k.partition('.')[2] or k}={v}"
+            config = ", ".join(f"{short_key(k)}={v}"
                                for k, v in json.loads(r["configuration"]).items())
             test = {"mann_whitney": "MW", "paired_t": "t"}.get(r["test"], "")
             collapsed = r["collapsed_reruns"] or r["chosen_collapsed"] == "true"
