@@ -358,3 +358,43 @@ def test_the_ui_log_is_a_private_temporary_file(monkeypatch):
     finally:
         for p in logs:
             p.unlink()
+
+
+def test_an_mlflow_uri_with_credentials_is_checked_with_basic_auth_and_never_printed():
+    """``https://USER:PASSWORD@host`` (MLflow's client sends the userinfo as HTTP basic auth): the
+    pre-flight asks the server's /health with that header, not with the userinfo as part of the
+    host (which urllib cannot open), and an unreachable one is named without its password."""
+    import base64
+    import http.server
+    import socket
+    import threading
+
+    from tuner.preflight import UsageError, check_tracking_uri
+
+    seen = []
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            seen.append((self.path, self.headers.get("Authorization")))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        check_tracking_uri(f"http://alice:s%40cret@127.0.0.1:{server.server_port}/")
+    finally:
+        server.shutdown()
+    token = base64.b64encode(b"alice:s@cret").decode()
+    assert seen == [("/health", f"Basic {token}")]
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(UsageError) as err:
+        check_tracking_uri(f"http://alice:hunter2@127.0.0.1:{port}")
+    assert "no MLflow server answers there" in str(err.value)
+    assert "hunter2" not in str(err.value) and "http://***@127.0.0.1" in str(err.value)

@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 from trainables.data import MultimodalData, load_dataset
+from tuner.redact import redact_uris
 
 __all__ = ["CONNECT_TIMEOUT_S", "OneLineParser", "UsageError", "check_address",
            "check_tracking_uri", "exit_cli", "init_ray", "load_data", "ray_address",
@@ -88,19 +89,38 @@ def check_tracking_uri(uri: str | None) -> None:
         return
     if uri.startswith(("http://", "https://")):
         try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=CONNECT_TIMEOUT_S).close()
+            urllib.request.urlopen(_health_request(uri), timeout=CONNECT_TIMEOUT_S).close()
         except urllib.error.HTTPError:
             return  # it answered (a proxy's 401/404 included): reachable
         except (urllib.error.URLError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
+            reason = redact_uris(getattr(exc, "reason", exc))
             raise UsageError(
-                f"--mlflow-uri {uri}: no MLflow server answers there ({reason}); start one "
+                f"--mlflow-uri {redact_uris(uri)}: no MLflow server answers there ({reason}); start one "
                 "(mlflow server --host 127.0.0.1 --port PORT) or use a local store, e.g. "
                 "--mlflow-uri sqlite:///mlflow.db") from None
     elif uri.startswith("sqlite:///"):
         folder = Path(uri[len("sqlite:///"):]).expanduser().resolve().parent
         if not folder.is_dir():
             raise UsageError(f"--mlflow-uri {uri}: the folder {folder} does not exist")
+
+
+def _health_request(uri: str) -> "urllib.request.Request":
+    """The GET of ``URI/health``. Credentials in the URI (``https://USER:PASSWORD@host``, which
+    MLflow's client turns into HTTP basic auth) go into an ``Authorization`` header: urllib
+    cannot open a URL with a userinfo (it reads ``USER:PASSWORD@host`` as the host)."""
+    import base64
+    import urllib.request
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri.rstrip("/") + "/health")
+    headers = {}
+    if "@" in parts.netloc:
+        userinfo, host = parts.netloc.rsplit("@", 1)
+        user, _, password = userinfo.partition(":")
+        token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+        parts = parts._replace(netloc=host)
+    return urllib.request.Request(urlunsplit(parts), headers=headers)
 
 
 #: what an HTTP/2 (gRPC) client sends first (RFC 9113, section 3.4)
