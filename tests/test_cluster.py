@@ -312,7 +312,8 @@ def test_driver_defaults_come_from_the_environment(monkeypatch, tmp_path):
     # explicit, a second apart, modification times: no sleep, whatever the file system's
     # time resolution (the local listing orders folders, the URI one their tuner.pkl)
     now = time.time()
-    for age, name in ((30, "smoke-1"), (20, "smoke-2"), (10, "other-3")):
+    # "smoke-x y" (newest) cannot be a search's name (NAME_PATTERN): never picked
+    for age, name in ((30, "smoke-1"), (20, "smoke-2"), (10, "other-3"), (5, "smoke-x y")):
         (tmp_path / "store" / name).mkdir(parents=True)
         (tmp_path / "store" / name / "tuner.pkl").write_bytes(b"x")
         for path in (tmp_path / "store" / name / "tuner.pkl", tmp_path / "store" / name):

@@ -35,7 +35,7 @@ from tuner.preflight import (  # noqa: F401 - re-exported: the commands' shared 
     exit_cli, init_ray, quiet_startup, ray_address, resolve_data, study_storage_for, warning_lines)
 from tuner.redact import redact_uris
 from tuner.spaces import (PRUNERS, SAMPLERS, SearchSpace, SpaceError, apply_overrides, cell_label,
-                          check_name, load_space, narrow, split_scope)
+                          NAME_PATTERN, check_name, load_space, narrow, split_scope)
 
 __all__ = ["main", "build_parser", "resolve_data", "run_search"]
 
@@ -789,6 +789,9 @@ def find_resumable(space_name: str, storage: str) -> str:
         candidates = [p.name for p in sorted(
             (p for p in Path(storage).glob(f"{space_name}-*") if (p / "tuner.pkl").exists()),
             key=lambda p: p.stat().st_mtime)]
+    # a folder whose name could not be a search's (--name is checked against NAME_PATTERN: it
+    # names folders and goes into MLflow filters) was not written by a search: never resume it
+    candidates = [name for name in candidates if NAME_PATTERN.fullmatch(name)]
     if not candidates:
         raise UsageError(f"--resume: no search of space {space_name!r} in {storage}; "
                          "pass --name NAME (and --storage if it was not the default)")
