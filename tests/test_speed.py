@@ -144,3 +144,56 @@ def test_mmim_stage_one_in_inference_mode_is_the_no_grad_pass(small_data, monkey
         torch.testing.assert_close(q_a[key], q_b[key], rtol=0, atol=0, msg=key)
     assert any(not torch.equal(q_a[k], v) for k, v in start["weights"]["regulariser"].items()), \
         "stage 1 changed nothing: the test would not see a difference"
+
+
+@pytest.mark.parametrize("name", ["tfn", "lmf", "mmim"])
+def test_model_step_from_the_stem_is_the_two_pass_step(small_data, name):
+    """MDM's model step with B̄ built from B's stem (the loop's shortcut) against the plain two
+    passes (``forward(B)``, then ``forward(shuffle_modalities(B))`` after the critic unroll), from
+    the same state and seed, dropout on (every backbone default): two training steps give the
+    same losses, penalties, last-step gradients of every parameter, weights, AdamW state and
+    BatchNorm running statistics within float rounding. The shortcut draws B̄'s dropout masks
+    afresh, in the plain pass's order, so the draws agree; reusing B's masks permuted, a wrong
+    permutation, a missing gradient through B̄ or a missing running-statistics update all
+    fail here. It also checks that the shortcut ran (no full pass on B̄)."""
+    flat = {"backbone": name, "regulariser": "mdm", "max_epochs": 1, "batch_size": 16, "seed": 0,
+            "patience": 0, "regulariser.unroll": 1,
+            **{f"backbone.{k}": v for k, v in TINY_BACKBONE[name].items()}}
+    if name == "lmf":  # a fused Z wide enough for T to read (at 3 its widths fall to 1)
+        flat["backbone.output_dim"] = 16
+    trainer = Trainer(TrialConfig.from_flat(flat), small_data, device="cpu", num_threads=1)
+    assert trainer.stemmed and trainer.reg.encodes_shuffled_batch
+    train = trainer.splits["train"]
+    trainer.splits["train"] = type(train)(**{  # two batches
+        k: (None if v is None else v[:32]) for k, v in vars(train).items()})
+    start = copy.deepcopy(trainer.state_dict())
+    passes = []  # the loop's own full passes on B̄ (the plain path's)
+    encode = trainer._encode
+    trainer._encode = lambda batch: passes.append(len(batch)) or encode(batch)
+
+    results = {}
+    for stemmed in (True, False):
+        trainer.load_state_dict(copy.deepcopy(start), None)
+        trainer.stemmed = stemmed
+        passes.clear()
+        stats = trainer.train_epoch()
+        results[stemmed] = (stats, {n: p.grad.clone() for n, p in trainer.model.named_parameters()
+                                    if p.grad is not None},
+                            copy.deepcopy(trainer.state_dict()), torch.rand(2))
+        assert len(passes) == (0 if stemmed else 2)
+    (stats_s, grads_s, state_s, rng_s), (stats_p, grads_p, state_p, rng_p) = results[True], results[False]
+    assert torch.equal(rng_s, rng_p)  # the same random draws, in the same order
+    assert stats_s.keys() == stats_p.keys()
+    for key, value in stats_s.items():
+        assert value == pytest.approx(stats_p[key], rel=1e-4, abs=1e-6), key
+    assert stats_p["train_penalty"] != 0.0
+    assert grads_s.keys() == grads_p.keys() and grads_p
+    for key, value in grads_s.items():
+        torch.testing.assert_close(value, grads_p[key], rtol=1e-5, atol=1e-9, msg=key)
+    weights_s, weights_p = state_s["weights"]["model"], state_p["weights"]["model"]
+    for key, value in weights_p.items():  # weights and BatchNorm running statistics
+        torch.testing.assert_close(weights_s[key], value, rtol=1e-4, atol=1e-6, msg=key)
+    moments_s, moments_p = state_s["optimizer"]["state"], state_p["optimizer"]["state"]
+    for key, value in moments_p.items():
+        for part in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(moments_s[key][part], value[part], rtol=1e-4, atol=1e-8)

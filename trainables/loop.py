@@ -39,7 +39,8 @@ from trainables.backbones import get_backbone
 from trainables.backbones.base import BackboneOutput
 from trainables.config import TrialConfig
 from trainables.data.batches import (Batch, MultimodalData, TensorSplit, concat_batches, iterate_batches,
-                                     row_lengths, shuffle_modalities, split_batch, trim_batch)
+                                     modality_permutations, row_lengths, shuffle_modalities, split_batch,
+                                     trim_batch)
 from trainables.metrics import compute_metrics
 from trainables.regularisers import get_regulariser
 from trainables.regularisers.base import Encoder, float_detached
@@ -142,6 +143,13 @@ def _cat_outputs(outs: list[BackboneOutput]) -> BackboneOutput:
     tensors, which autograd may save)."""
     return BackboneOutput(torch.cat([o.prediction for o in outs]),
                           {k: torch.cat([o.features[k] for o in outs]) for k in outs[0].features})
+
+
+def _rows(value: Any, index: torch.Tensor) -> Any:
+    """The rows ``index`` of a tensor, or of each tensor of a tuple (a stem entry)."""
+    if isinstance(value, tuple):
+        return tuple(_rows(v, index) for v in value)
+    return value[index.to(value.device)]
 
 
 def _halves(out: BackboneOutput) -> tuple[BackboneOutput, BackboneOutput]:
@@ -257,12 +265,17 @@ class Trainer:
         self.encoder = Encoder(forward=self._encode, forward_no_grad=self._encode_no_grad,
                                sample=self._sample_batches,
                                batch_size=min(cfg.batch_size, len(self.splits["train"])),
-                               pairs_no_grad=self._encode_pairs_no_grad)
+                               pairs_no_grad=self._encode_pairs_no_grad,
+                               forward_shuffled=self._encode_shuffled)
         #: B̄ from B's unimodal encodings (Backbone.encode / fuse); not with a cumulative-average
         #: BatchNorm (momentum None), whose two updates cannot be folded into one
         self.separable = bool(getattr(self.model, "modality_separable", False)) and all(
             m.momentum is not None for m in self.model.modules()
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+        #: the model step's B̄ from B's stem (Backbone.stem / encode_stem, :meth:`_encode_shuffled`)
+        self.stemmed = self.separable and bool(getattr(self.model, "has_stem", False))
+        #: (B, B's stem, the inputs B's BatchNorms saw) of the step in progress, for B̄
+        self._step_stem: tuple[Batch, dict[str, Any], list] | None = None
 
         steps_per_epoch = math.ceil(len(self.splits["train"]) / cfg.batch_size)
         total_steps = steps_per_epoch * cfg.max_epochs
@@ -346,6 +359,52 @@ class Trainer:
                 outs_bar.append(float_detached(out_bar))
         return _cat_outputs(outs), _cat_outputs(outs_bar)
 
+    def _encode_step(self, batch: Batch) -> BackboneOutput:
+        """Step 1, the model step's forward pass on B (under the caller's autocast). When the
+        regulariser will encode B̄ (``encodes_shuffled_batch``) and the backbone has a draw-free
+        stem, the pass runs as ``fuse(encode_stem(stem(B)))`` (the same operations and draws as
+        ``forward``) and keeps the stem and the inputs of B's BatchNorms for
+        :meth:`_encode_shuffled`."""
+        self._step_stem = None
+        if not (self.stemmed and self.reg.encodes_shuffled_batch):
+            return self.model(batch)
+        seen: list[tuple[torch.nn.Module, torch.Tensor]] = []
+        hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append((mod, args[0].detach())))
+                 for m in self.model.modules()
+                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+        try:
+            stem = self.model.stem(batch)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        self._step_stem = (batch, stem, seen)
+        return self.model.fuse(self.model.encode_stem(stem))
+
+    def _encode_shuffled(self, batch: Batch, perms: dict[str, torch.Tensor] | None = None) -> BackboneOutput:
+        """:attr:`Encoder.forward_shuffled`: B̄ = ``shuffle_modalities(batch, perms=perms)``
+        with gradients (perms drawn as ``shuffle_modalities`` draws them when None).
+
+        For the batch of the step in progress, when :meth:`_encode_step` kept its stem: B̄'s stem
+        is B's stem with each modality's rows permuted by σ_m (the stem draws nothing and is
+        row-wise; its BatchNorms see the same rows, permuted, hence the same batch statistics),
+        so the stem (TFN's and LMF's text LSTM, MMIM's audio and vision LSTMs) does not run again;
+        ``encode_stem`` then draws B̄'s own dropout masks, in the plain pass's order, and the
+        fusion runs on B̄'s rows. B̄'s BatchNorms update their running statistics here, where
+        the plain pass does, from the inputs they saw in B (the same rows). Gradients reach the
+        stem through both B and B̄ (the permutation is an index, which autograd follows)."""
+        if perms is None:
+            perms = modality_permutations(len(batch))
+        step = self._step_stem
+        if step is None or step[0] is not batch:
+            return self._encode(shuffle_modalities(batch, perms=perms))
+        _, stem, norm_inputs = step
+        with self._autocast():
+            with torch.no_grad():  # B̄'s running-statistics update; the values come from B's pass
+                for module, x in norm_inputs:
+                    module(x)
+            permuted = {m: _rows(v, perms[m]) for m, v in stem.items()}
+            return self.model.fuse(self.model.encode_stem(permuted))
+
     def _sample_batches(self, k: int) -> Batch:
         """``k`` random training batches (distinct rows within each) as one batch of ``k`` blocks,
         drawn with the trial's generator (so a seeded run repeats them). Uniformly random even
@@ -381,7 +440,7 @@ class Trainer:
         n_batches = 0
         for batch in self._train_batches():
             with self._autocast():
-                out = self.model(batch)
+                out = self._encode_step(batch)
             est_stats = self.reg.estimator_update(out, batch, self.encoder)
             for k, v in est_stats.items():  # the last inner step's estimates
                 est_totals[k] = est_totals.get(k, 0.0) + float(v)
@@ -391,6 +450,7 @@ class Trainer:
                 loss = self.reg.combine(task, pen)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
+            self._step_stem = None
             if self.cfg.grad_clip > 0:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self._clip_params, self.cfg.grad_clip)

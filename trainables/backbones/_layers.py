@@ -194,18 +194,25 @@ class SubNet(nn.Module):
             nn.ReLU(),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, in_size) -> (B, hidden)."""
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """The BatchNorm, x (B, in_size) -> (B, in_size): no random draws (the stem of
+        :meth:`UnimodalSubnets.stem`)."""
         if self.training and x.shape[0] == 1:
             # One row has no batch statistics (BatchNorm1d raises): a last batch of size 1 is
             # normalised with the running statistics instead, and does not update them.
-            normed = nn.functional.batch_norm(
+            return nn.functional.batch_norm(
                 x, self.norm.running_mean, self.norm.running_var, self.norm.weight,
                 self.norm.bias, training=False, eps=self.norm.eps,
             )
-        else:
-            normed = self.norm(x)
+        return self.norm(x)
+
+    def after_norm(self, normed: torch.Tensor) -> torch.Tensor:
+        """Dropout and the MLP on the normalised input, (B, in_size) -> (B, hidden)."""
         return self.mlp(self.drop(normed))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, in_size) -> (B, hidden)."""
+        return self.after_norm(self.normalise(x))
 
 
 class UnimodalSubnets(nn.Module):
@@ -223,9 +230,23 @@ class UnimodalSubnets(nn.Module):
         self.text_dropout = nn.Dropout(text_dropout)
         self.text_out = nn.Linear(text_hidden, text_out)
 
+    def stem(self, batch) -> dict[str, torch.Tensor]:
+        """Each modality's encoder up to its first random draw: the BatchNormed masked means of
+        audio and vision (B, d_a), (B, d_v), and the text LSTM's final state (B, text_hidden).
+        Row-wise but for BatchNorm's batch statistics, which a permutation of the rows leaves
+        unchanged; no dropout (a one-layer LSTM draws none)."""
+        return {"audio": self.audio_subnet.normalise(masked_mean(batch.audio, batch.audio_lengths)),
+                "vision": self.vision_subnet.normalise(masked_mean(batch.vision, batch.vision_lengths)),
+                "text": self.text_lstm(batch.text, batch.text_lengths)}
+
+    def from_stem(self, stem: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The rest of each encoder on :meth:`stem`'s output: dropout and the MLPs (audio, vision,
+        then text: the order in which ``forward`` draws its dropout masks)."""
+        h_a = self.audio_subnet.after_norm(stem["audio"])  # (B, A)
+        h_v = self.vision_subnet.after_norm(stem["vision"])  # (B, V)
+        h_t = self.text_out(self.text_dropout(stem["text"]))  # (B, T)
+        return h_t, h_a, h_v
+
     def forward(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """batch -> (h_text (B, text_out), h_audio (B, audio_hidden), h_vision (B, vision_hidden))."""
-        h_a = self.audio_subnet(masked_mean(batch.audio, batch.audio_lengths))  # (B, A)
-        h_v = self.vision_subnet(masked_mean(batch.vision, batch.vision_lengths))  # (B, V)
-        h_t = self.text_out(self.text_dropout(self.text_lstm(batch.text, batch.text_lengths)))  # (B, T)
-        return h_t, h_a, h_v
+        return self.from_stem(self.stem(batch))
