@@ -106,13 +106,33 @@ def test_encode_fuse_split_is_the_forward_pass(name):
     for m, u in unimodal.items():
         torch.testing.assert_close(shuffled[m], u[perms[m]], rtol=1e-5, atol=1e-6)
 
+    # the stem split (Backbone.has_stem), with dropout on: the stem draws nothing, is row-wise,
+    # and encode_stem draws encode's masks in encode's order
+    assert cls.has_stem
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+    with torch.no_grad():
+        before = torch.get_rng_state()
+        stem = model.stem(batch)
+        assert torch.equal(torch.get_rng_state(), before)
+        stem_shuffled = model.stem(shuffle_modalities(batch, perms=perms))
+        torch.manual_seed(5)
+        plain = model.encode(batch)
+        torch.manual_seed(5)
+        split = model.encode_stem(stem)
+    for m, value in stem.items():
+        torch.testing.assert_close(stem_shuffled[m], value[perms[m]], rtol=1e-5, atol=1e-6)
+    for m, value in plain.items():
+        torch.testing.assert_close(split[m], value, rtol=1e-6, atol=1e-7)
+
 
 def test_separable_flag_is_declared_only_where_the_split_exists():
     """The flag a backbone declares matches what it implements (a backbone without the split
     keeps the base class's refusal)."""
     for name in ("ef_lstm", "mfn", "mag_bert"):
         cls = get_backbone(name)
-        assert not cls.modality_separable
+        assert not cls.modality_separable and not cls.has_stem
         assert cls.encode is get_backbone("tfn").__mro__[1].encode
 
 

@@ -272,8 +272,12 @@ class Trainer:
         self.separable = bool(getattr(self.model, "modality_separable", False)) and all(
             m.momentum is not None for m in self.model.modules()
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
-        #: the model step's B̄ from B's stem (Backbone.stem / encode_stem, :meth:`_encode_shuffled`)
-        self.stemmed = self.separable and bool(getattr(self.model, "has_stem", False))
+        #: the model step's B̄ from B's stem (Backbone.stem / encode_stem, :meth:`_encode_shuffled`;
+        #: any BatchNorm momentum: B̄'s running-statistics update is replayed, not folded); not
+        #: with a compiled model, whose compiled ``forward`` the stem path would bypass
+        self.stemmed = (bool(getattr(self.model, "modality_separable", False))
+                        and bool(getattr(self.model, "has_stem", False))
+                        and not (cfg.compile and self.device.type == "cuda"))
         #: (B, B's stem, the inputs B's BatchNorms saw) of the step in progress, for B̄
         self._step_stem: tuple[Batch, dict[str, Any], list] | None = None
 
