@@ -3,8 +3,11 @@
 - MDM's critic batches: the loop encodes them block by block (B_1, B̄_1, B_2, ...) on every device,
   so BatchNorm normalises each block with its own statistics, as the sequential Algorithm 1; a
   backbone with an encode/fuse split encodes each block's modalities once and fuses twice, with
-  the same Z, Z̄ and BatchNorm running statistics.
-- The encode/fuse contract of every backbone that declares it.
+  the same Z, Z̄ and BatchNorm running statistics; TFN and LMF share only the stem, and B̄ draws
+  its own dropout masks.
+- MDM's model step: B̄ from B's stem with gradients is the two-pass step (losses, gradients,
+  weights, BatchNorm statistics), dropout on, on TFN, LMF and MMIM.
+- The encode/fuse and stem contracts of every backbone that declares them.
 - MMIM's stage 1 in inference mode: the same q updates as with ``torch.no_grad``.
 """
 
@@ -217,3 +220,39 @@ def test_model_step_from_the_stem_is_the_two_pass_step(small_data, name):
     for key, value in moments_p.items():
         for part in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(moments_s[key][part], value[part], rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", ["tfn", "lmf"])
+def test_critic_pairs_from_the_stem_draw_their_own_masks(small_data, name):
+    """With dropout on, the critic pairs of a backbone with ``critic_pairs_from_stem`` are, for
+    the same seed, B and B̄ each encoded by a full pass of their own (B's masks, then B̄'s) and
+    fused together: Z̄ does not reuse B's unimodal dropout masks, so (Z, Z̄) has the sequential
+    algorithm's joint distribution. Sharing B's unimodal encodings instead fails here."""
+    flat = {"backbone": name, "regulariser": "mdm", "max_epochs": 1, "batch_size": 16, "seed": 0,
+            "patience": 0, "regulariser.unroll": 2,
+            **{f"backbone.{k}": v for k, v in TINY_BACKBONE[name].items()}}
+    trainer = Trainer(TrialConfig.from_flat(flat), small_data, device="cpu", num_threads=1)
+    assert trainer.separable and trainer.model.critic_pairs_from_stem
+    model = trainer.model.train()
+    fresh = trainer.encoder.sample(2)
+    perms = modality_permutations(len(fresh), block_size=16)
+    start = copy.deepcopy(model.state_dict())
+    torch.manual_seed(7)
+    out, out_bar = trainer.encoder.pairs_no_grad(fresh, perms)
+    stats = _running_stats(model)
+
+    model.load_state_dict(start)
+    torch.manual_seed(7)
+    z, z_bar = [], []
+    with torch.no_grad():
+        for k, block in enumerate(split_batch(fresh, 16)):
+            block_perms = {m: p[16 * k:16 * (k + 1)] - 16 * k for m, p in perms.items()}
+            unimodal = model.encode(block)
+            unimodal_bar = model.encode(shuffle_modalities(block, perms=block_perms))
+            both = model.fuse({m: torch.cat([u, unimodal_bar[m]]) for m, u in unimodal.items()})
+            z.append(both.features["fused"][:16])
+            z_bar.append(both.features["fused"][16:])
+    torch.testing.assert_close(out.features["fused"], torch.cat(z), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_bar.features["fused"], torch.cat(z_bar), rtol=1e-5, atol=1e-5)
+    for key, value in _running_stats(model).items():
+        torch.testing.assert_close(stats[key], value, rtol=1e-5, atol=1e-6, msg=key)

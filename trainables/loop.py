@@ -339,17 +339,33 @@ class Trainer:
         runs for both, in one pass of 2·size rows (the fusion is row-wise). BatchNorm sees the
         same rows (permuted) in B̄, hence the same batch statistics; its running statistics get
         the two updates of the plain pair in one (momentum 1 − (1 − m)²,
-        :func:`_batchnorm_updates_twice`). Dropout in the unimodal encoders then
+        :func:`_batchnorm_updates_twice`). Where the backbone's stem holds the costly part of
+        its encoders (``critic_pairs_from_stem``: TFN, LMF) only the stem is shared: B and B̄ draw
+        dropout masks of their own (B's, then B̄'s, then the fusion's for both), so (Z, Z̄) has
+        the sequential algorithm's joint distribution. Otherwise (MMIM, whose stem leaves out the
+        text encoder) the unimodal encodings are shared, so dropout in the unimodal encoders
         draws one mask per row that B and B̄ share (permuted), instead of two independent ones:
-        each of Z and Z̄ has the same distribution as before (docs/fidelity.md, "Speed")."""
+        each of Z and Z̄ has the same distribution as before, their joint distribution does not
+        (docs/fidelity.md, "Speed")."""
         size = self.encoder.batch_size
         outs, outs_bar = [], []
         separable = self.separable
+        from_stem = bool(getattr(self.model, "critic_pairs_from_stem", False))
         for k, part in enumerate(split_batch(batch, size)):
             part, start = self._ready(part), k * size
             block_perms = {m: p[start:start + size] - start for m, p in perms.items()}
             with torch.inference_mode(), self._autocast():
-                if separable:
+                if separable and from_stem:
+                    with _batchnorm_updates_twice(self.model):
+                        stem = self.model.stem(part)
+                    # B's and B̄'s own dropout masks (in that order), one fusion of 2·size rows
+                    unimodal = self.model.encode_stem(stem)
+                    unimodal_bar = self.model.encode_stem({m: _rows(v, block_perms[m])
+                                                           for m, v in stem.items()})
+                    both = self.model.fuse({m: torch.cat([u, unimodal_bar[m]])
+                                            for m, u in unimodal.items()})
+                    out, out_bar = _halves(both)
+                elif separable:
                     with _batchnorm_updates_twice(self.model):
                         unimodal = self.model.encode(part)
                     # B and B̄ fused in one pass of 2·size rows (fuse is row-wise), halved

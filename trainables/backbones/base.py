@@ -70,6 +70,10 @@ class Backbone(nn.Module):
     modality_separable: ClassVar[bool] = False
     #: ``encode`` = ``encode_stem(stem(batch))`` with a draw-free ``stem`` (see :meth:`stem`)
     has_stem: ClassVar[bool] = False
+    #: the stem holds the costly part of every encoder (TFN, LMF: the text LSTM), so MDM's no-grad
+    #: critic pairs share only the stem and draw B̄'s dropout masks afresh (exact in distribution);
+    #: False (MMIM: its text encoder is outside the stem) shares the whole unimodal encodings
+    critic_pairs_from_stem: ClassVar[bool] = False
 
     def __init__(self, config: Any, dims: ModalityDims) -> None:
         super().__init__()

@@ -94,6 +94,7 @@ class LMF(Backbone):
     config_class = LMFConfig
     modality_separable = True
     has_stem = True
+    critic_pairs_from_stem = True
 
     @classmethod
     def fused_problem(cls, config: LMFConfig) -> str | None:

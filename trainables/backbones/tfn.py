@@ -120,6 +120,7 @@ class TFN(Backbone):
     config_class = TFNConfig
     modality_separable = True
     has_stem = True
+    critic_pairs_from_stem = True
 
     def __init__(self, config: TFNConfig, dims: ModalityDims) -> None:
         super().__init__(config, dims)

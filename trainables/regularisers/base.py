@@ -76,8 +76,9 @@ class Encoder:
       ``batch_size`` rows in the order B_1, B̄_1, B_2, B̄_2, ... (``perms`` permute within the
       blocks), as that many sequential steps would (BatchNorm sees one block at a time). A
       backbone with an encode/fuse split encodes each block's modalities once and fuses them
-      twice (B̄'s unimodal encodings are B's rows permuted). None: the regulariser encodes B̄
-      itself through ``forward_no_grad``.
+      twice (B̄'s unimodal encodings are B's rows permuted; with ``critic_pairs_from_stem``
+      only the stem is shared and B̄ draws its own dropout masks). None: the regulariser
+      encodes B̄ itself through ``forward_no_grad``.
     - ``forward_shuffled(batch, perms=None)``: with gradients, the backbone on
       ``shuffle_modalities(batch, perms=perms)`` (perms drawn as ``shuffle_modalities`` draws
       them when None): the model step's B̄. For the batch the loop's step just encoded (its

@@ -38,7 +38,8 @@ Training (Algorithm 1), per model step, in :meth:`MDM.estimator_update` and :met
    exactly the sequential algorithm, BatchNorm statistics included), and each step updates θ on
    the empirical Eq. 6/7/8 (maximising D). For a backbone that encodes each modality before
    fusing (TFN, LMF, MMIM), the loop encodes each B_i's modalities once and fuses them twice:
-   B̄_i's unimodal encodings are B_i's rows permuted (docs/fidelity.md, "Speed").
+   B̄_i's unimodal encodings are B_i's rows permuted; TFN and LMF share only the encoders' stem
+   (up to their dropout), so B̄_i draws its own dropout masks (docs/fidelity.md, "Speed").
 2. The model step: the loop's own batch B, its shuffle B̄, both encoded *with* gradients; the
    penalty −λ·D(Z, Z̄) is read with T_θ frozen, so gradients reach f_θe (the fusion layers and
    everything below them, through both Z and Z̄) and never θ. For a backbone whose encoders
