@@ -91,20 +91,22 @@ class FastDropout(nn.Dropout):
                 return w, int(t)
         return 32, min(round(p * 2**32), 2**32 - 1)
 
-    def _drop(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """(drop, scale): where to zero x (bool, shape of x) and 1 / P(keep) for the rest."""
+    def _drop(self, x: torch.Tensor, keep: bool = False) -> tuple[torch.Tensor, float]:
+        """(drop, scale): where to zero x (bool, shape of x) and 1 / P(keep) for the rest; with
+        ``keep``, the complement (where to keep x) from the same draws."""
         n = x.numel()
         if self.mask == "uniform":
             # uniforms in float32 even under bf16 autocast (a bf16 uniform would quantise 1 - p)
-            drop = torch.rand(x.shape, dtype=torch.float32, device=x.device) < self.p
-            return drop, 1.0 / (1.0 - self.p)
+            u = torch.rand(x.shape, dtype=torch.float32, device=x.device)
+            return (u >= self.p if keep else u < self.p), 1.0 / (1.0 - self.p)
         w, t = self.bit_width(self.p) if self.mask == "bits" else (16, round(self.p * 65536))
         per_word = 64 // w
         words = torch.empty((n + per_word - 1) // per_word, dtype=torch.int64,
                             device=x.device).random_(-2**63, None)
         # the words' bytes read as signed w-bit integers: uniform on [-2^(w-1), 2^(w-1))
         u = words.view({8: torch.int8, 16: torch.int16, 32: torch.int32}[w])[:n].view(x.shape)
-        return u < t - 2**(w - 1), 2**w / (2**w - t)  # P(drop) = t / 2^w
+        threshold = t - 2**(w - 1)
+        return (u >= threshold if keep else u < threshold), 2**w / (2**w - t)  # P(drop) = t / 2^w
 
     def _keep(self, x: torch.Tensor) -> torch.Tensor:
         """The scaled mask, float32, shape of x: 0 or 1 / P(keep)."""
@@ -122,8 +124,13 @@ class FastDropout(nn.Dropout):
         in_place = self.inplace and not (torch.is_grad_enabled() and x.requires_grad)
         if self.p == 1.0:
             return (x.mul_(0.0) if in_place else x * 0.0), 1.0
-        drop, scale = self._drop(x)
-        return (x.masked_fill_(drop, 0.0) if in_place else x.masked_fill(drop, 0.0)), scale
+        # x times the keep mask read as bytes (0 or 1): the values of masked_fill(drop, 0) for
+        # finite x (a dropped negative element is -0.0, which sums as 0.0), in about half the
+        # time on the CPU (a bool masked_fill_ over TFN's 64 x 140,481 critic rows took 41-50 ms,
+        # the multiply 21-23 ms)
+        keep, scale = self._drop(x, keep=True)
+        keep = keep.view(torch.uint8)
+        return (x.mul_(keep) if in_place else x * keep), scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
