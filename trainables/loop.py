@@ -391,7 +391,8 @@ class Trainer:
         seen: list[tuple[torch.nn.Module, torch.Tensor]] = []
         hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append((mod, args[0].detach())))
                  for m in self.model.modules()
-                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+                 and m.track_running_stats]
         try:
             stem = self.model.stem(batch)
         finally:
