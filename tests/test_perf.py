@@ -4,6 +4,7 @@ set torch's threads, and checkpoints are written every k epochs and on improveme
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -283,3 +284,60 @@ def test_the_trainer_keeps_freed_memory_unless_told_not_to(monkeypatch, small_da
                                      "cpu_keep_freed_memory": keep})
         loop.Trainer(cfg, small_data, device="cpu")
     assert calls == [True, False]
+
+
+@pytest.mark.parametrize("mask", ["bits", "uniform", "bytes"])
+def test_fast_dropout_masked_multiplies_by_the_keep_mask(mask):
+    """``masked`` zeroes by multiplying with the keep mask as bytes (cheaper than a bool
+    ``masked_fill``): from the same draws, the values of ``masked_fill(drop, 0)`` (-0.0 where a
+    negative element is dropped, equal to 0.0), in place without a graph and out of place with
+    one, and the same gradient."""
+    drop_layer = FastDropout(0.3, inplace=True, mask=mask).train()
+    x = torch.randn(8, 1000)
+    torch.manual_seed(3)
+    drop, scale = drop_layer._drop(x)
+    reference = x.masked_fill(drop, 0.0)
+    assert 0 < int(drop.sum()) < drop.numel()
+    with torch.no_grad():
+        x_copy = x.clone()
+        torch.manual_seed(3)
+        y, y_scale = drop_layer.masked(x_copy)
+    assert y is x_copy and y_scale == scale
+    torch.testing.assert_close(y, reference, rtol=0, atol=0)
+    leaf = x.clone().requires_grad_(True)
+    torch.manual_seed(3)
+    y, _ = drop_layer.masked(leaf)
+    assert y is not leaf
+    torch.testing.assert_close(y.detach(), reference, rtol=0, atol=0)
+    y.sum().backward()
+    torch.testing.assert_close(leaf.grad, (~drop).float(), rtol=0, atol=0)
+
+
+def test_tfn_mdm_trajectory_with_the_keep_mask_multiply_is_the_masked_fill_one(small_data, monkeypatch):
+    """Seeded TFN + MDM training steps (the mask with gradients in the model step, in place in
+    the critic blocks) with ``masked`` multiplying by the keep mask are bit for bit those with
+    the earlier ``masked_fill(drop, 0)``."""
+    def masked_fill_version(self, x):
+        if not self.training or self.p == 0.0:
+            return x, 1.0
+        in_place = self.inplace and not (torch.is_grad_enabled() and x.requires_grad)
+        drop, scale = self._drop(x)
+        return (x.masked_fill_(drop, 0.0) if in_place else x.masked_fill(drop, 0.0)), scale
+
+    trainer = Trainer(tfn_config(regulariser="mdm", **{"regulariser.unroll": 2}), small_data,
+                      device="cpu", num_threads=1)
+    train = trainer.splits["train"]
+    trainer.splits["train"] = type(train)(**{  # two batches
+        k: (None if v is None else v[:32]) for k, v in vars(train).items()})
+    start = copy.deepcopy(trainer.state_dict())
+    results = []
+    for version in ("multiply", "masked_fill"):
+        if version == "masked_fill":
+            monkeypatch.setattr(FastDropout, "masked", masked_fill_version)
+        trainer.load_state_dict(copy.deepcopy(start), None)
+        stats = trainer.train_epoch()
+        results.append((stats, {k: v.clone() for k, v in trainer.state_dict()["weights"]["model"].items()}))
+    (stats_a, weights_a), (stats_b, weights_b) = results
+    assert stats_a == stats_b
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert not all(torch.equal(weights_a[k], v) for k, v in start["weights"]["model"].items())

@@ -39,7 +39,8 @@ from trainables.backbones import get_backbone
 from trainables.backbones.base import BackboneOutput
 from trainables.config import TrialConfig
 from trainables.data.batches import (Batch, MultimodalData, TensorSplit, concat_batches, iterate_batches,
-                                     row_lengths, shuffle_modalities, split_batch, trim_batch)
+                                     modality_permutations, row_lengths, shuffle_modalities, split_batch,
+                                     trim_batch)
 from trainables.metrics import compute_metrics
 from trainables.regularisers import get_regulariser
 from trainables.regularisers.base import Encoder, float_detached
@@ -142,6 +143,13 @@ def _cat_outputs(outs: list[BackboneOutput]) -> BackboneOutput:
     tensors, which autograd may save)."""
     return BackboneOutput(torch.cat([o.prediction for o in outs]),
                           {k: torch.cat([o.features[k] for o in outs]) for k in outs[0].features})
+
+
+def _rows(value: Any, index: torch.Tensor) -> Any:
+    """The rows ``index`` of a tensor, or of each tensor of a tuple (a stem entry)."""
+    if isinstance(value, tuple):
+        return tuple(_rows(v, index) for v in value)
+    return value[index.to(value.device)]
 
 
 def _halves(out: BackboneOutput) -> tuple[BackboneOutput, BackboneOutput]:
@@ -257,12 +265,21 @@ class Trainer:
         self.encoder = Encoder(forward=self._encode, forward_no_grad=self._encode_no_grad,
                                sample=self._sample_batches,
                                batch_size=min(cfg.batch_size, len(self.splits["train"])),
-                               pairs_no_grad=self._encode_pairs_no_grad)
+                               pairs_no_grad=self._encode_pairs_no_grad,
+                               forward_shuffled=self._encode_shuffled)
         #: B̄ from B's unimodal encodings (Backbone.encode / fuse); not with a cumulative-average
         #: BatchNorm (momentum None), whose two updates cannot be folded into one
         self.separable = bool(getattr(self.model, "modality_separable", False)) and all(
             m.momentum is not None for m in self.model.modules()
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+        #: the model step's B̄ from B's stem (Backbone.stem / encode_stem, :meth:`_encode_shuffled`;
+        #: any BatchNorm momentum: B̄'s running-statistics update is replayed, not folded); not
+        #: with a compiled model, whose compiled ``forward`` the stem path would bypass
+        self.stemmed = (bool(getattr(self.model, "modality_separable", False))
+                        and bool(getattr(self.model, "has_stem", False))
+                        and not (cfg.compile and self.device.type == "cuda"))
+        #: (B, B's stem, the inputs B's BatchNorms saw) of the step in progress, for B̄
+        self._step_stem: tuple[Batch, dict[str, Any], list] | None = None
 
         steps_per_epoch = math.ceil(len(self.splits["train"]) / cfg.batch_size)
         total_steps = steps_per_epoch * cfg.max_epochs
@@ -322,17 +339,33 @@ class Trainer:
         runs for both, in one pass of 2·size rows (the fusion is row-wise). BatchNorm sees the
         same rows (permuted) in B̄, hence the same batch statistics; its running statistics get
         the two updates of the plain pair in one (momentum 1 − (1 − m)²,
-        :func:`_batchnorm_updates_twice`). Dropout in the unimodal encoders then
+        :func:`_batchnorm_updates_twice`). Where the backbone's stem holds the costly part of
+        its encoders (``critic_pairs_from_stem``: TFN, LMF) only the stem is shared: B and B̄ draw
+        dropout masks of their own (B's, then B̄'s, then the fusion's for both), so (Z, Z̄) has
+        the sequential algorithm's joint distribution. Otherwise (MMIM, whose stem leaves out the
+        text encoder) the unimodal encodings are shared, so dropout in the unimodal encoders
         draws one mask per row that B and B̄ share (permuted), instead of two independent ones:
-        each of Z and Z̄ has the same distribution as before (docs/fidelity.md, "Speed")."""
+        each of Z and Z̄ has the same distribution as before, their joint distribution does not
+        (docs/fidelity.md, "Speed")."""
         size = self.encoder.batch_size
         outs, outs_bar = [], []
         separable = self.separable
+        from_stem = bool(getattr(self.model, "critic_pairs_from_stem", False))
         for k, part in enumerate(split_batch(batch, size)):
             part, start = self._ready(part), k * size
             block_perms = {m: p[start:start + size] - start for m, p in perms.items()}
             with torch.inference_mode(), self._autocast():
-                if separable:
+                if separable and from_stem:
+                    with _batchnorm_updates_twice(self.model):
+                        stem = self.model.stem(part)
+                    # B's and B̄'s own dropout masks (in that order), one fusion of 2·size rows
+                    unimodal = self.model.encode_stem(stem)
+                    unimodal_bar = self.model.encode_stem({m: _rows(v, block_perms[m])
+                                                           for m, v in stem.items()})
+                    both = self.model.fuse({m: torch.cat([u, unimodal_bar[m]])
+                                            for m, u in unimodal.items()})
+                    out, out_bar = _halves(both)
+                elif separable:
                     with _batchnorm_updates_twice(self.model):
                         unimodal = self.model.encode(part)
                     # B and B̄ fused in one pass of 2·size rows (fuse is row-wise), halved
@@ -345,6 +378,53 @@ class Trainer:
                 outs.append(float_detached(out))
                 outs_bar.append(float_detached(out_bar))
         return _cat_outputs(outs), _cat_outputs(outs_bar)
+
+    def _encode_step(self, batch: Batch) -> BackboneOutput:
+        """Step 1, the model step's forward pass on B (under the caller's autocast). When the
+        regulariser will encode B̄ (``encodes_shuffled_batch``) and the backbone has a draw-free
+        stem, the pass runs as ``fuse(encode_stem(stem(B)))`` (the same operations and draws as
+        ``forward``) and keeps the stem and the inputs of B's BatchNorms for
+        :meth:`_encode_shuffled`."""
+        self._step_stem = None
+        if not (self.stemmed and self.reg.encodes_shuffled_batch):
+            return self.model(batch)
+        seen: list[tuple[torch.nn.Module, torch.Tensor]] = []
+        hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append((mod, args[0].detach())))
+                 for m in self.model.modules()
+                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+                 and m.track_running_stats]
+        try:
+            stem = self.model.stem(batch)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        self._step_stem = (batch, stem, seen)
+        return self.model.fuse(self.model.encode_stem(stem))
+
+    def _encode_shuffled(self, batch: Batch, perms: dict[str, torch.Tensor] | None = None) -> BackboneOutput:
+        """:attr:`Encoder.forward_shuffled`: B̄ = ``shuffle_modalities(batch, perms=perms)``
+        with gradients (perms drawn as ``shuffle_modalities`` draws them when None).
+
+        For the batch of the step in progress, when :meth:`_encode_step` kept its stem: B̄'s stem
+        is B's stem with each modality's rows permuted by σ_m (the stem draws nothing and is
+        row-wise; its BatchNorms see the same rows, permuted, hence the same batch statistics),
+        so the stem (TFN's and LMF's text LSTM, MMIM's audio and vision LSTMs) does not run again;
+        ``encode_stem`` then draws B̄'s own dropout masks, in the plain pass's order, and the
+        fusion runs on B̄'s rows. B̄'s BatchNorms update their running statistics here, where
+        the plain pass does, from the inputs they saw in B (the same rows). Gradients reach the
+        stem through both B and B̄ (the permutation is an index, which autograd follows)."""
+        if perms is None:
+            perms = modality_permutations(len(batch))
+        step = self._step_stem
+        if step is None or step[0] is not batch:
+            return self._encode(shuffle_modalities(batch, perms=perms))
+        _, stem, norm_inputs = step
+        with self._autocast():
+            with torch.no_grad():  # B̄'s running-statistics update; the values come from B's pass
+                for module, x in norm_inputs:
+                    module(x)
+            permuted = {m: _rows(v, perms[m]) for m, v in stem.items()}
+            return self.model.fuse(self.model.encode_stem(permuted))
 
     def _sample_batches(self, k: int) -> Batch:
         """``k`` random training batches (distinct rows within each) as one batch of ``k`` blocks,
@@ -381,7 +461,7 @@ class Trainer:
         n_batches = 0
         for batch in self._train_batches():
             with self._autocast():
-                out = self.model(batch)
+                out = self._encode_step(batch)
             est_stats = self.reg.estimator_update(out, batch, self.encoder)
             for k, v in est_stats.items():  # the last inner step's estimates
                 est_totals[k] = est_totals.get(k, 0.0) + float(v)
@@ -391,6 +471,7 @@ class Trainer:
                 loss = self.reg.combine(task, pen)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
+            self._step_stem = None
             if self.cfg.grad_clip > 0:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self._clip_params, self.cfg.grad_clip)

@@ -8,7 +8,10 @@ may add more (MIRD's shared/private representations, reconstructions).
 A backbone that encodes each modality on its own before fusing (TFN, LMF, MMIM) may also offer
 the split ``fuse(encode(batch)) == forward(batch)`` (``modality_separable = True``); the loop uses
 it where a method needs the same rows with their modalities permuted (MDM's B̄): B̄'s unimodal
-encodings are then B's rows permuted, and only the fusion runs twice.
+encodings are then B's rows permuted, and only the fusion runs twice. Such a backbone may further
+split ``encode`` into ``encode_stem(stem(batch))`` (``has_stem = True``): ``stem`` is each
+encoder up to its first random draw, so B̄'s stem is B's rows permuted even under dropout, and
+B̄'s dropout masks are drawn afresh by ``encode_stem`` (MDM's model step with gradients).
 """
 
 from __future__ import annotations
@@ -65,6 +68,12 @@ class Backbone(nn.Module):
     trim_padding: ClassVar[bool] = True
     #: ``encode``/``fuse`` split (see :meth:`encode`); False: only ``forward``
     modality_separable: ClassVar[bool] = False
+    #: ``encode`` = ``encode_stem(stem(batch))`` with a draw-free ``stem`` (see :meth:`stem`)
+    has_stem: ClassVar[bool] = False
+    #: the stem holds the costly part of every encoder (TFN, LMF: the text LSTM), so MDM's no-grad
+    #: critic pairs share only the stem and draw B̄'s dropout masks afresh (exact in distribution);
+    #: False (MMIM: its text encoder is outside the stem) shares the whole unimodal encodings
+    critic_pairs_from_stem: ClassVar[bool] = False
 
     def __init__(self, config: Any, dims: ModalityDims) -> None:
         super().__init__()
@@ -117,6 +126,19 @@ class Backbone(nn.Module):
     def fuse(self, unimodal: dict[str, torch.Tensor]) -> BackboneOutput:
         """Everything after :meth:`encode`: the fusion and the head, on the unimodal encodings."""
         raise NotImplementedError(f"backbone {self.name!r} has no encode/fuse split")
+
+    def stem(self, batch: Batch) -> dict[str, Any]:
+        """Each modality's encoder up to its first random draw (dropout), modality -> a (B, ...)
+        tensor or a tuple of them, for a backbone with ``has_stem``. Contract (``tests/test_speed.py``):
+        ``encode_stem(stem(batch))`` is ``encode(batch)``, drawing its dropout masks in the same
+        order; ``stem`` draws nothing and ``stem(batch)[m]`` reads only modality ``m``'s inputs,
+        row by row (BatchNorm's batch statistics aside), so that the batch with its modalities
+        permuted by σ_m has the stem ``stem(batch)[m][σ_m]``."""
+        raise NotImplementedError(f"backbone {self.name!r} has no stem split")
+
+    def encode_stem(self, stem: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The rest of :meth:`encode` on :meth:`stem`'s output (its dropout draws included)."""
+        raise NotImplementedError(f"backbone {self.name!r} has no stem split")
 
     def param_groups(self, lr: float, text_lr: float, weight_decay: float) -> list[dict]:
         """Optimiser parameter groups. Pretrained text encoders get their own ``text_lr`` group;

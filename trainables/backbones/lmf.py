@@ -93,6 +93,8 @@ class LMF(Backbone):
     name = "lmf"
     config_class = LMFConfig
     modality_separable = True
+    has_stem = True
+    critic_pairs_from_stem = True
 
     @classmethod
     def fused_problem(cls, config: LMFConfig) -> str | None:
@@ -147,6 +149,16 @@ class LMF(Backbone):
     def encode(self, batch: Batch) -> dict[str, torch.Tensor]:
         """The modality embedding subnetworks: z_t (B, T), z_a (B, A), z_v (B, V)."""
         z_t, z_a, z_v = self.subnets(batch)
+        return {"text": z_t, "audio": z_a, "vision": z_v}
+
+    def stem(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The subnetworks up to their dropout: the BatchNormed audio and vision means and the text
+        LSTM's final state (:meth:`UnimodalSubnets.stem`)."""
+        return self.subnets.stem(batch)
+
+    def encode_stem(self, stem: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Dropout and the subnetworks' layers after it, on :meth:`stem`'s output."""
+        z_t, z_a, z_v = self.subnets.from_stem(stem)
         return {"text": z_t, "audio": z_a, "vision": z_v}
 
     def fuse(self, unimodal: dict[str, torch.Tensor]) -> BackboneOutput:

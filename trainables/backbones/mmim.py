@@ -108,14 +108,28 @@ class SequenceEncoder(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.linear = nn.Linear(self.lstm.out_size, out)
 
+    def stem(self, x: torch.Tensor, lengths: torch.Tensor):
+        """Up to the first random draw: the LSTM's final state (B, hidden) for one layer (it draws
+        nothing); with more layers the LSTM draws dropout between them, so the inputs ``(x,
+        lengths)`` themselves."""
+        if self.lstm.lstm.num_layers == 1:
+            return self.lstm(x, lengths)
+        return x, lengths
+
+    def from_stem(self, stem) -> torch.Tensor:
+        """The rest of the encoder on :meth:`stem`'s output, (B, out)."""
+        state = self.lstm(*stem) if isinstance(stem, tuple) else stem
+        return self.linear(self.dropout(state))
+
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.dropout(self.lstm(x, lengths)))  # (B, out)
+        return self.from_stem(self.stem(x, lengths))  # (B, out)
 
 
 class MMIM(Backbone):
     name = "mmim"
     config_class = MMIMConfig
     modality_separable = True
+    has_stem = True
     text_input = "tokens"
 
     def __init__(self, config: MMIMConfig, dims: ModalityDims) -> None:
@@ -145,12 +159,24 @@ class MMIM(Backbone):
 
     def encode(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Eq. 2: h_t = the encoder's [CLS] (B, d_t), h_a (B, d_aout), h_v (B, d_vout)."""
-        ids, mask, segments = batch.text_bert.unbind(dim=1)  # (B, L) each
+        return self.encode_stem(self.stem(batch))
+
+    def stem(self, batch: Batch) -> dict:
+        """Each encoder up to its first random draw: the token ids (B, 3, L) for the text (the text
+        encoder draws dropout from its embeddings on), the audio and vision LSTMs' final states
+        (:meth:`SequenceEncoder.stem`)."""
+        return {"text": batch.text_bert,
+                "audio": self.audio_encoder.stem(batch.audio, batch.audio_lengths),
+                "vision": self.vision_encoder.stem(batch.vision, batch.vision_lengths)}
+
+    def encode_stem(self, stem: dict) -> dict[str, torch.Tensor]:
+        """The text encoder's [CLS] and the sLSTMs' dropout and linear layers on :meth:`stem`'s
+        output, in ``encode``'s order (text, audio, vision)."""
+        ids, mask, segments = stem["text"].unbind(dim=1)  # (B, L) each
         encoded = self.text_encoder(input_ids=ids, attention_mask=mask, token_type_ids=segments)
-        h_t = encoded.last_hidden_state[:, 0]  # (B, d_t): [CLS]
-        h_a = self.audio_encoder(batch.audio, batch.audio_lengths)  # (B, d_aout)
-        h_v = self.vision_encoder(batch.vision, batch.vision_lengths)  # (B, d_vout)
-        return {"text": h_t, "audio": h_a, "vision": h_v}
+        return {"text": encoded.last_hidden_state[:, 0],  # (B, d_t): [CLS]
+                "audio": self.audio_encoder.from_stem(stem["audio"]),  # (B, d_aout)
+                "vision": self.vision_encoder.from_stem(stem["vision"])}  # (B, d_vout)
 
     def fuse(self, unimodal: dict[str, torch.Tensor]) -> BackboneOutput:
         """The fusion MLP (Z) and the head on the unimodal encodings."""

@@ -119,6 +119,8 @@ class TFN(Backbone):
     name = "tfn"
     config_class = TFNConfig
     modality_separable = True
+    has_stem = True
+    critic_pairs_from_stem = True
 
     def __init__(self, config: TFNConfig, dims: ModalityDims) -> None:
         super().__init__(config, dims)
@@ -161,6 +163,16 @@ class TFN(Backbone):
     def encode(self, batch: Batch) -> dict[str, torch.Tensor]:
         """The modality embedding subnetworks (Sec. 3.1): h_t (B, T), h_a (B, A), h_v (B, V)."""
         h_t, h_a, h_v = self.subnets(batch)
+        return {"text": h_t, "audio": h_a, "vision": h_v}
+
+    def stem(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The subnetworks up to their dropout: the BatchNormed audio and vision means and the text
+        LSTM's final state (:meth:`UnimodalSubnets.stem`)."""
+        return self.subnets.stem(batch)
+
+    def encode_stem(self, stem: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Dropout and the subnetworks' layers after it, on :meth:`stem`'s output."""
+        h_t, h_a, h_v = self.subnets.from_stem(stem)
         return {"text": h_t, "audio": h_a, "vision": h_v}
 
     def fuse(self, unimodal: dict[str, torch.Tensor]) -> BackboneOutput:

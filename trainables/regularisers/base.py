@@ -13,7 +13,7 @@ Call order, per training batch (``trainables.loop`` does this and nothing else):
 3. ``pen = reg.step_penalty(out, batch, encoder)`` — a scalar with gradients into the backbone,
    already weighted (λ/α/β) and signed as in the paper: maximised bounds enter negated. The
    default is ``reg.penalty(out, batch)``; MDM also encodes the shuffled batch B̄ through
-   ``encoder.forward`` (with gradients).
+   ``encoder.shuffled`` (with gradients).
 4. ``loss = reg.combine(task_loss, pen)`` — ``task_loss + pen`` unless a paper combines them
    differently (MIRD: logs of the terms).
 5. One optimiser step of the backbone and of ``reg.main_parameters()`` on ``loss``.
@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from trainables.backbones.base import BackboneOutput
-from trainables.data.batches import Batch
+from trainables.data.batches import Batch, shuffle_modalities
 
 __all__ = ["REGULARISER_TRIAL_KEYS", "Encoder", "Regulariser", "float_detached"]
 
@@ -76,8 +76,16 @@ class Encoder:
       ``batch_size`` rows in the order B_1, B̄_1, B_2, B̄_2, ... (``perms`` permute within the
       blocks), as that many sequential steps would (BatchNorm sees one block at a time). A
       backbone with an encode/fuse split encodes each block's modalities once and fuses them
-      twice (B̄'s unimodal encodings are B's rows permuted). None: the regulariser encodes B̄
-      itself through ``forward_no_grad``.
+      twice (B̄'s unimodal encodings are B's rows permuted; with ``critic_pairs_from_stem``
+      only the stem is shared and B̄ draws its own dropout masks). None: the regulariser
+      encodes B̄ itself through ``forward_no_grad``.
+    - ``forward_shuffled(batch, perms=None)``: with gradients, the backbone on
+      ``shuffle_modalities(batch, perms=perms)`` (perms drawn as ``shuffle_modalities`` draws
+      them when None): the model step's B̄. For the batch the loop's step just encoded (its
+      step 1) and a backbone with a draw-free stem (``Backbone.has_stem``: TFN, LMF, MMIM), B̄'s
+      stem is B's rows permuted, so only the rest of the encoders (fresh dropout draws) and the
+      fusion run; the random draws, their order, and BatchNorm's running statistics are those
+      of the plain pass (``Trainer._encode_shuffled``). None: ``forward(shuffle_modalities(...))``.
     """
 
     forward: Callable[[Batch], BackboneOutput]
@@ -85,6 +93,14 @@ class Encoder:
     sample: Callable[[int], Batch]
     batch_size: int
     pairs_no_grad: Callable[[Batch, dict[str, torch.Tensor]], tuple[BackboneOutput, BackboneOutput]] | None = None
+    forward_shuffled: Callable[..., BackboneOutput] | None = None
+
+    def shuffled(self, batch: Batch, perms: dict[str, torch.Tensor] | None = None) -> BackboneOutput:
+        """B̄ = ``shuffle_modalities(batch, perms=perms)`` encoded with gradients (see
+        ``forward_shuffled``)."""
+        if self.forward_shuffled is not None:
+            return self.forward_shuffled(batch, perms)
+        return self.forward(shuffle_modalities(batch, perms=perms))
 
 
 class Regulariser(nn.Module):
@@ -113,6 +129,12 @@ class Regulariser(nn.Module):
     def inner_steps(self) -> int:
         """How many ``estimator_step`` calls precede each model step."""
         return 0
+
+    @property
+    def encodes_shuffled_batch(self) -> bool:
+        """Whether the model step encodes its own batch again with the modalities shuffled
+        (``encoder.shuffled``, MDM's B̄): the loop then keeps what that needs from step 1."""
+        return False
 
     @property
     def estimator_pass(self) -> str:

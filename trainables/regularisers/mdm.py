@@ -38,10 +38,14 @@ Training (Algorithm 1), per model step, in :meth:`MDM.estimator_update` and :met
    exactly the sequential algorithm, BatchNorm statistics included), and each step updates θ on
    the empirical Eq. 6/7/8 (maximising D). For a backbone that encodes each modality before
    fusing (TFN, LMF, MMIM), the loop encodes each B_i's modalities once and fuses them twice:
-   B̄_i's unimodal encodings are B_i's rows permuted (docs/fidelity.md, "Speed").
+   B̄_i's unimodal encodings are B_i's rows permuted; TFN and LMF share only the encoders' stem
+   (up to their dropout), so B̄_i draws its own dropout masks (docs/fidelity.md, "Speed").
 2. The model step: the loop's own batch B, its shuffle B̄, both encoded *with* gradients; the
    penalty −λ·D(Z, Z̄) is read with T_θ frozen, so gradients reach f_θe (the fusion layers and
-   everything below them, through both Z and Z̄) and never θ.
+   everything below them, through both Z and Z̄) and never θ. For a backbone whose encoders
+   have a draw-free stem (TFN, LMF: BatchNorm and the text LSTM; MMIM: its audio and vision
+   LSTMs), B̄ reuses B's stem rows permuted and draws its own dropout masks
+   (``encoder.shuffled``): the same computation and random draws as its own pass.
 
 T_θ (Table 4): Linear layers d_in → d_in/2 → d_in → d_in → d_in/4 → d_in/4 → 1, LeakyReLU and
 dropout 0.4 after each hidden layer, and a sigmoid on the output.
@@ -217,6 +221,11 @@ class MDM(Regulariser):
     def inner_steps(self) -> int:
         return self.config.unroll
 
+    @property
+    def encodes_shuffled_batch(self) -> bool:
+        """The model step encodes B̄ with gradients unless ``input="unimodal"``."""
+        return self.config.input == "fused"
+
     # -- samples -------------------------------------------------------------------------------
 
     @staticmethod
@@ -389,7 +398,7 @@ class MDM(Regulariser):
         elif len(batch) < 2:
             return {"mdm_dependency": 0.0}
         elif c.input == "fused":
-            self._pending_bar = encoder.forward(shuffle_modalities(batch))
+            self._pending_bar = encoder.shuffled(batch)
             z = (out.features["fused"], self._pending_bar.features["fused"])
             pairs = (z for _ in range(c.unroll))
         else:
@@ -432,7 +441,7 @@ class MDM(Regulariser):
         encoded with gradients (Algorithm 1's last two lines), T_θ frozen."""
         out_bar = None
         if self.config.input == "fused" and len(batch) >= 2:
-            out_bar = self._pending_bar if self._pending_bar is not None else encoder.forward(shuffle_modalities(batch))
+            out_bar = self._pending_bar if self._pending_bar is not None else encoder.shuffled(batch)
         self._pending_bar = None
         return self.penalty(out, batch, out_bar)
 
