@@ -16,7 +16,9 @@ Features: ``"text"`` = h_t (the encoder's width, 384 for the packaged MiniLM), `
 
 The LSTMs run on packed sequences of each row's own length (``audio_lengths``/``vision_lengths``),
 so the model reads aligned and unaligned data alike and padding never reaches a result; the text
-encoder reads ``text_bert`` (ids, attention mask, segment ids) and masks its padding itself.
+encoder reads ``text_bert`` (ids, attention mask, segment ids) and masks its padding itself. With
+``unpad: true`` (default) its layers run on the real tokens only
+(:func:`~trainables.backbones._unpad.encode_unpadded`; h_t equal up to float rounding).
 
 Departures from the official code (declare-lab/Multimodal-Infomax, ``src/model.py``,
 ``src/modules/encoders.py``):
@@ -42,6 +44,7 @@ import torch
 from torch import nn
 
 from trainables.backbones._layers import LengthLSTM
+from trainables.backbones._unpad import encode_unpadded, supports_unpad
 from trainables.backbones.base import Backbone, BackboneOutput
 from trainables.config import ConfigError
 from trainables.data.batches import Batch, ModalityDims
@@ -83,6 +86,10 @@ class MMIMConfig:
     #: (Xavier-normal, as the official solver and MMSA's trainer re-initialise them; the paper is
     #: silent)
     init: str = "default"
+    #: run the text encoder's per-token layers on the real tokens only (exact up to float
+    #: rounding; :mod:`trainables.backbones._unpad`, docs/fidelity.md "Speed options"); false:
+    #: the padded forward of transformers
+    unpad: bool = True
 
     def validate(self) -> None:
         for name in ("d_ah", "d_vh", "d_aout", "d_vout", "n_layer", "d_prjh"):
@@ -137,6 +144,8 @@ class MMIM(Backbone):
         self.fusion_2 = nn.Linear(c.d_prjh, c.d_prjh)
         self.head = nn.Linear(c.d_prjh, 1)
         self.feature_dims = {"text": d_t, "audio": c.d_aout, "vision": c.d_vout, "fused": c.d_prjh}
+        #: the encoder's layers run on the real tokens only (BERT-architecture encoders)
+        self.unpad = bool(c.unpad) and supports_unpad(self.text_encoder)
         if c.init == "xavier":
             text_ids = {id(p) for p in self.text_encoder.parameters()}
             for p in self.parameters():
@@ -146,8 +155,12 @@ class MMIM(Backbone):
     def encode(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Eq. 2: h_t = the encoder's [CLS] (B, d_t), h_a (B, d_aout), h_v (B, d_vout)."""
         ids, mask, segments = batch.text_bert.unbind(dim=1)  # (B, L) each
-        encoded = self.text_encoder(input_ids=ids, attention_mask=mask, token_type_ids=segments)
-        h_t = encoded.last_hidden_state[:, 0]  # (B, d_t): [CLS]
+        if self.unpad:
+            states = encode_unpadded(self.text_encoder, ids, mask, segments)  # (B, L, d_t)
+        else:
+            states = self.text_encoder(input_ids=ids, attention_mask=mask,
+                                       token_type_ids=segments).last_hidden_state  # (B, L, d_t)
+        h_t = states[:, 0]  # (B, d_t): [CLS]
         h_a = self.audio_encoder(batch.audio, batch.audio_lengths)  # (B, d_aout)
         h_v = self.vision_encoder(batch.vision, batch.vision_lengths)  # (B, d_vout)
         return {"text": h_t, "audio": h_a, "vision": h_v}
