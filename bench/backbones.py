@@ -10,6 +10,8 @@ Markdown table with the machine.
     python bench/backbones.py --backbones ef_lstm tfn --epochs 3
     python bench/backbones.py --size small                     # in memory, fast text features
     python bench/backbones.py --text-model /models/xlnet-base-cased   # also time mag_xlnet
+    python bench/backbones.py --backbones mag_bert mmim mird --threads 2 --ab backbone.unpad=false
+                                                  # A/B: the same backbones with the padded encoder
 
 ``mag_xlnet``'s default encoder (``xlnet-base-cased``) is a hub download, so without
 ``--text-model`` it is skipped with a note. CPU seconds are the process's CPU time
@@ -92,7 +94,37 @@ def _train_split(trainer, arrays):
     return TensorSplit.from_arrays(trainer.model.prepare_split(arrays))
 
 
-def bench_one(name: str, data, args) -> dict:
+def _key_value(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with a YAML value (``true``, ``1e-3``, ``bytes``)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), yaml.safe_load(value)
+
+
+def bench_one(name: str, data, args, extra: dict | None = None) -> dict:
+    """Build ``name``'s trainer (``--set`` keys, then ``extra``), probe, time ``--epochs`` epochs."""
+    state = prepare(name, data, args, extra)
+    for _ in range(max(args.epochs, 1)):
+        time_epoch(state)
+    return summarize(state)
+
+
+def bench_ab(name: str, data, args) -> tuple[dict, dict]:
+    """A (``--set`` keys) and B (A plus the ``--ab`` keys) in this process, on the same batches,
+    their epochs alternated (A, B, A, B, ...) so that a change of load hits both alike."""
+    a = prepare(name, data, args)
+    b = prepare(name, data, args, dict(args.ab), timed_batches=a["timed_batches"])
+    for _ in range(max(args.epochs, 1)):
+        time_epoch(a)
+        time_epoch(b)
+    return summarize(a), summarize(b)
+
+
+def prepare(name: str, data, args, extra: dict | None = None,
+            timed_batches: int | None = None) -> dict:
     import numpy as np
     import torch
 
@@ -103,6 +135,8 @@ def bench_one(name: str, data, args) -> dict:
             "max_epochs": max(args.epochs, 1), "patience": 0}
     if name in NEEDS_DOWNLOAD and args.text_model:
         flat["backbone.text_model"] = args.text_model
+    flat.update(dict(args.set or []))
+    flat.update(extra or {})
     cfg = TrialConfig.from_flat(flat)
     t0 = time.perf_counter()
     trainer = Trainer(cfg, data, device="cpu", num_threads=args.threads)
@@ -124,32 +158,45 @@ def bench_one(name: str, data, args) -> dict:
     probe_rows = np.arange(min(n_rows, 2 * args.batch))
     trainer.splits["train"] = _train_split(trainer, data.splits["train"].subset(probe_rows))
     _, probe_wall = timed(trainer.train_epoch)
-    estimate = probe_wall / math.ceil(len(probe_rows) / args.batch) * n_batches
-    extrapolated = estimate > args.max_epoch_s and args.probe_batches < n_batches
+    if timed_batches is None:
+        estimate = probe_wall / math.ceil(len(probe_rows) / args.batch) * n_batches
+        extrapolated = estimate > args.max_epoch_s and args.probe_batches < n_batches
+        timed_batches = args.probe_batches if extrapolated else n_batches
+    extrapolated = timed_batches < n_batches
     if extrapolated:
-        rows = np.arange(args.probe_batches * args.batch)
+        rows = np.arange(timed_batches * args.batch)
         trainer.splits["train"] = _train_split(trainer, data.splits["train"].subset(rows))
-        timed_batches = args.probe_batches
     else:
         trainer.splits["train"] = full_train
-        timed_batches = n_batches
-    scale = n_batches / timed_batches
 
-    train_cpu, train_wall, valid_cpu, valid_wall = [], [], [], []
-    for _ in range(max(args.epochs, 1)):
-        c, w = timed(trainer.train_epoch)
-        train_cpu.append(c * scale)
-        train_wall.append(w * scale)
-        c, w = timed(lambda: trainer.evaluate("valid"))
-        valid_cpu.append(c)
-        valid_wall.append(w)
-    trainer.splits["train"] = full_train
-    return {"backbone": name, "text_model": getattr(cfg.backbone_cfg, "text_model", "-"),
+    label = name + "".join(f" ({k}={str(v).lower() if isinstance(v, bool) else v})"
+                           for k, v in (extra or {}).items())
+    return {"backbone": label, "text_model": getattr(cfg.backbone_cfg, "text_model", "-"),
             "total": total, "trainable": trainable, "batches": n_batches,
             "timed_batches": timed_batches, "extrapolated": extrapolated,
-            "train_cpu": sum(train_cpu) / len(train_cpu), "train_wall": sum(train_wall) / len(train_wall),
-            "valid_cpu": sum(valid_cpu) / len(valid_cpu), "valid_wall": sum(valid_wall) / len(valid_wall),
+            "trainer": trainer, "scale": n_batches / timed_batches, "timed": timed,
+            "train_cpu": [], "train_wall": [], "valid_cpu": [], "valid_wall": [],
             "build_s": build_s, "threads": torch.get_num_threads()}
+
+
+def time_epoch(state: dict) -> None:
+    """One timed training epoch (scaled up to the full epoch when extrapolated), one valid pass."""
+    trainer, timed, scale = state["trainer"], state["timed"], state["scale"]
+    c, w = timed(trainer.train_epoch)
+    state["train_cpu"].append(c * scale)
+    state["train_wall"].append(w * scale)
+    c, w = timed(lambda: trainer.evaluate("valid"))
+    state["valid_cpu"].append(c)
+    state["valid_wall"].append(w)
+
+
+def summarize(state: dict) -> dict:
+    """The row of the tables: means over the timed epochs; the trainer is let go."""
+    row = {k: v for k, v in state.items() if k not in ("trainer", "timed", "scale")}
+    for key in ("train_cpu", "train_wall", "valid_cpu", "valid_wall"):
+        row[key] = sum(state[key]) / len(state[key])
+    state.pop("trainer", None)
+    return row
 
 
 def _fmt_params(n: int) -> str:
@@ -180,6 +227,13 @@ def main(argv: list[str] | None = None) -> int:
                         "--probe-batches batches and extrapolated (default 90)")
     p.add_argument("--probe-batches", type=int, default=8,
                    help="batches timed when extrapolating (default 8)")
+    p.add_argument("--set", action="append", type=_key_value, metavar="KEY=VALUE",
+                   help="a trial key for every run (repeatable; YAML values), e.g. --set "
+                        "group_by_length=true")
+    p.add_argument("--ab", action="append", type=_key_value, metavar="KEY=VALUE",
+                   help="also time each backbone with this trial key (repeatable; B = A plus "
+                        "these keys), in this process on the same batches, epochs alternated, "
+                        "and print B / A; e.g. --ab backbone.unpad=false")
     args = p.parse_args(argv)
 
     import torch
@@ -190,10 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown backbone {unknown[0]!r}; known: {', '.join(known_backbones())}")
 
-    start = time.perf_counter()
+    start, load_before = time.perf_counter(), os.getloadavg()[0]
     data, source = load_data(args.size, args.data_dir)
     dims = data.dims
-    rows, notes = [], []
+    rows, notes, pairs = [], [], []
     for name in names:
         if name in NEEDS_DOWNLOAD and not args.text_model:
             notes.append(f"{name}: skipped, its default text model {NEEDS_DOWNLOAD[name]!r} is a "
@@ -202,14 +256,19 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"# {name} ...", file=sys.stderr, flush=True)
         try:
-            rows.append(bench_one(name, data, args))
+            if args.ab:
+                pair = bench_ab(name, data, args)
+                rows.extend(pair)
+                pairs.append(pair)
+            else:
+                rows.append(bench_one(name, data, args))
         except Exception as exc:  # one backbone failing (e.g. a text model missing) is a row note
             notes.append(f"{name}: not timed ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})")
             print(f"# {notes[-1]}", file=sys.stderr)
     total_s = time.perf_counter() - start
 
     n = {k: len(v) for k, v in data.splits.items()}
-    print(machine_line(f"{args.threads} thread(s)"))
+    print(machine_line(f"{args.threads} thread(s)", load_before))
     print(f"Data: {source}, train/valid/test {n['train']}/{n['valid']}/{n['test']}, "
           f"text {dims.text_len}x{dims.text}, audio {dims.audio_len}x{dims.audio}, "
           f"vision {dims.vision_len}x{dims.vision}; batch {args.batch}, regulariser none, "
@@ -233,6 +292,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['backbone']} | {r['text_model']} | {_fmt_params(r['total'])} "
               f"| {_fmt_params(r['trainable'])} | {mark}{r['train_cpu']:.2f} | {mark}{r['train_wall']:.2f} "
               f"| {r['valid_cpu']:.2f} | {r['valid_wall']:.2f} | {batches} |")
+    if pairs:
+        print("\nA/B in this process (same batches, epochs alternated; B = A with "
+              + ", ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in args.ab)
+              + "):\n")
+        print("| backbone | A train CPU s/epoch | B train CPU s/epoch | B / A | A valid CPU s/pass "
+              "| B valid CPU s/pass | B / A |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for a, b in pairs:
+            print(f"| {a['backbone']} | {a['train_cpu']:.2f} | {b['train_cpu']:.2f} "
+                  f"| {b['train_cpu'] / a['train_cpu']:.2f} | {a['valid_cpu']:.2f} "
+                  f"| {b['valid_cpu']:.2f} | {b['valid_cpu'] / a['valid_cpu']:.2f} |")
     for note in notes:
         print(f"\nNote: {note}")
     print(f"\nTotal wall time: {total_s:.0f} s")

@@ -74,6 +74,20 @@ def test_backbones_prints_the_columns_of_the_performance_table(capsys, monkeypat
         assert row[4] == full[6]  # valid CPU s/pass
 
 
+def test_backbones_ab_times_both_on_the_same_batches(capsys, monkeypatch, small_data):
+    """``--ab KEY=VALUE`` times each backbone as A and as A plus the key, and prints B / A."""
+    bench = load_bench("backbones")
+    monkeypatch.setattr(bench, "load_data", lambda size, data_dir: (small_data, "synthetic:small (fixture)"))
+    assert bench.main(["--size", "small", "--backbones", "lmf", "--max-epoch-s", "0",
+                       "--probe-batches", "1", "--ab", "backbone.rank=2"]) == 0
+    printed = capsys.readouterr().out
+    summary = table_rows(printed.split("In detail")[0])
+    assert [r[0] for r in summary] == ["lmf", "lmf (backbone.rank=2)"]
+    ab = table_rows(printed.split("A/B in this process")[1])
+    assert len(ab) == 1 and ab[0][0] == "lmf"
+    assert float(ab[0][3]) > 0 and float(ab[0][6]) > 0  # B / A of the train epoch, of the valid pass
+
+
 def test_regularisers_prints_a_table(capsys, monkeypatch, small_data):
     bench = load_bench("regularisers")
     monkeypatch.setattr(bench, "load_data", lambda size, data_dir: (small_data, "synthetic:small (fixture)"))

@@ -122,11 +122,13 @@ def test_closed_gates_give_no_shift():
 # --------------------------------------------------------------------------- in the encoder
 
 
-@pytest.mark.parametrize("name", ["mag_bert", "mag_xlnet"])
-def test_zero_beta_only_renormalises_the_token_vectors(name):
+@pytest.mark.parametrize("name,unpad", [("mag_bert", False), ("mag_bert", True), ("mag_xlnet", False)])
+def test_zero_beta_only_renormalises_the_token_vectors(name, unpad):
     """β = 0 gives m = LayerNorm(e): the gated encoder must equal the plain encoder run on
-    LayerNorm(e) (for BERT that is e itself up to ε, as BERT's e is already layer-normed)."""
-    model = build(name, beta_shift=0.0).eval()
+    LayerNorm(e) (for BERT that is e itself up to ε, as BERT's e is already layer-normed).
+    With ``unpad`` (the encoder's layers on the real tokens, not called as a module) the pooled
+    [CLS] state is compared."""
+    model = build(name, beta_shift=0.0, unpad=unpad).eval()
     batch = bert_batch(model.dims)
     ids, mask, seg = batch.text_bert.unbind(1)
     states = {}
@@ -143,9 +145,13 @@ def test_zero_beta_only_renormalises_the_token_vectors(name):
             plain = enc(inputs_embeds=e, attention_mask=mask, token_type_ids=seg,
                         use_mems=False).last_hidden_state
         handle = enc.register_forward_hook(keep)
-        model(batch)
+        out = model(batch)
         handle.remove()
-    torch.testing.assert_close(states["h"], plain, rtol=1e-4, atol=1e-4)
+    if unpad:
+        assert "h" not in states  # the padded forward did not run
+        torch.testing.assert_close(out.features["fused"], enc.pooler(plain), rtol=1e-4, atol=1e-4)
+    else:
+        torch.testing.assert_close(states["h"], plain, rtol=1e-4, atol=1e-4)
     assert not model._layers()[0]._forward_pre_hooks  # the gate's hook lives for one forward only
 
 

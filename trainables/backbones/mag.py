@@ -19,7 +19,11 @@ Where the gate sits. A forward pre-hook on transformer layer k, registered for t
 forward call, replaces that layer's input hidden states by m. The encoder's own code builds the
 attention masks (eager/SDPA, BERT's bidirectional mask, XLNet's two-stream masks), so nothing of
 transformers is copied and any BERT-architecture model (``encoder.layer``: BERT, MiniLM, RoBERTa)
-or XLNet model (``layer``, time-major hidden states) works.
+or XLNet model (``layer``, time-major hidden states) works. With ``unpad: true`` (the default for
+MAG-BERT) a BERT-architecture encoder runs its layers on the real tokens only
+(:func:`~trainables.backbones._unpad.encode_unpadded`: the same modules and mask, padding never
+computed) and the gate is applied to layer k's padded input there; the real tokens' states are
+the padded forward's up to float rounding. MAG-XLNet always runs the padded forward.
 
 Read-out. MAG-BERT: BERT's pooler on [CLS] (tanh(W h_[CLS]), pretrained), dropout, linear.
 MAG-XLNet: XLNet's sequence summary on the *last valid* token (tanh(W h_last), new weights),
@@ -70,6 +74,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from trainables.backbones._unpad import encode_unpadded, supports_unpad
 from trainables.backbones.base import Backbone, BackboneOutput, InputMismatchError
 from trainables.config import ConfigError
 from trainables.data.batches import (
@@ -112,6 +117,10 @@ class MAGBertConfig:
     injection_layer: int = 0
     #: keep the encoder's weights fixed (only the gate and the head train)
     freeze_text: bool = False
+    #: run the encoder's per-token layers on the real tokens only (exact up to float rounding;
+    #: :mod:`trainables.backbones._unpad`, docs/fidelity.md "Speed options"); false: the padded
+    #: forward of transformers
+    unpad: bool = True
 
     def validate(self) -> None:
         if not self.text_model:
@@ -130,6 +139,15 @@ class MAGXLNetConfig(MAGBertConfig):
     use the tiny random ``tiny-xlnet``)."""
 
     text_model: str = "xlnet-base-cased"
+    #: no unpadded path for XLNet: its relative-position attention is written for the padded
+    #: layout (docs/performance.md)
+    unpad: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        if self.unpad:
+            raise ConfigError("unpad: mag_xlnet has no unpadded encoder (XLNet's relative-position "
+                              "attention needs the padded layout); expected false")
 
 
 @dataclass
@@ -230,6 +248,8 @@ class MAGBert(Backbone):
         if c.freeze_text:
             for p in self.text_encoder.parameters():
                 p.requires_grad_(False)
+        #: the encoder's layers run on the real tokens only (BERT-architecture encoders)
+        self.unpad = bool(c.unpad) and self.architecture == "bert" and supports_unpad(self.text_encoder)
 
     # -- encoder plumbing -------------------------------------------------------------------------
 
@@ -343,22 +363,31 @@ class MAGBert(Backbone):
         time_major = self.architecture == "xlnet"
         gated: dict[str, Any] = {}
 
+        def gate(e: torch.Tensor) -> torch.Tensor:
+            """Eq. 2-7 on the injection layer's input e (B, L, H): its new input m (B, L, H)."""
+            out = self.gate(e, audio, vision)
+            gated["e"], gated["out"] = e, out
+            return out.shifted
+
         def inject(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             hidden, where = _first_hidden(args, kwargs, ("hidden_states", "output_h"))
             e = hidden.transpose(0, 1) if time_major else hidden  # (B, L, H)
-            out = self.gate(e, audio, vision)
-            gated["e"], gated["out"] = e, out
-            m = out.shifted.transpose(0, 1) if time_major else out.shifted  # the layer's layout
+            m = gate(e)
+            m = m.transpose(0, 1) if time_major else m  # the layer's layout
             if where == 0:
                 return (m, *args[1:]), kwargs
             return args, {**kwargs, where: m}
 
-        layer = self._layers()[self.config.injection_layer]
-        handle = layer.register_forward_pre_hook(inject, with_kwargs=True)
-        try:
-            states = self._encode(ids, mask, segments)  # (B, L, H)
-        finally:
-            handle.remove()
+        if self.unpad:  # the same layers on the real tokens; the gate on the padded layout
+            states = encode_unpadded(self.text_encoder, ids, mask, segments,
+                                     before_layer=(self.config.injection_layer, gate))  # (B, L, H)
+        else:
+            layer = self._layers()[self.config.injection_layer]
+            handle = layer.register_forward_pre_hook(inject, with_kwargs=True)
+            try:
+                states = self._encode(ids, mask, segments)  # (B, L, H)
+            finally:
+                handle.remove()
 
         if "out" not in gated:  # a transformers version that calls its layers in another way
             raise RuntimeError(f"{self.name}: the gate's hook on layer {self.config.injection_layer} never ran")

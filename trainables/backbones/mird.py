@@ -18,7 +18,8 @@ al., ACL 2020): G^m = σ(W_g^m [w; x̃^m]) (``gate="sigmoid"``, Eq. 3; ``"relu"`
 MAG), H = G^V ⊙ W_V x̃^V + G^A ⊙ W_A x̃^A (Eq. 4), w' = w + min(ε‖w‖/‖h‖, 1)·h (Eq. 5-6,
 ε = ``beta_shift`` = 1 as §4.3), followed by MAG's LayerNorm and dropout (not in Eq. 5: a
 departure kept because the shift lands on the embedding layer's normalised output). The
-encoder's layers run on w'. Departure: the paper injects into BERT's *middle* word
+encoder's layers run on w' (with ``unpad: true``, the default, on the real tokens only:
+:func:`~trainables.backbones._unpad.encode_unpadded`, equal up to float rounding). Departure: the paper injects into BERT's *middle* word
 representations W^mid ("at the intermediate stage"; the layer is not given); we inject after the
 embedding layer, as MAG-BERT does. The hook leaves the encoder's own code untouched, so any
 BERT-architecture model works. Audio/vision on the token steps (``align``, Eq. 2):
@@ -90,6 +91,7 @@ import torch
 from torch import nn
 
 from trainables.backbones._layers import LengthLSTM, clamp_lengths, masked_mean, step_mask
+from trainables.backbones._unpad import encode_unpadded, supports_unpad
 from trainables.backbones.base import MODALITIES, Backbone, BackboneOutput
 from trainables.config import ConfigError
 from trainables.data.batches import Batch, ModalityDims, resample_to_length
@@ -139,6 +141,10 @@ class MIRDConfig:
     head_dropout: float = 0.5
     #: decoder steps per modality (at most the padded length); ours, for cost
     recon_steps: int = 16
+    #: run the text encoder's per-token layers on the real tokens only (exact up to float
+    #: rounding; :mod:`trainables.backbones._unpad`, docs/fidelity.md "Speed options"); false:
+    #: the padded forward of transformers
+    unpad: bool = True
 
     def validate(self) -> None:
         for name in ("z_dim", "recon_steps"):
@@ -266,6 +272,8 @@ class MIRD(Backbone):
                 "architecture model (e.g. 'minilm', bert-base-uncased)"
             )
         hidden = int(self.text_encoder.config.hidden_size)
+        #: the encoder's layers run on the real tokens only (BERT-architecture encoders)
+        self.unpad = bool(c.unpad) and supports_unpad(self.text_encoder)
         widths = {"text": dims.text, "audio": dims.audio, "vision": dims.vision}
         padded = {"text": dims.text_len, "audio": dims.audio_len, "vision": dims.vision_len}
 
@@ -332,9 +340,12 @@ class MIRD(Backbone):
 
         handle = self.text_encoder.embeddings.register_forward_hook(inject)
         try:
-            states = self.text_encoder(
-                input_ids=ids, attention_mask=attention, token_type_ids=segments
-            ).last_hidden_state  # (B, L, H)
+            if self.unpad:  # the layers on the real tokens only (the hook still runs)
+                states = encode_unpadded(self.text_encoder, ids, attention, segments)  # (B, L, H)
+            else:
+                states = self.text_encoder(
+                    input_ids=ids, attention_mask=attention, token_type_ids=segments
+                ).last_hidden_state  # (B, L, H)
         finally:
             handle.remove()
         if self.config.pool == "mean":  # Eq. 7: average pooling over the words

@@ -16,7 +16,9 @@ Features: ``"text"`` = h_t (the encoder's width, 384 for the packaged MiniLM), `
 
 The LSTMs run on packed sequences of each row's own length (``audio_lengths``/``vision_lengths``),
 so the model reads aligned and unaligned data alike and padding never reaches a result; the text
-encoder reads ``text_bert`` (ids, attention mask, segment ids) and masks its padding itself.
+encoder reads ``text_bert`` (ids, attention mask, segment ids) and masks its padding itself. With
+``unpad: true`` (default) its layers run on the real tokens only
+(:func:`~trainables.backbones._unpad.encode_unpadded`; h_t equal up to float rounding).
 
 Departures from the official code (declare-lab/Multimodal-Infomax, ``src/model.py``,
 ``src/modules/encoders.py``):
@@ -42,6 +44,7 @@ import torch
 from torch import nn
 
 from trainables.backbones._layers import LengthLSTM
+from trainables.backbones._unpad import encode_unpadded, supports_unpad
 from trainables.backbones.base import Backbone, BackboneOutput
 from trainables.config import ConfigError
 from trainables.data.batches import Batch, ModalityDims
@@ -83,6 +86,10 @@ class MMIMConfig:
     #: (Xavier-normal, as the official solver and MMSA's trainer re-initialise them; the paper is
     #: silent)
     init: str = "default"
+    #: run the text encoder's per-token layers on the real tokens only (exact up to float
+    #: rounding; :mod:`trainables.backbones._unpad`, docs/fidelity.md "Speed options"); false:
+    #: the padded forward of transformers
+    unpad: bool = True
 
     def validate(self) -> None:
         for name in ("d_ah", "d_vh", "d_aout", "d_vout", "n_layer", "d_prjh"):
@@ -151,6 +158,8 @@ class MMIM(Backbone):
         self.fusion_2 = nn.Linear(c.d_prjh, c.d_prjh)
         self.head = nn.Linear(c.d_prjh, 1)
         self.feature_dims = {"text": d_t, "audio": c.d_aout, "vision": c.d_vout, "fused": c.d_prjh}
+        #: the encoder's layers run on the real tokens only (BERT-architecture encoders)
+        self.unpad = bool(c.unpad) and supports_unpad(self.text_encoder)
         if c.init == "xavier":
             text_ids = {id(p) for p in self.text_encoder.parameters()}
             for p in self.parameters():
@@ -173,8 +182,12 @@ class MMIM(Backbone):
         """The text encoder's [CLS] and the sLSTMs' dropout and linear layers on :meth:`stem`'s
         output, in ``encode``'s order (text, audio, vision)."""
         ids, mask, segments = stem["text"].unbind(dim=1)  # (B, L) each
-        encoded = self.text_encoder(input_ids=ids, attention_mask=mask, token_type_ids=segments)
-        return {"text": encoded.last_hidden_state[:, 0],  # (B, d_t): [CLS]
+        if self.unpad:
+            states = encode_unpadded(self.text_encoder, ids, mask, segments)  # (B, L, d_t)
+        else:
+            states = self.text_encoder(input_ids=ids, attention_mask=mask,
+                                       token_type_ids=segments).last_hidden_state  # (B, L, d_t)
+        return {"text": states[:, 0],  # (B, d_t): [CLS]
                 "audio": self.audio_encoder.from_stem(stem["audio"]),  # (B, d_aout)
                 "vision": self.vision_encoder.from_stem(stem["vision"])}  # (B, d_vout)
 
