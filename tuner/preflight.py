@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import sys
+import urllib.request
 import warnings
 from pathlib import Path
 

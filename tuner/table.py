@@ -874,7 +874,7 @@ def run_table(args: argparse.Namespace, command: str) -> int:
                 **{f"test_{m}": r.test.get(m, math.nan) for m in REPORT_METRICS}}
                for r in reruns], out / "runs.csv")
     plot_heatmap(rows, chosen, metric, first.mode, out)
-    header = [f"- Searches: " + ", ".join(f"`{s.name}` (experiment `{s.info.experiment_name}`, "
+    header = ["- Searches: " + ", ".join(f"`{s.name}` (experiment `{s.info.experiment_name}`, "
                                           f"cells {list(s.cell_keys)}, test {s.settings.test})"
                                           for s in searches),
               f"- Table run `{table_run}`; data `{data.source}`, sha256 `{data.digest}`",

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from trainables.data.batches import Batch
+
 __all__ = ["FastDropout", "LengthLSTM", "SubNet", "UnimodalSubnets", "clamp_lengths", "masked_mean", "step_mask"]
 
 
@@ -257,3 +259,26 @@ class UnimodalSubnets(nn.Module):
     def forward(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """batch -> (h_text (B, text_out), h_audio (B, audio_hidden), h_vision (B, vision_hidden))."""
         return self.from_stem(self.stem(batch))
+
+
+class SubnetEncoders:
+    """``encode``, ``stem`` and ``encode_stem`` of a backbone whose unimodal encoders are one
+    :class:`UnimodalSubnets` in ``self.subnets`` (TFN, LMF): the three modality embeddings as
+    ``{"text", "audio", "vision"}`` (B, d_m), and their split at the first dropout draw."""
+
+    subnets: UnimodalSubnets
+
+    def encode(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The modality embedding subnetworks: text (B, T), audio (B, A), vision (B, V)."""
+        h_t, h_a, h_v = self.subnets(batch)
+        return {"text": h_t, "audio": h_a, "vision": h_v}
+
+    def stem(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The subnetworks up to their dropout: the BatchNormed audio and vision means and the text
+        LSTM's final state (:meth:`UnimodalSubnets.stem`)."""
+        return self.subnets.stem(batch)
+
+    def encode_stem(self, stem: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Dropout and the subnetworks' layers after it, on :meth:`stem`'s output."""
+        h_t, h_a, h_v = self.subnets.from_stem(stem)
+        return {"text": h_t, "audio": h_a, "vision": h_v}

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trainables.backbones._layers import UnimodalSubnets
+from trainables.backbones._layers import SubnetEncoders, UnimodalSubnets
 from trainables.backbones.base import Backbone, BackboneOutput
 from trainables.config import ConfigError
 from trainables.data.batches import Batch, ModalityDims
@@ -89,7 +89,7 @@ class LMFConfig:
                 raise ConfigError(f"{name}: expected a number in [0, 1), got {getattr(self, name)}")
 
 
-class LMF(Backbone):
+class LMF(SubnetEncoders, Backbone):
     name = "lmf"
     config_class = LMFConfig
     modality_separable = True
@@ -145,21 +145,6 @@ class LMF(Backbone):
             projected = torch.einsum("bi,rio->bro", z1, factor)  # (B, rank, d_h)
             product = projected if product is None else product * projected
         return torch.einsum("r,bro->bo", self.fusion_weights[0], product) + self.fusion_bias  # (B, d_h)
-
-    def encode(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """The modality embedding subnetworks: z_t (B, T), z_a (B, A), z_v (B, V)."""
-        z_t, z_a, z_v = self.subnets(batch)
-        return {"text": z_t, "audio": z_a, "vision": z_v}
-
-    def stem(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """The subnetworks up to their dropout: the BatchNormed audio and vision means and the text
-        LSTM's final state (:meth:`UnimodalSubnets.stem`)."""
-        return self.subnets.stem(batch)
-
-    def encode_stem(self, stem: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Dropout and the subnetworks' layers after it, on :meth:`stem`'s output."""
-        z_t, z_a, z_v = self.subnets.from_stem(stem)
-        return {"text": z_t, "audio": z_a, "vision": z_v}
 
     def fuse(self, unimodal: dict[str, torch.Tensor]) -> BackboneOutput:
         """The low-rank fusion and the head on the embeddings."""

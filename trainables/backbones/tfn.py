@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from trainables.backbones._layers import FastDropout, UnimodalSubnets
+from trainables.backbones._layers import FastDropout, SubnetEncoders, UnimodalSubnets
 from trainables.backbones.base import Backbone, BackboneOutput
 from trainables.config import ConfigError
 from trainables.data.batches import Batch, ModalityDims
@@ -115,7 +115,7 @@ class InMajorLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, weight stored (in, out)"
 
 
-class TFN(Backbone):
+class TFN(SubnetEncoders, Backbone):
     name = "tfn"
     config_class = TFNConfig
     modality_separable = True
@@ -159,21 +159,6 @@ class TFN(Backbone):
         av = torch.bmm(a1.unsqueeze(2), v1.unsqueeze(1))  # (B, A+1, V+1)
         avt = torch.bmm(av.reshape(av.shape[0], -1, 1), t1.unsqueeze(1))  # (B, (A+1)(V+1), T+1)
         return avt.reshape(avt.shape[0], -1)  # (B, (A+1)(V+1)(T+1))
-
-    def encode(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """The modality embedding subnetworks (Sec. 3.1): h_t (B, T), h_a (B, A), h_v (B, V)."""
-        h_t, h_a, h_v = self.subnets(batch)
-        return {"text": h_t, "audio": h_a, "vision": h_v}
-
-    def stem(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """The subnetworks up to their dropout: the BatchNormed audio and vision means and the text
-        LSTM's final state (:meth:`UnimodalSubnets.stem`)."""
-        return self.subnets.stem(batch)
-
-    def encode_stem(self, stem: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Dropout and the subnetworks' layers after it, on :meth:`stem`'s output."""
-        h_t, h_a, h_v = self.subnets.from_stem(stem)
-        return {"text": h_t, "audio": h_a, "vision": h_v}
 
     def fuse(self, unimodal: dict[str, torch.Tensor]) -> BackboneOutput:
         """Tensor fusion (Eq. 2-3), the post-fusion MLP and the head on the embeddings."""
