@@ -23,7 +23,7 @@ GOOD, BAD = 0.005, 1.0e-7  # a learning rate that learns in 2 epochs, one that c
 
 def write_space(tmp_path: Path, data_dir: Path, name: str, *, start_points, num_samples: int,
                 max_epochs: int, pruner: str = "none", regularisers=("none",),
-                lr=(GOOD, BAD)) -> Path:
+                lr=(GOOD, BAD), startup_trials: int | None = None) -> Path:
     space = {
         "name": name, "backbones": ["ef_lstm"], "regularisers": list(regularisers),
         "data": str(data_dir),
@@ -34,7 +34,8 @@ def write_space(tmp_path: Path, data_dir: Path, name: str, *, start_points, num_
         "start_points": start_points,
         "search": {"sampler": "random", "pruner": pruner, "num_samples": num_samples,
                    "max_epochs": max_epochs, "grace_epochs": 1, "seed": 0,
-                   "max_concurrent": 1},
+                   "max_concurrent": 1,
+                   **({"startup_trials": startup_trials} if startup_trials else {})},
         "resources": {"cpu": 1},
     }
     path = tmp_path / f"{name}.yaml"
@@ -185,7 +186,7 @@ def test_resume_keeps_pruning_history_and_reproduces_the_uninterrupted_search(
     Stopper.register(InterruptAtTrial)
     data_dir = write_parquet(small_data, tmp_path / "data")
     space = write_space(tmp_path, data_dir, "resumed", num_samples=5, max_epochs=3,
-                        pruner="median", lr=(GOOD, 0.003, BAD),
+                        pruner="median", lr=(GOOD, 0.003, BAD), startup_trials=2,
                         start_points=[{"regulariser": "none", "lr": GOOD},
                                       {"regulariser": "none", "lr": 0.003},
                                       {"regulariser": "none", "lr": BAD},
