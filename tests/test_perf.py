@@ -26,9 +26,9 @@ def tfn_config(**overrides):
     return TrialConfig.from_flat(flat)
 
 
-@pytest.mark.parametrize("p", [0.3, 0.5, 0.25 + 2**-16])
+@pytest.mark.parametrize("p", [0.3, 0.5, 0.25, 0.75, 0.125, 0.25 + 2**-16, 0.1 + 2**-8])
 def test_fast_dropout_has_the_distribution_of_nn_dropout(p):
-    """The default mask ("bits": 32, 8 and 16 random bits per element for these p)."""
+    """The default mask ("bits": 32, 1, 2, 2, 4, 16 and 8 random bits per element for these p)."""
     x = torch.rand(400, 2500) + 0.5  # strictly positive: a zero output is a dropped element
     n = x.numel()
     tol = 5 * math.sqrt(p * (1 - p) / n)  # 5 sigma of the dropped fraction
@@ -176,17 +176,57 @@ def test_fast_dropout_bytes_mask_has_the_rounded_distribution(p):
 
 
 def test_fast_dropout_bits_represent_p_exactly_or_to_2_to_the_minus_32():
-    """``mask="bits"``: the fewest bits that hold p exactly, else 32 bits, p to within 2^-33; the
-    drop rate of an 8-bit mask is exactly p: every byte value appears, so over all 256 values of
+    """``mask="bits"``: the fewest bits (1, 2, 4, 8, 16) that hold p exactly, else 32 bits, p to
+    within 2^-33; the drop rate of an 8-bit mask is exactly p: every byte value appears, so over all 256 values of
     one byte exactly p · 256 of them are dropped."""
-    assert FastDropout.bit_width(0.5) == (8, 128)
-    assert FastDropout.bit_width(0.25) == (8, 64)
+    assert FastDropout.bit_width(0.5) == (1, 1)
+    assert FastDropout.bit_width(0.25) == (2, 1)
+    assert FastDropout.bit_width(0.75) == (2, 3)
+    assert FastDropout.bit_width(0.125) == (4, 2)
+    assert FastDropout.bit_width(0.25 + 2**-8) == (8, 2**6 + 1)
     assert FastDropout.bit_width(0.25 + 2**-16) == (16, 2**14 + 1)
     w, t = FastDropout.bit_width(0.3)
     assert w == 32 and abs(t / 2**32 - 0.3) <= 2**-33
     # the threshold compare on every 8-bit value: P(drop) = 128 / 256 = 0.5 exactly
     u = torch.arange(-128, 128, dtype=torch.int8)
     assert int((u < 128 - 2**7).sum()) == 128
+
+
+@pytest.mark.parametrize("p", [0.5, 0.25, 0.75, 0.125])
+def test_fast_dropout_packed_bits_are_the_fields_of_the_random_bytes(p):
+    """Below 8 bits per element (``mask="bits"``, p a multiple of 1/16), the table gather is the
+    plain computation: element i drops when field i mod (8 / w) of random byte i div (8 / w),
+    lowest bits first, is below t; drawn from the int64 words ``random_`` fills. The same flags
+    drive ``forward``, ``masked`` in place (the AND of float32's bits) and ``masked`` with a graph."""
+    w, t = FastDropout.bit_width(p)
+    assert w < 8
+    x = torch.rand(7, 333) + 0.5  # 2331 elements: not a multiple of a byte's or a word's fields
+    n = x.numel()
+    layer = FastDropout(p, inplace=True).train()
+    torch.manual_seed(4)
+    drop, scale = layer._drop(x)
+    torch.manual_seed(4)
+    words = torch.empty(-(-n * w // 64), dtype=torch.int64).random_(-2**63, None)
+    after_plain = torch.get_rng_state()
+    torch.manual_seed(4)
+    layer._drop(x)
+    assert torch.equal(torch.get_rng_state(), after_plain)  # the layer draws exactly those words
+    data = words.view(torch.uint8).tolist()
+    per_byte = 8 // w
+    plain = [((data[i // per_byte] >> ((i % per_byte) * w)) & (2**w - 1)) < t for i in range(n)]
+    assert drop.flatten().tolist() == plain
+    assert scale == 2**w / (2**w - t)
+    reference = x.masked_fill(drop, 0.0)
+    with torch.no_grad():
+        torch.manual_seed(4)
+        y, y_scale = layer.masked(x.clone())
+        torch.manual_seed(4)
+        forward = layer(x.clone())
+    assert y_scale == scale and torch.equal(y, reference)
+    assert torch.equal(forward, reference * scale)
+    torch.manual_seed(4)
+    y, _ = layer.masked(x.clone().requires_grad_(True))
+    assert torch.equal(y.detach(), reference)
 
 
 @pytest.mark.parametrize("mask", ["bits", "uniform", "bytes"])

@@ -6,6 +6,8 @@ that builds on these is padding-invariant by construction (the contract tests ch
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -40,21 +42,35 @@ def masked_mean(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return total / lengths.unsqueeze(-1).to(x.dtype)
 
 
+@functools.lru_cache(maxsize=64)
+def _field_flags(w: int, t: int, keep: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(256, 8 // w) ``dtype``: for each byte value b, whether each of its w-bit fields (field k:
+    bits k·w to k·w + w − 1) keeps (field >= t) or, with ``keep`` false, drops (field < t) its
+    element; 1 or 0 as uint8, all ones (-1) or 0 as int32."""
+    b = torch.arange(256)[:, None]
+    fields = (b >> (torch.arange(8 // w)[None, :] * w)) & (2**w - 1)
+    flags = (fields >= t) if keep else (fields < t)
+    return (flags.to(dtype) if dtype == torch.uint8 else -flags.to(dtype)).to(device)
+
+
 class FastDropout(nn.Dropout):
     """``nn.Dropout`` with a cheaper mask for very wide activations (TFN's ~140k-wide fusion tensor).
 
     ``mask="bits"``: each element is kept when an integer of w random bits, uniform on
-    [0, 2^w), is at least ``p · 2^w``, with w the fewest of 8, 16 and 32 for which ``p · 2^w`` is
-    an integer (p = 0.5, TFN's post-fusion dropout, takes 8 bits: one byte of the generator's
-    output per element), else w = 32 with p rounded to the nearest
-    multiple of 2^-32. The bits come from ``random_`` on int64 (the default generator, so seeded
-    runs repeat), 64 / w elements per draw. Kept elements are scaled by 1 / (1 − p_w) (p_w: p as
-    the bits represent it), so the expectation is kept exactly. P(drop) = p_w, which is p itself
-    for any multiple of 2^-32 (0.5, 0.25, ...) and within 2^-33 of p otherwise: finer than ``torch.rand``'s float32
-    uniforms, which are multiples of 2^-24. So this is nn.Dropout's Bernoulli distribution, not
-    an approximation of it (docs/fidelity.md), drawn cheaper than with ``torch.rand`` on the CPU
-    (the generator is serial: the mask is one of the costliest ops of a TFN step), the fewer bits
-    the cheaper. :meth:`masked` leaves the scale to the caller (TFN folds it into its next layer).
+    [0, 2^w), is at least ``t = p · 2^w``, with w the fewest of 1, 2, 4, 8 and 16 for which
+    ``p · 2^w`` is an integer (p = 0.5, TFN's post-fusion dropout, takes one bit per element), else
+    w = 32 with p rounded to the nearest multiple of 2^-32. The bits come from ``random_`` on
+    int64 (the default generator, so seeded runs repeat), 64 / w elements per draw. Below 8 bits a
+    byte holds 8 / w elements: its w-bit fields, lowest first, expanded through a 256-row table of
+    keep flags (one gather instead of a comparison per element). Kept elements are scaled by
+    1 / (1 − p_w) (p_w: p as the bits represent it), so the expectation is kept exactly.
+    P(drop) = p_w, which is p itself for any multiple of 2^-32 (0.5, 0.25, ...) and within 2^-33
+    of p otherwise: finer than ``torch.rand``'s float32 uniforms, which are multiples of 2^-24.
+    Every bit of the generator is uniform and independent, so each element's field is too: this
+    is nn.Dropout's Bernoulli distribution, not an approximation of it (docs/fidelity.md), drawn
+    cheaper than with ``torch.rand`` on the CPU (the generator is serial: the mask is one of the
+    costliest ops of a TFN step), the fewer bits the cheaper. :meth:`masked` leaves the scale to
+    the caller (TFN folds it into its next layer).
 
     ``mask="uniform"``: ``u >= p`` for ``u ~ U[0, 1)`` from ``torch.rand`` (float32, multiples of
     2^-24), scaled by ``1 / (1 - p)``; this project's earlier default, kept for comparison.
@@ -85,13 +101,40 @@ class FastDropout(nn.Dropout):
     @staticmethod
     def bit_width(p: float) -> tuple[int, int]:
         """(w, t): the bits per element of ``mask="bits"`` and the drop threshold t = p_w · 2^w
-        (drop when the w-bit integer is below t): the fewest w in (8, 16, 32) with p · 2^w an
-        integer, else 32 with p · 2^32 rounded."""
-        for w in (8, 16):
+        (drop when the w-bit integer is below t): the fewest w in (1, 2, 4, 8, 16) with p · 2^w
+        an integer, else 32 with p · 2^32 rounded."""
+        for w in (1, 2, 4, 8, 16):
             t = p * 2**w
             if t == int(t):
                 return w, int(t)
         return 32, min(round(p * 2**32), 2**32 - 1)
+
+    def _widths(self) -> tuple[int, int]:
+        return self.bit_width(self.p) if self.mask == "bits" else (16, round(self.p * 65536))
+
+    @staticmethod
+    def _random_bytes(n: int, w: int, device: torch.device) -> torch.Tensor:
+        """The bytes of ceil(n · w / 64) random int64 words (the default generator), as many as n
+        elements of w bits fill."""
+        per_word = 64 // w
+        words = torch.empty((n + per_word - 1) // per_word, dtype=torch.int64,
+                            device=device).random_(-2**63, None)
+        return words.view(torch.uint8)[:(n * w + 7) // 8]
+
+    def _packed_flags(self, x: torch.Tensor, w: int, t: int, keep: bool,
+                      dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+        """For w < 8: the keep (or drop) flags of x's n elements, shape of x, as 0/1 bytes
+        (``dtype`` uint8) or as int32 0/-1 (all bits set: an AND mask for float32's bits), from
+        n · w random bits: element i is field i mod (8 / w) of random byte i div (8 / w)."""
+        n = x.numel()
+        table = _field_flags(w, t, keep, dtype, x.device)  # (256, 8 // w)
+        index = self._random_bytes(n, w, x.device).to(torch.int32)
+        if dtype == torch.uint8:  # the 8 / w flags of a byte read as one integer: a 1-D gather
+            row = {1: torch.int64, 2: torch.int32, 4: torch.int16}[w]
+            flags = table.view(row).view(-1)[index].view(torch.uint8)
+        else:
+            flags = table.index_select(0, index).view(-1)
+        return flags[:n].view(x.shape)
 
     def _drop(self, x: torch.Tensor, keep: bool = False) -> tuple[torch.Tensor, float]:
         """(drop, scale): where to zero x (bool, shape of x) and 1 / P(keep) for the rest; with
@@ -101,7 +144,9 @@ class FastDropout(nn.Dropout):
             # uniforms in float32 even under bf16 autocast (a bf16 uniform would quantise 1 - p)
             u = torch.rand(x.shape, dtype=torch.float32, device=x.device)
             return (u >= self.p if keep else u < self.p), 1.0 / (1.0 - self.p)
-        w, t = self.bit_width(self.p) if self.mask == "bits" else (16, round(self.p * 65536))
+        w, t = self._widths()
+        if w < 8:
+            return self._packed_flags(x, w, t, keep).view(torch.bool), 2**w / (2**w - t)
         per_word = 64 // w
         words = torch.empty((n + per_word - 1) // per_word, dtype=torch.int64,
                             device=x.device).random_(-2**63, None)
@@ -130,6 +175,13 @@ class FastDropout(nn.Dropout):
         # finite x (a dropped negative element is -0.0, which sums as 0.0), in about half the
         # time on the CPU (a bool masked_fill_ over TFN's 64 x 140,481 critic rows took 41-50 ms,
         # the multiply 21-23 ms)
+        w, t = self._widths()
+        if in_place and w < 8 and x.dtype == torch.float32 and self.mask == "bits":
+            # AND float32's bits with 0 or all ones: the values of masked_fill(drop, 0) (+0.0),
+            # the same draws as the flags of _drop; no int-to-float cast (TFN's critic blocks:
+            # 64 x 140,481 elements, 22 -> 13 ms a block on one thread with the draw)
+            x.view(torch.int32).bitwise_and_(self._packed_flags(x, w, t, True, torch.int32))
+            return x, 2**w / (2**w - t)
         keep, scale = self._drop(x, keep=True)
         keep = keep.view(torch.uint8)
         return (x.mul_(keep) if in_place else x * keep), scale
