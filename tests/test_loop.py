@@ -15,7 +15,8 @@ from trainables.trainable import evaluate_checkpoint
 
 def config(**overrides):
     flat = {"backbone": "ef_lstm", "regulariser": "mdm", "max_epochs": 3, "batch_size": 16,
-            "patience": 0, "regulariser.unroll": 2, "seed": 3}
+            "patience": 0, "regulariser.unroll": 2, "seed": 3,
+            "backbone.hidden": 32, "backbone.num_layers": 1}  # small: CI time
     flat.update(overrides)
     if flat["regulariser"] == "none":
         flat = {k: v for k, v in flat.items() if not k.startswith("regulariser.")}

@@ -134,7 +134,9 @@ def test_checkpoints_every_k_epochs_on_improvement_and_at_the_end(small_data, tm
     from trainables.loop import BEST_FILE, load_best
     from trainables.trainable import train_fusion
 
-    flat = tfn_config(max_epochs=7, checkpoint_every=3, lr=0.05).to_flat()
+    # seed 3: epochs 1, 2, 3 and 5 improve, 4 does not (a seeded trajectory: a change of the
+    # random draws, e.g. the dropout mask's, may need another seed; the asserts below say so)
+    flat = tfn_config(max_epochs=7, checkpoint_every=3, lr=0.05, seed=3).to_flat()
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(train_fusion, data=small_data), {"cpu": 1}),
         param_space=flat,
