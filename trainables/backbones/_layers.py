@@ -147,11 +147,9 @@ class FastDropout(nn.Dropout):
         w, t = self._widths()
         if w < 8:
             return self._packed_flags(x, w, t, keep).view(torch.bool), 2**w / (2**w - t)
-        per_word = 64 // w
-        words = torch.empty((n + per_word - 1) // per_word, dtype=torch.int64,
-                            device=x.device).random_(-2**63, None)
-        # the words' bytes read as signed w-bit integers: uniform on [-2^(w-1), 2^(w-1))
-        u = words.view({8: torch.int8, 16: torch.int16, 32: torch.int32}[w])[:n].view(x.shape)
+        # the random bytes read as signed w-bit integers: uniform on [-2^(w-1), 2^(w-1))
+        u = self._random_bytes(n, w, x.device).view(
+            {8: torch.int8, 16: torch.int16, 32: torch.int32}[w]).view(x.shape)
         threshold = t - 2**(w - 1)
         return (u >= threshold if keep else u < threshold), 2**w / (2**w - t)  # P(drop) = t / 2^w
 
@@ -176,7 +174,7 @@ class FastDropout(nn.Dropout):
         # time on the CPU (a bool masked_fill_ over TFN's 64 x 140,481 critic rows took 41-50 ms,
         # the multiply 21-23 ms)
         w, t = self._widths()
-        if in_place and w < 8 and x.dtype == torch.float32 and self.mask == "bits":
+        if in_place and w < 8 and x.dtype == torch.float32:  # w < 8: only mask="bits"
             # AND float32's bits with 0 or all ones: the values of masked_fill(drop, 0) (+0.0),
             # the same draws as the flags of _drop; no int-to-float cast (TFN's critic blocks:
             # 64 x 140,481 elements, 22 -> 13 ms a block on one thread with the draw)

@@ -63,8 +63,8 @@ class TFNConfig:
     #: how the post-fusion dropout mask over the (A+1)(V+1)(T+1)-wide tensor is drawn (see
     #: ``FastDropout``): "bits" (default: nn.Dropout's Bernoulli distribution from 1-32 random
     #: bits per element, one at p = 0.5, p exact for multiples of 2^-16 and to 2^-32 otherwise;
-    #: several times cheaper than "uniform" on the CPU), "uniform" (``torch.rand``, this project's earlier default) or "bytes" (16 bits,
-    #: p rounded to 2^-16). Each draws other random numbers: seeded runs differ between them
+    #: several times cheaper than "uniform" on the CPU), "uniform" (``torch.rand``, this
+    #: project's earlier default) or "bytes" (16 bits, p rounded to 2^-16). Each draws other random numbers: seeded runs differ between them
     dropout_mask: Literal["bits", "uniform", "bytes"] = "bits"
 
     def validate(self) -> None:
