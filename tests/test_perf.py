@@ -179,8 +179,8 @@ def test_fast_dropout_bytes_mask_has_the_rounded_distribution(p):
 
 def test_fast_dropout_bits_represent_p_exactly_or_to_2_to_the_minus_32():
     """``mask="bits"``: the fewest bits (1, 2, 4, 8, 16) that hold p exactly, else 32 bits, p to
-    within 2^-33; the drop rate of an 8-bit mask is exactly p: every byte value appears, so over all 256 values of
-    one byte exactly p · 256 of them are dropped."""
+    within 2^-33; the drop rate of an 8-bit mask is exactly p: every byte value appears, so over
+    all 256 values of one byte exactly p · 256 of them are dropped."""
     assert FastDropout.bit_width(0.5) == (1, 1)
     assert FastDropout.bit_width(0.25) == (2, 1)
     assert FastDropout.bit_width(0.75) == (2, 3)
